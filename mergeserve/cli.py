@@ -12,6 +12,8 @@ from . import __version__
 #: subcommand -> (module, help). The module defines ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mergeserve.demo", "merge random LoRA task vectors with every method and print a table"),
+    "pretrain": ("training.pretrain", "pretrain the offline default backbone on procedural letters+shapes"),
+    "bench": ("training.bench", "run a continual-learning benchmark protocol and print the paper-style table"),
 }
 
 

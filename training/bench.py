@@ -1,0 +1,174 @@
+"""``mergeserve bench dil``: the domain-incremental protocol over methods and task orders.
+
+For each method and order: evaluate the initial model on every domain (the FWT reference), then for
+each domain train (``begin_domain`` / ``train_step``), measure the trained adapter on its own domain
+(A_t), merge (``end_domain``), and measure every domain (a row of A). Metrics per run, then mean ± std
+over orders, as in the PAM paper's tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import metrics
+from .backbones import create_backbone, get_spec
+from .configs import CONFIGS, BenchConfig
+from .data import Benchmark, Domain, load_benchmark
+from .lora import LoraSettings
+from .strategies import LearnerContext, TrainSettings, create_strategy
+
+METRICS = ["ACC", "BWT", "FWT", "A_t", "A_m"]
+
+
+def domain_orders(names: list[str], n: int, seed: int) -> list[list[str]]:
+    """Order 0 is the benchmark's own; the others are seeded permutations (distinct where possible)."""
+    orders, rng = [list(names)], np.random.RandomState(seed)
+    for _ in range(200 * n):
+        if len(orders) >= n:
+            break
+        o = [names[i] for i in rng.permutation(len(names))]
+        if o not in orders:
+            orders.append(o)
+    return orders[:n]
+
+
+def run_one(method: str, ctx: LearnerContext, bench: Benchmark, order: list[str], hyper: dict,
+            bar: tqdm | None = None) -> dict:
+    """One method on one order: returns the accuracy matrix, A_t entries, zero-shot row and metrics."""
+    s = create_strategy(method, ctx, **hyper)
+    doms: list[Domain] = [bench.domain(n) for n in order]
+    zero = [s.evaluate(d) for d in doms]
+    a, pre, t0 = [], [], time.perf_counter()
+    for d in doms:
+        gen = torch.Generator().manual_seed(ctx.seed * 1009 + [x.name for x in bench.domains].index(d.name))
+        loss = None
+        for _ in range(s.begin_domain(d)):
+            idx = torch.randint(len(d.y_train), (ctx.train.batch_size,), generator=gen)
+            loss = s.train_step(d.x_train[idx], d.y_train[idx])
+        pre.append(s.evaluate(d))
+        s.end_domain()
+        a.append([s.evaluate(x) for x in doms])
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(method=method, domain=d.name, loss=f"{float(loss):.3f}" if loss is not None else "cached")
+    out = {"order": order, "A": a, "pre": pre, "zero_shot": zero, "metrics": metrics.summarize(a, pre, zero),
+           "seconds": round(time.perf_counter() - t0, 2)}
+    for k in ("n_reset", "align_calls", "fit_seconds"):
+        if hasattr(s, k):
+            out[k] = getattr(s, k)
+    if hasattr(s, "alpha"):
+        out["alpha"] = [round(float(v), 4) for v in s.alpha]
+    return out
+
+
+def run_dil(cfg: BenchConfig, progress: bool = True) -> dict:
+    """The whole protocol for ``cfg``; returns the JSON-ready results."""
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    bench = load_benchmark(cfg.benchmark, **cfg.benchmark_args)
+    spec = get_spec(cfg.backbone)
+    base = create_backbone(cfg.backbone, len(bench.classes), seed=cfg.seed)
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    for p in base.parameters():
+        p.requires_grad_(False)
+    ctx = LearnerContext(spec, base.to(device), cfg.lora, cfg.train, cfg.seed, device)
+    orders = domain_orders([d.name for d in bench.domains], cfg.orders, cfg.seed)
+    bar = tqdm(total=len(cfg.methods) * len(orders) * len(bench.domains), desc="bench dil", disable=not progress)
+    results = {}
+    for m in cfg.methods:
+        runs = [run_one(m, ctx, bench, o, cfg.hyper.get(m, {}), bar) for o in orders]
+        summary = {k: (float(np.mean([r["metrics"][k] for r in runs])), float(np.std([r["metrics"][k] for r in runs])))
+                   for k in runs[0]["metrics"]}
+        results[m] = {"runs": runs, "mean_std": summary}
+    bar.close()
+    return {"config": json.loads(cfg.model_dump_json()), "device": str(device), "wall_s": round(time.time() - t0, 1),
+            "results": results}
+
+
+def format_table(res: dict) -> str:
+    """Paper-style table: mean ± std over orders, in percent."""
+    lines = [f"{'method':<12}" + "".join(f"{k:>16}" for k in METRICS)]
+    for m, r in res["results"].items():
+        cells = "".join(f"{100 * r['mean_std'][k][0]:>9.1f} ± {100 * r['mean_std'][k][1]:<4.1f}" for k in METRICS)
+        lines.append(f"{m:<12}{cells}")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: str) -> None:
+    """Accuracy on each domain over time (order 0), one panel per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ms = list(res["results"])
+    fig, axes = plt.subplots(1, len(ms), figsize=(3.2 * len(ms), 3), sharey=True, squeeze=False)
+    for ax, m in zip(axes[0], ms):
+        run = res["results"][m]["runs"][0]
+        a = np.array(run["A"])
+        for i, name in enumerate(run["order"]):
+            ax.plot(range(i, len(a)), a[i:, i], marker="o", label=name)
+        ax.set_title(m)
+        ax.set_xlabel("after domain")
+        ax.set_xticks(range(len(a)))
+    axes[0][0].set_ylabel("held-out accuracy")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """CLI flags of ``mergeserve bench``."""
+    p.add_argument("suite", choices=["dil"], help="benchmark protocol (dil: domain-incremental)")
+    p.add_argument("--config", default="digits5", choices=sorted(CONFIGS), help="base experiment config")
+    p.add_argument("--benchmark", help="benchmark name (digits5, folder)")
+    p.add_argument("--root", help="dataset root for --benchmark folder (root/domain/class/image)")
+    p.add_argument("--domains", help="comma-separated domain order (default: the benchmark's)")
+    p.add_argument("--methods", help="comma-separated methods (default: all of the config's)")
+    p.add_argument("--orders", type=int, help="number of task orders")
+    p.add_argument("--seed", type=int, help="seed")
+    p.add_argument("--steps", type=int, help="optimizer steps per domain")
+    p.add_argument("--backbone", help="registered backbone name")
+    p.add_argument("--device", help="cpu, cuda or auto")
+    p.add_argument("--out", default="results.json", help="JSON output path (default results.json)")
+    p.add_argument("--plot", help="write a PNG of accuracy per domain over time")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``mergeserve bench``."""
+    cfg = CONFIGS[args.config].model_copy(deep=True)
+    upd: dict = {}
+    for k in ("benchmark", "orders", "seed", "backbone", "device"):
+        if getattr(args, k) is not None:
+            upd[k] = getattr(args, k)
+    if args.methods:
+        upd["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bargs = dict(cfg.benchmark_args)
+    if args.root:
+        bargs["root"] = args.root
+    if args.domains:
+        bargs["domains"] = [d.strip() for d in args.domains.split(",")]
+    upd["benchmark_args"] = bargs
+    if args.steps is not None:
+        upd["train"] = cfg.train.model_copy(update={"steps": args.steps})
+    cfg = cfg.model_copy(update=upd)
+    cfg = BenchConfig.model_validate(json.loads(cfg.model_dump_json()))  # re-validate the overrides
+    res = run_dil(cfg)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(format_table(res))
+    print(f"\nwall {res['wall_s']} s on {res['device']}; results in {args.out}")
+    if args.plot:
+        plot(res, args.plot)
+        print(f"plot in {args.plot}")
+    return 0
+
+
+__all__ = ["run_dil", "run_one", "format_table", "domain_orders", "LoraSettings", "TrainSettings", "asdict"]

@@ -1,0 +1,85 @@
+"""Class-balanced replay buffer: up to ``spc`` samples per (domain, class), persisted as safetensors."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class ReplayBuffer:
+    """Keeps ``spc`` samples per class of every seen domain (Coleman et al. 2024 use 1 and 5).
+
+    ``policy="first"`` keeps the first ``spc`` of each class in the order given; ``"reservoir"`` keeps
+    a uniform sample (reservoir sampling per class) drawn with the buffer's own generator.
+    """
+
+    def __init__(self, spc: int, policy: Literal["first", "reservoir"] = "first", seed: int = 0) -> None:
+        if spc < 1:
+            raise ValueError(f"spc must be >= 1, got {spc}")
+        if policy not in ("first", "reservoir"):
+            raise ValueError(f"unknown policy {policy!r}")
+        self.spc, self.policy = spc, policy
+        self.gen = torch.Generator().manual_seed(seed)
+        self.slots: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self.seen: dict[tuple[str, int], int] = {}
+
+    def add(self, domain: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Offer a domain's samples (uint8 (N, 3, H, W), int64 (N,)) to the buffer."""
+        for xi, yi in zip(x, y.tolist()):
+            key = (domain, yi)
+            slot = self.slots.setdefault(key, [])
+            n = self.seen.get(key, 0)
+            self.seen[key] = n + 1
+            if len(slot) < self.spc:
+                slot.append(xi.clone())
+            elif self.policy == "reservoir":
+                j = int(torch.randint(n + 1, (1,), generator=self.gen))
+                if j < self.spc:
+                    slot[j] = xi.clone()
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All buffered images and labels, ordered by (domain, class)."""
+        keys = sorted(self.slots)
+        xs = [x for k in keys for x in self.slots[k]]
+        ys = [k[1] for k in keys for _ in self.slots[k]]
+        if not xs:
+            raise ValueError("the replay buffer is empty")
+        return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.slots.values())
+
+    def domains(self) -> list[str]:
+        """Domains present, in first-seen order."""
+        return list(dict.fromkeys(k[0] for k in self.slots))
+
+    def save(self, path: str) -> None:
+        """Persist atomically as safetensors (images, labels, domain index) with metadata."""
+        keys = sorted(self.slots)
+        doms = self.domains()
+        x, y = self.tensors()
+        d = torch.tensor([doms.index(k[0]) for k in keys for _ in self.slots[k]], dtype=torch.int64)
+        meta = {"spc": str(self.spc), "policy": self.policy, "domains": json.dumps(doms),
+                "seen": json.dumps([[k[0], k[1], self.seen[k]] for k in keys])}
+        tmp = path + ".tmp"
+        save_file({"x": x.contiguous(), "y": y, "domain": d}, tmp, metadata=meta)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> ReplayBuffer:
+        """Inverse of :meth:`save`."""
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+        t = load_file(path)
+        buf = cls(int(meta["spc"]), meta["policy"])  # type: ignore[arg-type]
+        doms = json.loads(meta["domains"])
+        for xi, yi, di in zip(t["x"], t["y"].tolist(), t["domain"].tolist()):
+            buf.slots.setdefault((doms[di], yi), []).append(xi)
+        buf.seen = {(d, c): n for d, c, n in json.loads(meta["seen"])}
+        return buf

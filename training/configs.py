@@ -1,0 +1,43 @@
+"""Experiment configs. Each docstring holds its run command and the number it is expected to give."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, field_validator
+
+from .lora import LoraSettings
+from .strategies import STRATEGIES, TrainSettings
+
+ALL_METHODS = ["finetune", "average", "ties", "tall", "magmax", "pam", "adaptive", "joint", "independent"]
+
+
+class BenchConfig(BaseModel):
+    """A DIL benchmark run."""
+
+    benchmark: str = "digits5"  # registered benchmark (training.data.BENCHMARKS)
+    benchmark_args: dict = Field(default_factory=dict)  # e.g. {"root": ..., "domains": [...]}
+    backbone: str = "vit_tiny_offline"  # registered backbone (training.backbones.BACKBONES)
+    methods: list[str] = Field(default_factory=lambda: list(ALL_METHODS))  # strategies to compare
+    hyper: dict[str, dict] = Field(default_factory=dict)  # per-method hyper-parameters
+    orders: int = Field(3, ge=1)  # task orders; mean ± std is over these
+    seed: int = 0  # one seed for backbone head, LoRA init, batches, orders
+    device: str = "auto"  # cpu | cuda | auto
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in STRATEGIES]
+        if unknown or not v:
+            raise ValueError(f"unknown methods {unknown}; registered: {sorted(STRATEGIES)}")
+        return v
+
+
+DIGITS5 = BenchConfig()
+"""Offline default: all methods, 5 digit domains, 3 orders, vit_tiny_offline, LoRA r=8, 80 steps/domain.
+
+Run: ``mergeserve bench dil --benchmark digits5 --orders 3 --seed 0 --out results.json --plot docs/digits5.png``
+Expected (docs/results.md): see the committed table; finishes in under 15 minutes on 2 CPU cores.
+"""
+
+CONFIGS: dict[str, BenchConfig] = {"digits5": DIGITS5}

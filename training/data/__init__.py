@@ -1,0 +1,70 @@
+"""Domain-incremental benchmarks: a registry of loaders that return fixed train / held-out splits.
+
+Images are uint8 tensors, shape (N, 3, H, W); labels are int64 (N,). Every domain of a benchmark has
+the same classes (domain-incremental learning).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Domain:
+    """One domain's fixed splits."""
+
+    name: str
+    x_train: torch.Tensor  # (N, 3, H, W) uint8
+    y_train: torch.Tensor  # (N,) int64
+    x_test: torch.Tensor  # (M, 3, H, W) uint8, held out
+    y_test: torch.Tensor  # (M,) int64
+
+
+@dataclass
+class Benchmark:
+    """A named sequence of domains over one label set."""
+
+    name: str
+    classes: list[str]
+    domains: list[Domain] = field(default_factory=list)
+
+    def domain(self, name: str) -> Domain:
+        """The domain called ``name``.
+
+        Raises:
+            KeyError: naming the known domains.
+        """
+        for d in self.domains:
+            if d.name == name:
+                return d
+        raise KeyError(f"unknown domain {name!r}; known: {[d.name for d in self.domains]}")
+
+
+BENCHMARKS: dict[str, Callable[..., Benchmark]] = {}
+
+
+def register_benchmark(name: str) -> Callable[[Callable[..., Benchmark]], Callable[..., Benchmark]]:
+    """Decorator adding a benchmark loader to :data:`BENCHMARKS` (timm's ``@register_model`` pattern)."""
+
+    def deco(fn: Callable[..., Benchmark]) -> Callable[..., Benchmark]:
+        BENCHMARKS[name] = fn
+        return fn
+
+    return deco
+
+
+def load_benchmark(name: str, **kwargs: object) -> Benchmark:
+    """Build the benchmark called ``name``.
+
+    Raises:
+        KeyError: for an unknown name, listing the registered ones.
+    """
+    if name not in BENCHMARKS:
+        raise KeyError(f"unknown benchmark {name!r}; registered: {sorted(BENCHMARKS)}")
+    return BENCHMARKS[name](**kwargs)
+
+
+from . import digits, folder  # noqa: E402,F401  (register the built-in benchmarks)

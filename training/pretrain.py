@@ -1,0 +1,108 @@
+"""``mergeserve pretrain``: reproducibly pretrain the offline default backbone (``vit_tiny_offline``).
+
+Run: ``mergeserve pretrain`` (≈3-4 min on 2 CPU cores). Expected: held-out accuracy on the 36-class
+letters+shapes task ≈ 0.9. The default configuration calls this on first use and caches the result at
+``~/.cache/mergeserve/backbones/vit_tiny_offline.safetensors`` with its provenance in the file's metadata
+and a JSON sidecar. Deterministic for a given seed, torch version and thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+
+@dataclass
+class PretrainConfig:
+    """Pretraining recipe; the defaults are the published offline backbone."""
+
+    steps: int = 1500  # optimizer steps; ≈0.13 s each at batch 128 on 2 cores
+    batch_size: int = 128
+    lr: float = 2e-3  # AdamW peak, cosine to 0 after 100 warm-up steps
+    weight_decay: float = 0.05
+    n_per_class: int = 300  # generated images per class (36 classes); 10% held out
+    seed: int = 0
+
+
+def pretrain(out: str, cfg: PretrainConfig | None = None, progress: bool = True) -> dict:
+    """Train ``vit_tiny_offline`` from scratch on letters+shapes and save it atomically.
+
+    Args:
+        out: Destination ``.safetensors`` path (a ``.json`` sidecar is written next to it).
+        cfg: Recipe; default :class:`PretrainConfig`.
+        progress: Show a progress bar.
+
+    Returns:
+        The provenance record (also stored in the file's metadata).
+    """
+    from .backbones import get_spec, preprocess
+    from .data.shapes import CLASSES, make_shapes
+
+    cfg = cfg or PretrainConfig()
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    spec = get_spec("vit_tiny_offline")
+    x, y = make_shapes(cfg.n_per_class, cfg.seed)
+    n_test = len(y) // 10
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed))
+    x, y = x[perm], y[perm]
+    x_te, y_te, x_tr, y_tr = x[:n_test], y[:n_test], x[n_test:], y[n_test:]
+    model = spec.build(len(CLASSES))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + torch.cos(torch.tensor(s / cfg.steps * 3.14159)).item()))
+    g = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(range(cfg.steps), desc="pretrain vit_tiny_offline", disable=not progress)
+    model.train()
+    for step in bar:
+        idx = torch.randint(len(y_tr), (cfg.batch_size,), generator=g)
+        loss = F.cross_entropy(model(preprocess(spec, x_tr[idx])), y_tr[idx], label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    with torch.inference_mode():
+        acc = sum(int((model(preprocess(spec, x_te[i:i + 512])).argmax(1) == y_te[i:i + 512]).sum())
+                  for i in range(0, n_test, 512)) / n_test
+    prov = {"backbone": "vit_tiny_offline", "data": "procedural letters+shapes (training/data/shapes.py)",
+            "classes": len(CLASSES), "config": asdict(cfg), "heldout_acc": round(acc, 4),
+            "wall_s": round(time.time() - t0, 1), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "machine": platform.machine()}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp,
+              metadata={"provenance": json.dumps(prov)})
+    os.replace(tmp, out)  # atomic: a crash never leaves a half-written backbone under the real name
+    with open(out[: -len(".safetensors")] + ".json", "w") as f:
+        json.dump(prov, f, indent=2)
+    if progress:
+        print(f"saved {out}: held-out acc {acc:.3f} in {prov['wall_s']} s")
+    return prov
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """CLI flags of ``mergeserve pretrain``."""
+    from .backbones import offline_weights_path
+
+    d = PretrainConfig()
+    p.add_argument("--out", default=offline_weights_path(), help="destination safetensors (default: the cache)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed})")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``mergeserve pretrain``."""
+    pretrain(args.out, PretrainConfig(steps=args.steps, seed=args.seed))
+    return 0

@@ -1,0 +1,130 @@
+"""Adapter store: safetensors weights + a JSON manifest per adapter, written atomically, checksummed.
+
+Layout under ``root``: ``<name>.safetensors`` and ``<name>.json``. The weights are written to a temporary
+name, fsynced and renamed, then the manifest (which carries the weights' SHA-256) the same way; an
+adapter exists only once its manifest does, so a crash never exposes a half-written adapter. Loading
+verifies the checksum and the manifest schema. Never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .lora import LoraSettings
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
+
+
+class AdapterError(ValueError):
+    """An adapter file is missing, corrupt, or does not match what the caller expects."""
+
+
+class AdapterManifest(BaseModel):
+    """What an adapter is, without opening its weights."""
+
+    name: str
+    backbone: str  # registry name of the backbone it was trained on
+    format: Literal["lora", "delta"]  # see training.lora
+    lora: LoraSettings
+    class_names: list[str]
+    parent: str | None = None  # adapter this one was merged from / cloned from
+    method: str = ""  # strategy that produced it (pam, average, adaptive, ...)
+    domains: list[str] = Field(default_factory=list)  # domains folded into it, in order
+    metrics: dict[str, float] = Field(default_factory=dict)
+    created: float = Field(default_factory=time.time)
+    sha256: str = ""  # of the .safetensors file; filled in by the store
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: str, write: callable) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class AdapterStore:
+    """A folder of adapters (thin: all state is on disk)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        os.makedirs(root, exist_ok=True)
+
+    def _paths(self, name: str) -> tuple[str, str]:
+        if not _NAME.match(name):
+            raise AdapterError(f"invalid adapter name {name!r}")
+        base = os.path.join(self.root, name)
+        return base + ".safetensors", base + ".json"
+
+    def save(self, tensors: dict[str, torch.Tensor], manifest: AdapterManifest) -> AdapterManifest:
+        """Write weights then manifest, atomically; returns the manifest with its checksum.
+
+        Raises:
+            AdapterError: for an invalid name or if the adapter already exists (adapters are immutable).
+        """
+        w, m = self._paths(manifest.name)
+        if os.path.exists(m):
+            raise AdapterError(f"adapter {manifest.name!r} already exists")
+        _atomic_write(w, lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, p))
+        manifest = manifest.model_copy(update={"sha256": _sha256(w)})
+        _atomic_write(m, lambda p: open(p, "w").write(manifest.model_dump_json(indent=2)))
+        return manifest
+
+    def manifest(self, name: str) -> AdapterManifest:
+        """Read and validate a manifest.
+
+        Raises:
+            AdapterError: missing or malformed.
+        """
+        _, m = self._paths(name)
+        try:
+            with open(m) as f:
+                return AdapterManifest.model_validate(json.load(f))
+        except FileNotFoundError as e:
+            raise AdapterError(f"no adapter named {name!r} in {self.root}") from e
+        except (json.JSONDecodeError, ValidationError) as e:
+            raise AdapterError(f"adapter {name!r}: malformed manifest ({e})") from e
+
+    def load(self, name: str, backbone: str | None = None) -> tuple[dict[str, torch.Tensor], AdapterManifest]:
+        """Load weights after verifying checksum (and backbone, when given).
+
+        Raises:
+            AdapterError: missing, corrupt (checksum or safetensors error) or for another backbone.
+        """
+        man = self.manifest(name)
+        w, _ = self._paths(name)
+        if not os.path.exists(w) or _sha256(w) != man.sha256:
+            raise AdapterError(f"adapter {name!r}: weights missing or checksum mismatch (corrupt file)")
+        if backbone is not None and man.backbone != backbone:
+            raise AdapterError(f"adapter {name!r} was trained on {man.backbone!r}, not {backbone!r}")
+        try:
+            return load_file(w), man
+        except SafetensorError as e:  # pragma: no cover - checksum catches corruption first
+            raise AdapterError(f"adapter {name!r}: unreadable safetensors ({e})") from e
+
+    def names(self) -> list[str]:
+        """Adapters that are complete (have a manifest), oldest first."""
+        ms = [f[:-5] for f in os.listdir(self.root) if f.endswith(".json")]
+        return sorted(ms, key=lambda n: os.path.getmtime(os.path.join(self.root, n + ".json")))

@@ -1,0 +1,88 @@
+"""What every LoRA strategy shares: the context, the training settings and one LoRA learner."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+from torch import nn
+
+from ..backbones import BackboneSpec, preprocess
+from ..data import Domain
+from ..lora import LoraSettings, attach_lora, get_adapter
+
+
+class TrainSettings(BaseModel):
+    """Per-domain training recipe (defaults: the offline ``digits5`` setting, see docs/results.md)."""
+
+    steps: int = Field(80, ge=0, description="optimizer steps per domain")
+    batch_size: int = Field(64, ge=1, description="images per step, sampled with replacement")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate for LoRA factors and head")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0: decay would pull LoRA to 0)")
+    eval_batch: int = Field(512, ge=1, description="images per forward pass when evaluating")
+
+
+@dataclass
+class LearnerContext:
+    """Everything a strategy needs that is not its own state."""
+
+    spec: BackboneSpec
+    base: nn.Module  # bare pretrained backbone with the seeded fresh head; never trained
+    lora: LoraSettings
+    train: TrainSettings
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # (domain name, seed) -> adapter trained from the initial adapter on that domain alone: shared by
+    # `independent` and `adaptive` (identical computations), across task orders, within one process.
+    independent_cache: dict[tuple[str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, spec: BackboneSpec, domain: Domain, device: torch.device, batch: int) -> float:
+    """Top-1 accuracy of ``model`` on the held-out split of ``domain``."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(domain.y_test), batch):
+        x = preprocess(spec, domain.x_test[i : i + batch].to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = model(x).argmax(1)
+        correct += int((pred.cpu() == domain.y_test[i : i + batch]).sum())
+    return correct / max(1, len(domain.y_test))
+
+
+class LoraLearner:
+    """One peft LoRA model with its optimizer: the training half every strategy uses."""
+
+    def __init__(self, ctx: LearnerContext) -> None:
+        self.ctx = ctx
+        self.model = attach_lora(copy.deepcopy(ctx.base), ctx.lora, ctx.seed).to(ctx.device)
+        self.init_adapter = get_adapter(self.model)
+        self.opt: torch.optim.Optimizer | None = None
+        self.step = 0  # steps in the current domain
+
+    def reset_optimizer(self) -> None:
+        """Fresh AdamW state (each domain starts with no momentum from the last)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=self.ctx.train.lr, weight_decay=self.ctx.train.weight_decay)
+        self.step = 0
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One AdamW step on a uint8 batch; returns the detached loss without syncing the device."""
+        if self.opt is None:
+            self.reset_optimizer()
+        dev = self.ctx.device
+        self.model.train()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            loss = F.cross_entropy(self.model(preprocess(self.ctx.spec, x.to(dev))), y.to(dev))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.step += 1
+        return loss.detach()
+
+    def evaluate(self, domain: Domain) -> float:
+        """Accuracy of the model as it is now."""
+        return accuracy(self.model, self.ctx.spec, domain, self.ctx.device, self.ctx.train.eval_batch)
