@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/mergeserve demo
+	$(BIN)/mergeserve serve
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -14,6 +14,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mergeserve.demo", "merge random LoRA task vectors with every method and print a table"),
     "pretrain": ("training.pretrain", "pretrain the offline default backbone on procedural letters+shapes"),
     "bench": ("training.bench", "run a continual-learning benchmark protocol and print the paper-style table"),
+    "serve": ("serving.app", "start the Ray Serve application (in-process Ray unless --address)"),
+    "bench-serve": ("serving.bench", "measure serving throughput, latency during a hot swap, and ingest time"),
+    "export": ("training.data.export", "write a benchmark domain as a class_name/image archive for POST /v1/domains"),
 }
 
 

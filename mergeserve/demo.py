@@ -30,8 +30,7 @@ def _task_loras(tasks: int, rank: int, dim: int, g: torch.Generator) -> tuple[di
         glob[f"{m}.lora_A.weight"] = torch.randn(rank, dim, generator=g) / dim**0.5
         glob[f"{m}.lora_B.weight"] = torch.randn(dim, rank, generator=g) / rank**0.5
     # each task fine-tunes a clone of the global LoRA: global + a task-specific perturbation
-    tasks_ = [{k: v + 0.5 * v.std() * torch.randn(v.shape, generator=g) for k, v in glob.items()}
-              for _ in range(tasks)]
+    tasks_ = [{k: v + 0.5 * v.std() * torch.randn(v.shape, generator=g) for k, v in glob.items()} for _ in range(tasks)]
     return glob, tasks_
 
 
@@ -48,8 +47,10 @@ def run(args: argparse.Namespace) -> int:
         out = fn(deltas, w)
         ms = 1e3 * (time.perf_counter() - t0)
         flat = torch.cat([v.flatten() for v in out.values()])
-        cos = sum(torch.nn.functional.cosine_similarity(
-            flat, torch.cat([v.flatten() for v in d.values()]), dim=0) for d in deltas) / len(deltas)
+        cos = sum(
+            torch.nn.functional.cosine_similarity(flat, torch.cat([v.flatten() for v in d.values()]), dim=0)
+            for d in deltas
+        ) / len(deltas)
         print(f"{name:<16}{ms:>8.2f}{float(cos):>12.3f}{float(flat.norm() / ref.norm()):>18.3f}")
     factor_avg = merge.lora_to_delta(merge.average(loras), 1.0)
     err = sum((factor_avg[k] - v).norm() ** 2 for k, v in merge.average(deltas).items()) ** 0.5 / ref.norm()

@@ -24,8 +24,23 @@ def test_demo_runs_every_method(capsys):
 
 
 def test_help_of_merge_shows_table():
-    out = subprocess.run([sys.executable, "-c", "import merge; help(merge)"], capture_output=True, text=True,
-                         env={"PAGER": "cat", "PATH": ""}, check=True).stdout
-    for fn in ["linear", "average", "ties", "dare_linear", "dare_ties", "magnitude_prune", "magmax",
-               "tall_masks", "pam_align", "AdaptiveCoefficients"]:
+    out = subprocess.run(
+        [sys.executable, "-c", "import merge; help(merge)"],
+        capture_output=True,
+        text=True,
+        env={"PAGER": "cat", "PATH": ""},
+        check=True,
+    ).stdout
+    for fn in [
+        "linear",
+        "average",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "magnitude_prune",
+        "magmax",
+        "tall_masks",
+        "pam_align",
+        "AdaptiveCoefficients",
+    ]:
         assert fn in out

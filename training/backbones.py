@@ -43,8 +43,15 @@ def _tiny_vit(embed_dim: int, depth: int, heads: int) -> Callable[[int], nn.Modu
     def build(num_classes: int) -> nn.Module:
         from timm.models.vision_transformer import VisionTransformer
 
-        return VisionTransformer(img_size=32, patch_size=8, num_classes=num_classes, embed_dim=embed_dim,
-                                 depth=depth, num_heads=heads, mlp_ratio=2.0)
+        return VisionTransformer(
+            img_size=32,
+            patch_size=8,
+            num_classes=num_classes,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=heads,
+            mlp_ratio=2.0,
+        )
 
     return build
 
@@ -73,8 +80,11 @@ def _timm_hub(tag: str) -> Callable[[int], nn.Module]:
 
 
 # For users with a hub: the papers' backbone, tag pinned (augreg2 in21k→in1k).
-register_backbone(BackboneSpec("vit_base_patch16_224.augreg2_in21k_ft_in1k",
-                               _timm_hub("vit_base_patch16_224.augreg2_in21k_ft_in1k"), 224))
+register_backbone(
+    BackboneSpec(
+        "vit_base_patch16_224.augreg2_in21k_ft_in1k", _timm_hub("vit_base_patch16_224.augreg2_in21k_ft_in1k"), 224
+    )
+)
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -88,8 +98,9 @@ def get_spec(name: str) -> BackboneSpec:
     return BACKBONES[name]
 
 
-def create_backbone(name: str, num_classes: int, weights: str | None = None, seed: int = 0,
-                    ensure_pretrained: bool = True) -> nn.Module:
+def create_backbone(
+    name: str, num_classes: int, weights: str | None = None, seed: int = 0, ensure_pretrained: bool = True
+) -> nn.Module:
     """Build a backbone with its pretrained trunk and a fresh ``num_classes`` head.
 
     Args:
@@ -104,7 +115,9 @@ def create_backbone(name: str, num_classes: int, weights: str | None = None, see
         KeyError: unknown backbone. FileNotFoundError: weights missing and not buildable.
     """
     spec = get_spec(name)
-    model = spec.build(num_classes)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # a random trunk (vit_test) is then identical in every process
+        model = spec.build(num_classes)
     path = weights or spec.weights()
     if path:
         if not os.path.exists(path):

@@ -39,12 +39,16 @@ def domain_orders(names: list[str], n: int, seed: int) -> list[list[str]]:
     return orders[:n]
 
 
-def run_one(method: str, ctx: LearnerContext, bench: Benchmark, order: list[str], hyper: dict,
-            bar: tqdm | None = None) -> dict:
+def run_one(
+    method: str, ctx: LearnerContext, bench: Benchmark, order: list[str], hyper: dict, bar: tqdm | None = None
+) -> dict:
     """One method on one order: returns the accuracy matrix, A_t entries, zero-shot row and metrics."""
     s = create_strategy(method, ctx, **hyper)
     doms: list[Domain] = [bench.domain(n) for n in order]
-    zero = [s.evaluate(d) for d in doms]
+    for d in doms:
+        if (d.name, ctx.seed) not in ctx.zero_shot_cache:
+            ctx.zero_shot_cache[(d.name, ctx.seed)] = s.evaluate(d)
+    zero = [ctx.zero_shot_cache[(d.name, ctx.seed)] for d in doms]
     a, pre, t0 = [], [], time.perf_counter()
     for d in doms:
         gen = torch.Generator().manual_seed(ctx.seed * 1009 + [x.name for x in bench.domains].index(d.name))
@@ -58,8 +62,14 @@ def run_one(method: str, ctx: LearnerContext, bench: Benchmark, order: list[str]
         if bar is not None:
             bar.update(1)
             bar.set_postfix(method=method, domain=d.name, loss=f"{float(loss):.3f}" if loss is not None else "cached")
-    out = {"order": order, "A": a, "pre": pre, "zero_shot": zero, "metrics": metrics.summarize(a, pre, zero),
-           "seconds": round(time.perf_counter() - t0, 2)}
+    out = {
+        "order": order,
+        "A": a,
+        "pre": pre,
+        "zero_shot": zero,
+        "metrics": metrics.summarize(a, pre, zero),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     for k in ("n_reset", "align_calls", "fit_seconds"):
         if hasattr(s, k):
             out[k] = getattr(s, k)
@@ -84,12 +94,18 @@ def run_dil(cfg: BenchConfig, progress: bool = True) -> dict:
     results = {}
     for m in cfg.methods:
         runs = [run_one(m, ctx, bench, o, cfg.hyper.get(m, {}), bar) for o in orders]
-        summary = {k: (float(np.mean([r["metrics"][k] for r in runs])), float(np.std([r["metrics"][k] for r in runs])))
-                   for k in runs[0]["metrics"]}
+        summary = {
+            k: (float(np.mean([r["metrics"][k] for r in runs])), float(np.std([r["metrics"][k] for r in runs])))
+            for k in runs[0]["metrics"]
+        }
         results[m] = {"runs": runs, "mean_std": summary}
     bar.close()
-    return {"config": json.loads(cfg.model_dump_json()), "device": str(device), "wall_s": round(time.time() - t0, 1),
-            "results": results}
+    return {
+        "config": json.loads(cfg.model_dump_json()),
+        "device": str(device),
+        "wall_s": round(time.time() - t0, 1),
+        "results": results,
+    }
 
 
 def format_table(res: dict) -> str:

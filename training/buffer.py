@@ -63,8 +63,12 @@ class ReplayBuffer:
         doms = self.domains()
         x, y = self.tensors()
         d = torch.tensor([doms.index(k[0]) for k in keys for _ in self.slots[k]], dtype=torch.int64)
-        meta = {"spc": str(self.spc), "policy": self.policy, "domains": json.dumps(doms),
-                "seen": json.dumps([[k[0], k[1], self.seen[k]] for k in keys])}
+        meta = {
+            "spc": str(self.spc),
+            "policy": self.policy,
+            "domains": json.dumps(doms),
+            "seen": json.dumps([[k[0], k[1], self.seen[k]] for k in keys]),
+        }
         tmp = path + ".tmp"
         save_file({"x": x.contiguous(), "y": y, "domain": d}, tmp, metadata=meta)
         os.replace(tmp, path)

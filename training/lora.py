@@ -60,8 +60,13 @@ def attach_lora(model: nn.Module, cfg: LoraSettings, seed: int = 0) -> PeftModel
 
     The LoRA A factors are initialised from ``seed`` so every strategy starts from the same adapter.
     """
-    lc = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                    target_modules=target_module_names(model, cfg.targets), modules_to_save=["head"])
+    lc = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=target_module_names(model, cfg.targets),
+        modules_to_save=["head"],
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return get_peft_model(model, lc)

@@ -78,5 +78,11 @@ def a_m(a: Matrix) -> float:
 
 def summarize(a: Matrix, pre: Sequence[float], zero_shot: Sequence[float]) -> dict[str, float]:
     """All metrics of one run, in percent-free fractions."""
-    return {"ACC": acc(a), "BWT": bwt(a), "FWT": fwt(a, zero_shot), "A_t": a_t(pre), "A_m": a_m(a),
-            "forgetting_max": forgetting_from_max(a)}
+    return {
+        "ACC": acc(a),
+        "BWT": bwt(a),
+        "FWT": fwt(a, zero_shot),
+        "A_t": a_t(pre),
+        "A_m": a_m(a),
+        "forgetting_max": forgetting_from_max(a),
+    }

@@ -14,8 +14,10 @@ def _reference(temp, glob, percent):
     bad = {}
     for key in glob:
         t, g = temp[key].flatten().tolist(), glob[key].flatten().tolist()
-        bad[key] = [(math.copysign(1, a) if a else 0) != (math.copysign(1, b) if b else 0)
-                    and b != 0 and abs(b) >= tau for a, b in zip(t, g)]
+        bad[key] = [
+            (math.copysign(1, a) if a else 0) != (math.copysign(1, b) if b else 0) and b != 0 and abs(b) >= tau
+            for a, b in zip(t, g)
+        ]
     return bad
 
 

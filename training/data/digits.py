@@ -71,8 +71,19 @@ def _dom_sklearn(rng: np.random.RandomState) -> tuple[list[np.ndarray], np.ndarr
 
 def _fonts() -> list[str]:
     root = _package_file("matplotlib", "mpl-data", "fonts", "ttf")
-    names = ["DejaVuSans", "DejaVuSans-Bold", "DejaVuSerif", "DejaVuSerif-Italic", "DejaVuSansMono",
-             "DejaVuSans-Oblique", "STIXGeneral", "STIXGeneralBol", "cmr10", "cmss10", "cmtt10"]
+    names = [
+        "DejaVuSans",
+        "DejaVuSans-Bold",
+        "DejaVuSerif",
+        "DejaVuSerif-Italic",
+        "DejaVuSansMono",
+        "DejaVuSans-Oblique",
+        "STIXGeneral",
+        "STIXGeneralBol",
+        "cmr10",
+        "cmss10",
+        "cmtt10",
+    ]
     return [os.path.join(root, n + ".ttf") for n in names if os.path.exists(os.path.join(root, n + ".ttf"))]
 
 
@@ -127,8 +138,13 @@ def _dom_sketch(rng: np.random.RandomState) -> tuple[list[np.ndarray], np.ndarra
     return out, y
 
 
-_BUILDERS = {"mnist": _dom_mnist, "sklearn": _dom_sklearn, "printed": _dom_printed,
-             "mnistm": _dom_mnistm, "sketch": _dom_sketch}
+_BUILDERS = {
+    "mnist": _dom_mnist,
+    "sklearn": _dom_sklearn,
+    "printed": _dom_printed,
+    "mnistm": _dom_mnistm,
+    "sketch": _dom_sketch,
+}
 
 
 @functools.lru_cache(maxsize=4)

@@ -55,8 +55,14 @@ def load_class_folder(
 
 
 @register_benchmark("folder")
-def folder(root: str = "", domains: list[str] | None = None, size: int = 32, test_fraction: float = 0.2,
-           seed: int = 0, **_: object) -> Benchmark:
+def folder(
+    root: str = "",
+    domains: list[str] | None = None,
+    size: int = 32,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    **_: object,
+) -> Benchmark:
     """A benchmark from ``root/domain/class/image``; classes are the union over domains, sorted.
 
     Args:
@@ -72,8 +78,9 @@ def folder(root: str = "", domains: list[str] | None = None, size: int = 32, tes
     if not root or not os.path.isdir(root):
         raise ValueError(f"folder benchmark needs an existing root directory, got {root!r}")
     names = domains or sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    classes = sorted({c for d in names for c in os.listdir(os.path.join(root, d))
-                      if os.path.isdir(os.path.join(root, d, c))})
+    classes = sorted(
+        {c for d in names for c in os.listdir(os.path.join(root, d)) if os.path.isdir(os.path.join(root, d, c))}
+    )
     out = []
     for name in names:
         x, y, _ = load_class_folder(os.path.join(root, name), size, classes)

@@ -33,8 +33,17 @@ BASES = ("linear", "ties", "dare_ties")
 class AdaptiveMerge:
     """One adapter per domain; the served adapter is their merge with learned coefficients."""
 
-    def __init__(self, ctx: LearnerContext, base: str = "ties", spc: int = 1, b_max: float = 3.0,
-                 density: float = 0.5, fit_steps: int = 60, fit_lr: float = 0.1, **_: object) -> None:
+    def __init__(
+        self,
+        ctx: LearnerContext,
+        base: str = "ties",
+        spc: int = 1,
+        b_max: float = 3.0,
+        density: float = 0.5,
+        fit_steps: int = 60,
+        fit_lr: float = 0.1,
+        **_: object,
+    ) -> None:
         if base not in BASES:
             raise ValueError(f"adaptive base must be one of {BASES}, got {base!r}")
         self.ctx, self.base, self.b_max, self.density = ctx, base, b_max, density

@@ -38,6 +38,8 @@ class LearnerContext:
     # (domain name, seed) -> adapter trained from the initial adapter on that domain alone: shared by
     # `independent` and `adaptive` (identical computations), across task orders, within one process.
     independent_cache: dict[tuple[str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
+    # (domain name, seed) -> accuracy of the initial model: the FWT reference, the same for every method.
+    zero_shot_cache: dict[tuple[str, int], float] = field(default_factory=dict)
 
 
 @torch.inference_mode()

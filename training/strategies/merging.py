@@ -24,12 +24,29 @@ from .sequential import FineTune
 Adapter = dict[str, torch.Tensor]
 
 
+#: method -> combine(W_G, W') -> W_{G,t}; shared by the strategies below and the server's merge actor.
+COMBINES: dict[str, Callable[[Adapter, Adapter], Adapter]] = {
+    "finetune": lambda g, t: t,
+    "average": lambda g, t: merge.average([g, t]),
+    "pam": lambda g, t: merge.average([g, t]),
+    "ties": lambda g, t: merge.ties([g, t], [1.0, 1.0], 0.5),
+    "tall": lambda g, t: merge.tall_masks([g, t], [0.5, 0.5], 0.4, min_agree=2)[0],
+    "magmax": lambda g, t: merge.magmax([g, t]),
+}
+
+
 class MergeLearner(FineTune):
     """Temporary LoRA cloned from the global one, optionally PAM-aligned, merged back by ``combine``."""
 
-    def __init__(self, ctx: LearnerContext, combine: Callable[[Adapter, Adapter], Adapter],
-                 align_percent: float | None = None, every: int = 20,
-                 reinit: Literal["global", "zero"] = "global", **_: object) -> None:
+    def __init__(
+        self,
+        ctx: LearnerContext,
+        combine: Callable[[Adapter, Adapter], Adapter],
+        align_percent: float | None = None,
+        every: int = 20,
+        reinit: Literal["global", "zero"] = "global",
+        **_: object,
+    ) -> None:
         super().__init__(ctx)
         if every < 1:
             raise ValueError(f"alignment schedule 'every' must be >= 1, got {every}")
@@ -53,6 +70,7 @@ class MergeLearner(FineTune):
         return loss
 
     def end_domain(self) -> None:
+        super().end_domain()
         self.seen += 1
         if self.global_ is not None:
             set_adapter(self.learner.model, self.combine(self.global_, get_adapter(self.learner.model)))
@@ -61,14 +79,15 @@ class MergeLearner(FineTune):
 @register_strategy("average")
 def average(ctx: LearnerContext, **_: object) -> MergeLearner:
     """Avg(W_G, W') without alignment (PAM paper, baseline 10)."""
-    return MergeLearner(ctx, lambda g, t: merge.average([g, t]))
+    return MergeLearner(ctx, COMBINES["average"])
 
 
 @register_strategy("pam")
-def pam(ctx: LearnerContext, percent: float = 50.0, every: int = 20, reinit: str = "global",
-        **_: object) -> MergeLearner:
+def pam(
+    ctx: LearnerContext, percent: float = 50.0, every: int = 20, reinit: str = "global", **_: object
+) -> MergeLearner:
     """PAM: p = 50% as in the paper; s = 20 because our domains take 80 steps, not thousands (paper: 100)."""
-    return MergeLearner(ctx, lambda g, t: merge.average([g, t]), align_percent=percent, every=every, reinit=reinit)
+    return MergeLearner(ctx, COMBINES["pam"], align_percent=percent, every=every, reinit=reinit)
 
 
 @register_strategy("ties")
@@ -86,4 +105,4 @@ def tall(ctx: LearnerContext, lam: float = 0.4, **_: object) -> MergeLearner:
 @register_strategy("magmax")
 def magmax(ctx: LearnerContext, **_: object) -> MergeLearner:
     """MagMax of (W_G, W'): per element the larger magnitude (PAM paper, baseline 9)."""
-    return MergeLearner(ctx, lambda g, t: merge.magmax([g, t]))
+    return MergeLearner(ctx, COMBINES["magmax"])

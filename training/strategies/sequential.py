@@ -14,10 +14,18 @@ from .base import LearnerContext, LoraLearner
 class FineTune:
     """One LoRA trained sequentially on every domain: the forgetting baseline (PAM paper, baseline 4)."""
 
+    # The first domain is trained exactly as `independent` trains that domain's adapter (same initial
+    # adapter, batches and optimizer), so it is shared through ctx.independent_cache.
+    shares_first_domain = True
+
     def __init__(self, ctx: LearnerContext, **_: object) -> None:
         self.learner = LoraLearner(ctx)
+        self.n_domains = 0
 
     def begin_domain(self, domain: Domain) -> int:
+        self.current = domain.name
+        if self.n_domains == 0 and self.shares_first_domain:
+            return train_independent(self.learner.ctx, self.learner, domain)
         self.learner.reset_optimizer()
         return self.learner.ctx.train.steps
 
@@ -25,7 +33,10 @@ class FineTune:
         return self.learner.train_step(x, y)
 
     def end_domain(self) -> None:
-        pass
+        ctx = self.learner.ctx
+        if self.n_domains == 0 and self.shares_first_domain:
+            ctx.independent_cache.setdefault((self.current, ctx.seed), get_adapter(self.learner.model))
+        self.n_domains += 1
 
     def evaluate(self, domain: Domain) -> float:
         return self.learner.evaluate(domain)
@@ -42,6 +53,8 @@ class Joint(FineTune):
     from the pooled training data of domains 1..t (full rehearsal). The final row is the multitask
     ("one LoRA on all domains at once") result the papers report.
     """
+
+    shares_first_domain = False  # its batches come from its own pool generator
 
     def __init__(self, ctx: LearnerContext, **_: object) -> None:
         super().__init__(ctx)
@@ -97,9 +110,11 @@ class Independent(FineTune):
         self.per_domain[self.current] = ad
 
     def evaluate(self, domain: Domain) -> float:
-        if domain.name in self.per_domain:
-            set_adapter(self.learner.model, self.per_domain[domain.name])
+        own = self.per_domain.get(domain.name)
+        if own is None:
+            return self.learner.evaluate(domain)
+        live = get_adapter(self.learner.model)
+        set_adapter(self.learner.model, own)
         acc = self.learner.evaluate(domain)
-        if self.per_domain:
-            set_adapter(self.learner.model, self.per_domain[self.current])
+        set_adapter(self.learner.model, live)
         return acc

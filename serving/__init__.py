@@ -1,0 +1,1 @@
+"""serving — the Ray Serve application: HTTP ingress, model replicas, controller, training and merge actors."""

@@ -1,0 +1,99 @@
+"""Build the Serve application and run it: ``mergeserve serve`` or ``serve run deploy/serve.yaml``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import time
+
+import ray
+from ray import serve
+
+from .api import Ingress
+from .config import ServerConfig
+from .controller import get_or_create_controller
+from .model import ModelReplica
+
+
+def build_app(args: dict | None = None) -> serve.Application:
+    """Application builder (``import_path: serving.app:build_app`` in deploy/serve.yaml).
+
+    Creates (or reattaches to) the detached controller, then binds the model and ingress deployments.
+    """
+    cfg = ServerConfig.model_validate(args or {})
+    controller = get_or_create_controller(cfg)
+    ray.get(controller.ready.remote())  # v0 exists and the job runner is up before replicas start
+    opts: dict = {
+        "ray_actor_options": {"num_cpus": 0.25, "num_gpus": cfg.replica_num_gpus},
+        "user_config": {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
+    }
+    if cfg.num_replicas == "auto":
+        opts["autoscaling_config"] = cfg.autoscaling
+    else:
+        opts["num_replicas"] = int(cfg.num_replicas)
+    model = ModelReplica.options(**opts).bind(cfg.model_dump(mode="json"))
+    return Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(model, cfg.model_dump(mode="json"))
+
+
+def bootstrap(cfg: ServerConfig) -> list[str]:
+    """On a fresh data dir, queue the configured ``digits5`` domains as ordinary ingest jobs."""
+    from training.data import load_benchmark
+
+    controller = get_or_create_controller(cfg)
+    if not cfg.bootstrap or ray.get(controller.domains.remote()):
+        return []
+    jobs = []
+    for d in load_benchmark("digits5", domains=cfg.bootstrap).domains:
+        x, y = d.x_train, d.y_train
+        res = ray.get(controller.submit.remote(d.name, None, {}, f"bootstrap-{d.name}", x, y, None))
+        if "job" in res:
+            jobs.append(res["job"]["id"])
+    return jobs
+
+
+def start(cfg: ServerConfig, port: int, host: str = "127.0.0.1", address: str | None = None) -> None:
+    """Start Ray (in-process unless ``address``), Serve on ``host:port``, and deploy the app."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(address=address, namespace="mergeserve", include_dashboard=False, log_to_driver=True)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(cfg.model_dump(mode="json")), name="mergeserve", route_prefix="/")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """CLI flags of ``mergeserve serve``."""
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--data-dir", help="state directory (default ~/.local/share/mergeserve or $MERGESERVE_DATA)")
+    p.add_argument("--address", help="join an existing Ray cluster instead of starting one in-process")
+    p.add_argument("--replicas", help="model replicas: a number or 'auto' (default 1)")
+    p.add_argument("--no-bootstrap", action="store_true", help="do not learn the digits5 'mnist' domain on first start")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``mergeserve serve``: runs until interrupted."""
+    upd: dict = {}
+    if args.data_dir:
+        upd["data_dir"] = os.path.abspath(args.data_dir)
+    if args.replicas:
+        upd["num_replicas"] = args.replicas if args.replicas == "auto" else int(args.replicas)
+    if args.no_bootstrap:
+        upd["bootstrap"] = []
+    cfg = ServerConfig.model_validate(upd)
+    print(f"mergeserve: data in {cfg.data_dir}; starting Ray Serve on http://{args.host}:{args.port}", flush=True)
+    start(cfg, args.port, args.host, args.address)
+    jobs = bootstrap(cfg)
+    if jobs:
+        print(f"mergeserve: bootstrapping domains {cfg.bootstrap} (jobs {jobs}); follow GET /v1/jobs/<id>", flush=True)
+    print(f"mergeserve: ready on http://{args.host}:{args.port} (docs at /docs); Ctrl-C to stop", flush=True)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    serve.shutdown()
+    ray.shutdown()
+    return 0

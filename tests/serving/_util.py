@@ -1,0 +1,87 @@
+import io
+import socket
+import tarfile
+import time
+
+import httpx
+import numpy as np
+from PIL import Image
+
+TOKEN = "test-token"
+CLASSES = ["a", "b", "c"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(cls: int, seed: int, shift: int = 0) -> bytes:
+    rng = np.random.RandomState(seed)
+    img = rng.randint(0, 60, (32, 32, 3)).astype(np.uint8)
+    img[8 * cls : 8 * cls + 8, :, (cls + shift) % 3] = 250
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_archive(n_per_class: int = 8, shift: int = 0, classes=CLASSES, extra: dict | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        files = {f"{c}/{i}.png": png(j, 100 * j + i, shift) for j, c in enumerate(classes) for i in range(n_per_class)}
+        files.update(extra or {})
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def server_config(data_dir: str) -> dict:
+    return {
+        "data_dir": data_dir,
+        "backbone": "vit_test",
+        "class_names": CLASSES,
+        "bootstrap": [],
+        "lora": {"rank": 2, "alpha": 4.0},
+        "train": {"steps": 6, "batch_size": 8, "lr": 0.05},
+        "auth_token": TOKEN,
+        "max_upload_bytes": 2 * 2**20,
+        "num_replicas": 1,
+        "swap_timeout_s": 20,
+    }
+
+
+class Server:
+    def __init__(self, url: str, data_dir: str) -> None:
+        self.url, self.data_dir = url, data_dir
+        self.http = httpx.Client(base_url=url, timeout=60)
+        self.auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    def ingest(self, name: str, archive: bytes, **form) -> httpx.Response:
+        files = {"archive": ("d.tar.gz", archive, "application/gzip")}
+        return self.http.post("/v1/domains", data={"name": name, **form}, files=files, headers=self.auth)
+
+    def wait(self, job_id: str, timeout: float = 120) -> dict:
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            j = self.http.get(f"/v1/jobs/{job_id}").json()
+            if j["status"] in ("succeeded", "failed"):
+                return j
+            time.sleep(0.2)
+        raise TimeoutError(job_id)
+
+    def state(self) -> tuple:
+        a = self.http.get("/v1/adapters").json()
+        d = self.http.get("/v1/domains").json()
+        return a["active"], len(a["versions"]), [x["name"] for x in d["domains"]]
+
+
+def start_app(data_dir: str, port: int) -> None:
+    from ray import serve
+
+    from serving.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(server_config(data_dir)), name="mergeserve", route_prefix="/")

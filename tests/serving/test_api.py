@@ -1,0 +1,211 @@
+"""End to end through HTTP on a real Ray Serve app (one Ray instance per session, tiny backbone)."""
+
+import base64
+import io
+import json
+import re
+import tarfile
+import threading
+import zipfile
+
+import pytest
+from _util import CLASSES, make_archive, png
+
+B64 = base64.b64encode(png(0, 1)).decode()
+
+
+def _metric(text: str, name: str, **labels) -> float | None:
+    lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    m = re.search(rf"^{name}{{{lab}}} (\S+)$" if lab else rf"^{name} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def test_health_and_openapi(server):
+    assert server.http.get("/healthz").json() == {"status": "ok"}
+    r = server.http.get("/readyz")
+    assert r.status_code == 200 and r.json()["status"] == "ready"
+    assert "/v1/classify" in server.http.get("/openapi.json").json()["paths"]
+
+
+def test_ingest_two_domains_then_accuracy_everywhere(server):
+    r1 = server.ingest("dom1", make_archive(shift=0), method="pam")
+    assert r1.status_code == 202 and r1.headers["location"] == f"/v1/jobs/{r1.json()['job_id']}"
+    j1 = server.wait(r1.json()["job_id"])
+    assert j1["status"] == "succeeded", j1
+    assert j1["progress"]["step"] == j1["progress"]["total"] == 6 and j1["timings"]["total"] > 0
+    src = tarfile.open(fileobj=io.BytesIO(make_archive(shift=1)))
+    root = f"{server.data_dir}/src-dom2"
+    src.extractall(root)
+    r2 = server.http.post(
+        "/v1/domains", json={"name": "dom2", "source": f"file://{root}", "method": "average"}, headers=server.auth
+    )
+    assert r2.status_code == 202
+    j2 = server.wait(r2.json()["job_id"])
+    assert j2["status"] == "succeeded", j2
+    doms = {d["name"]: d for d in server.http.get("/v1/domains").json()["domains"]}
+    assert {"dom1", "dom2"} <= set(doms)
+    assert 0 <= doms["dom1"]["accuracy_now"] <= 1 and doms["dom2"]["accuracy_when_learned"] is not None
+    assert 0 < doms["dom1"]["buffer_size"] <= 5 * len(CLASSES)
+    m = server.http.get("/metrics").text
+    for d in ("dom1", "dom2"):
+        assert _metric(m, "mergeserve_domain_accuracy", domain=d, source="holdout") is not None
+    assert _metric(m, "mergeserve_adapter_version") == j2["adapter_version"]
+    assert _metric(m, "mergeserve_ingest_jobs_total", status="succeeded") >= 2
+    v = server.http.get("/v1/adapters").json()
+    assert v["active"] == j2["adapter_version"] and v["versions"][-1]["parent"] == j1["adapter_version"]
+
+
+def test_classify_forms_and_feedback(server):
+    one = server.http.post(
+        "/v1/classify", json={"image": B64, "domain": "dom1", "top_k": 2}, headers={"X-Request-ID": "req-fixed-1"}
+    )
+    assert one.status_code == 200 and one.headers["x-request-id"] == "req-fixed-1"
+    body = one.json()
+    assert body["request_id"] == "req-fixed-1" and len(body["predictions"]) == 2
+    assert body["predictions"][0]["label"] in CLASSES and isinstance(body["adapter_version"], int)
+    batch = server.http.post("/v1/classify", json={"images": [B64, B64, B64]}).json()
+    assert len(batch["results"]) == 3
+    multi = server.http.post("/v1/classify", files=[("file", ("x.png", png(1, 2), "image/png"))]).json()
+    assert multi["predictions"][0]["label"] in CLASSES
+    fb = server.http.post("/v1/feedback", json={"request_id": "req-fixed-1", "label": "a"}, headers=server.auth)
+    assert fb.status_code == 200 and fb.json()["domain"] == "dom1"
+    m = server.http.get("/metrics").text
+    assert _metric(m, "mergeserve_domain_accuracy", domain="dom1", source="feedback") is not None
+
+
+def test_no_failed_request_during_ingest_and_swap(server):
+    results, stop = [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            r = server.http.post("/v1/classify", json={"image": B64})
+            results.append((r.status_code, r.json().get("adapter_version")))
+
+    before = server.http.get("/v1/adapters").json()["active"]
+    t = threading.Thread(target=client)
+    t.start()
+    job = server.wait(server.ingest("dom3", make_archive(shift=2)).json()["job_id"])
+    for _ in range(20):  # keep classifying a little after the swap
+        server.http.post("/v1/classify", json={"image": B64})
+    stop.set()
+    t.join()
+    assert job["status"] == "succeeded"
+    codes = [c for c, _ in results]
+    versions = [v for _, v in results]
+    assert len(results) > 5 and set(codes) == {200}
+    assert versions == sorted(versions) and versions[0] >= before and versions[-1] == job["adapter_version"]
+
+
+def test_rollback_and_forward(server):
+    active = server.http.get("/v1/adapters").json()["active"]
+    r = server.http.post("/v1/adapters/1/activate", headers=server.auth)
+    assert r.status_code == 200 and r.json()["active"] == 1
+    assert server.http.post("/v1/classify", json={"image": B64}).json()["adapter_version"] == 1
+    assert server.http.post(f"/v1/adapters/{active}/activate", headers=server.auth).json()["active"] == active
+    assert server.http.post("/v1/classify", json={"image": B64}).json()["adapter_version"] == active
+
+
+def _zip(files: dict) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for k, v in files.items():
+            zf.writestr(k, v)
+    return buf.getvalue()
+
+
+BAD_INGESTS = {
+    "unknown-label": lambda: make_archive(classes=["a", "zebra"]),
+    "empty-domain": lambda: _zip({"README.txt": b"no images"}),
+    "path-traversal": lambda: _zip({"../../etc/a/x.png": png(0, 1)}),
+    "archive-bomb": lambda: _zip({"a/big.png": b"\0" * (5 * 2**20)}),
+    "bad-image": lambda: make_archive(extra={"a/broken.png": b"not a png"}),
+    "bad-archive": lambda: b"this is not an archive",
+}
+
+
+@pytest.mark.parametrize("code", sorted(BAD_INGESTS))
+def test_bad_ingest_gets_4xx_and_changes_nothing(server, code):
+    before = server.state()
+    r = server.ingest(f"bad-{code}", BAD_INGESTS[code]())
+    assert 400 <= r.status_code < 500 and r.headers["content-type"].startswith("application/problem+json")
+    body = r.json()
+    assert body["type"].endswith(code) and body["status"] == r.status_code and body["request_id"]
+    assert server.state() == before
+
+
+def test_other_bad_inputs(server):
+    before = server.state()
+    cases = [
+        (server.http.post("/v1/classify", json={"image": base64.b64encode(b"nope").decode()}), 422, "bad-image"),
+        (
+            server.http.post("/v1/classify", content=b"{not json", headers={"content-type": "application/json"}),
+            400,
+            "bad-json",
+        ),
+        (server.http.post("/v1/classify", json={"image": B64, "top_k": 99}), 422, "bad-top-k"),
+        (
+            server.http.post("/v1/domains", data={"name": "noauth"}, files={"archive": ("a", make_archive())}),
+            401,
+            "unauthorized",
+        ),
+        (server.ingest("dom1", make_archive()), 409, "domain-exists"),
+        (server.ingest("Bad Name!", make_archive()), 422, "invalid-domain-name"),
+        (server.ingest("newdom", make_archive(), method="nope"), 422, "unknown-method"),
+        (server.ingest("huge", b"\0" * (3 * 2**20)), 413, "too-large"),
+        (server.http.get("/v1/jobs/doesnotexist"), 404, "unknown-job"),
+        (server.http.post("/v1/adapters/999/activate", headers=server.auth), 404, "unknown-version"),
+        (
+            server.http.post("/v1/feedback", json={"request_id": "never", "label": "a"}, headers=server.auth),
+            404,
+            "unknown-request",
+        ),
+        (
+            server.http.post(
+                "/v1/feedback", json={"domain": "dom1", "label": "zzz", "prediction": "a"}, headers=server.auth
+            ),
+            422,
+            "unknown-label",
+        ),
+        (
+            server.http.post("/v1/domains", json={"name": "x", "source": "s3://bucket/x"}, headers=server.auth),
+            422,
+            "bad-source",
+        ),
+    ]
+    for r, status, code in cases:
+        assert r.status_code == status, (code, r.text)
+        assert r.json()["type"].endswith(code), r.text
+    assert server.state() == before
+
+
+def test_duplicate_while_running_and_idempotency(server):
+    first = server.ingest("dom4", make_archive(shift=1), method="ties")
+    assert first.status_code == 202
+    dup = server.ingest("dom4", make_archive(shift=1))
+    assert dup.status_code == 409 and dup.json()["type"].endswith("domain-busy")
+    key = {"Idempotency-Key": "k-123", **server.auth}
+    files = {"archive": ("d.tar.gz", make_archive(shift=2), "application/gzip")}
+    a = server.http.post("/v1/domains", data={"name": "dom5"}, files=files, headers=key)
+    b = server.http.post("/v1/domains", data={"name": "dom5"}, files=files, headers=key)
+    assert a.status_code == b.status_code == 202 and a.json()["job_id"] == b.json()["job_id"] and b.json()["replayed"]
+    assert server.wait(first.json()["job_id"])["status"] == "succeeded"
+    assert server.wait(a.json()["job_id"])["status"] == "succeeded"
+
+
+def test_restart_keeps_adapter_version(server):
+    import ray
+    from _util import start_app
+    from ray import serve
+
+    from serving.controller import NAME, NAMESPACE
+
+    before = server.http.get("/v1/adapters").json()
+    serve.delete("mergeserve")
+    ray.kill(ray.get_actor(NAME, namespace=NAMESPACE), no_restart=True)
+    port = int(server.url.rsplit(":", 1)[1])
+    start_app(server.data_dir, port)
+    after = server.http.get("/v1/adapters").json()
+    assert after["active"] == before["active"] and len(after["versions"]) == len(before["versions"])
+    r = server.http.post("/v1/classify", json={"image": B64})
+    assert r.status_code == 200 and r.json()["adapter_version"] == before["active"]
+    assert json.loads(server.http.get("/v1/domains").text)["domains"]

@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+import merge
+from training.bench import domain_orders, format_table, run_one
+from training.lora import get_adapter
+from training.strategies import STRATEGIES, create_strategy
+
+
+@pytest.mark.parametrize("method", sorted(STRATEGIES))
+def test_each_method_end_to_end(method, tiny_ctx, tiny_bench):
+    run = run_one(method, tiny_ctx, tiny_bench, ["d0", "d1", "d2"], {})
+    assert len(run["A"]) == 3 and all(len(r) == 3 for r in run["A"])
+    assert all(0.0 <= v <= 1.0 for r in run["A"] for v in r)
+    assert set(run["metrics"]) >= {"ACC", "BWT", "FWT", "A_t", "A_m"}
+    s = create_strategy(method, tiny_ctx)
+    tensors, fmt = s.adapter()
+    assert fmt in ("lora", "delta") and all(torch.isfinite(v).all() for v in tensors.values())
+
+
+def test_pam_aligns_on_schedule_and_changes_adapter(tiny_ctx, tiny_bench, monkeypatch):
+    calls = []
+    real = merge.pam_align
+
+    def spy(temp, global_, percent, reinit="global"):
+        out, n = real(temp, global_, percent, reinit)
+        calls.append((n, any(not torch.equal(out[k], temp[k]) for k in temp)))
+        return out, n
+
+    monkeypatch.setattr(merge, "pam_align", spy)
+    tiny_ctx.train.steps = 6
+    tiny_ctx.train.lr = 0.5  # large steps so signs flip and alignment has something to reset
+    s = create_strategy("pam", tiny_ctx, every=2, percent=50.0)
+    for i, d in enumerate(tiny_bench.domains):
+        for _ in range(s.begin_domain(d)):
+            s.train_step(d.x_train[:8], d.y_train[:8])
+        assert len(calls) == 3 * i  # never on the first domain (no global yet), then every 2 of 6 steps
+        s.end_domain()
+    assert s.align_calls == 6 and s.n_reset == sum(n for n, _ in calls) > 0
+    assert all(changed == (n > 0) for n, changed in calls)
+
+
+def test_merge_strategy_merges_into_global(tiny_ctx, tiny_bench):
+    s = create_strategy("average", tiny_ctx)
+    d0, d1 = tiny_bench.domains[:2]
+    for d in (d0,):
+        for _ in range(s.begin_domain(d)):
+            s.train_step(d.x_train[:8], d.y_train[:8])
+        s.end_domain()
+    g = get_adapter(s.learner.model)
+    for _ in range(s.begin_domain(d1)):
+        s.train_step(d1.x_train[:8], d1.y_train[:8])
+    temp = get_adapter(s.learner.model)
+    s.end_domain()
+    after = get_adapter(s.learner.model)
+    for k in g:
+        torch.testing.assert_close(after[k], (g[k] + temp[k]) / 2)
+
+
+@pytest.mark.parametrize("base", ["linear", "ties", "dare_ties"])
+def test_adaptive_coefficients_bounded_and_learned(tiny_ctx, tiny_bench, base):
+    s = create_strategy("adaptive", tiny_ctx, base=base, b_max=3.0, spc=2, fit_steps=15)
+    for d in tiny_bench.domains[:2]:
+        for _ in range(s.begin_domain(d)):
+            s.train_step(d.x_train[:8], d.y_train[:8])
+        s.end_domain()
+    init = merge.AdaptiveCoefficients(2, 3.0)().detach()
+    assert s.alpha.shape == (2,)
+    assert bool((s.alpha > 0).all() and (s.alpha < 3.0).all())
+    assert not torch.allclose(s.alpha, init, atol=1e-3)  # the coefficients moved
+    assert len(s.buffer) == 2 * 2 * 3  # spc x domains x classes
+    tensors, fmt = s.adapter()
+    assert fmt == "delta" and any(k.endswith(".delta") for k in tensors)
+
+
+def test_orders_and_table(tiny_ctx, tiny_bench):
+    orders = domain_orders(["a", "b", "c"], 3, 0)
+    assert orders[0] == ["a", "b", "c"] and len({tuple(o) for o in orders}) == 3
+    run = run_one("finetune", tiny_ctx, tiny_bench, ["d0", "d1"], {})
+    res = {"results": {"finetune": {"mean_std": {k: (v, 0.0) for k, v in run["metrics"].items()}}}}
+    assert "finetune" in format_table(res)
+
+
+def test_unknown_method_lists_registered(tiny_ctx):
+    with pytest.raises(KeyError, match="pam"):
+        create_strategy("nope", tiny_ctx)
