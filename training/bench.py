@@ -125,17 +125,23 @@ def plot(res: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     ms = list(res["results"])
-    fig, axes = plt.subplots(1, len(ms), figsize=(3.2 * len(ms), 3), sharey=True, squeeze=False)
-    for ax, m in zip(axes[0], ms):
+    cols = min(3, len(ms))
+    rows = (len(ms) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), sharey=True, squeeze=False)
+    for ax, m in zip(axes.flat, ms):
         run = res["results"][m]["runs"][0]
         a = np.array(run["A"])
         for i, name in enumerate(run["order"]):
             ax.plot(range(i, len(a)), a[i:, i], marker="o", label=name)
         ax.set_title(m)
-        ax.set_xlabel("after domain")
         ax.set_xticks(range(len(a)))
-    axes[0][0].set_ylabel("held-out accuracy")
-    axes[0][-1].legend(fontsize=7)
+    for ax in axes.flat[len(ms):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("held-out accuracy")
+    for ax in axes[-1]:
+        ax.set_xlabel("after domain")
+    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
