@@ -27,7 +27,7 @@ def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
 
-def throughput(backbone: str, batch: int = 32, seconds: float = 5.0) -> list[tuple[str, float]]:
+def throughput(backbone: str, batch: int = 32, seconds: float = 2.0, rounds: int = 5) -> list[tuple[str, float]]:
     """Images/s for bare, merged and unmerged-LoRA forward passes."""
     from training.backbones import create_backbone, get_spec, preprocess
     from training.lora import LoraSettings, attach_lora, get_adapter, materialise, set_adapter, to_delta
@@ -40,20 +40,24 @@ def throughput(backbone: str, batch: int = 32, seconds: float = 5.0) -> list[tup
     set_adapter(pm, ad)
     merged = materialise(base, to_delta(ad, cfg))
     x = preprocess(spec, torch.randint(0, 255, (batch, 3, spec.img_size, spec.img_size), dtype=torch.uint8))
-    rows = []
-    for name, m in (
-        ("bare backbone", base),
-        ("adapter merged into weights", merged),
-        ("peft LoRA, unmerged", pm.eval()),
-    ):
-        with torch.inference_mode():
-            for _ in range(3):
-                m(x)
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
-                m(x)
-                n += batch
-        rows.append((name, n / (time.perf_counter() - t0)))
+    models = {
+        "bare backbone": base,
+        "bare backbone, 2nd copy (noise)": copy.deepcopy(base),  # same cost: shows run-to-run spread
+        "adapter merged into weights": merged,
+        "peft LoRA, unmerged": pm.eval(),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for _ in range(rounds):  # interleaved rounds, median reported: robust to drift on a shared machine
+            for name, m in models.items():
+                for _ in range(3):
+                    m(x)
+                n, t0 = 0, time.perf_counter()
+                while time.perf_counter() - t0 < seconds:
+                    m(x)
+                    n += batch
+                rates[name].append(n / (time.perf_counter() - t0))
+    rows = [(k, float(np.median(v))) for k, v in rates.items()]
     return rows
 
 
@@ -139,7 +143,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``mergeserve bench-serve``."""
-    print(f"in-process forward, batch 32, {torch.get_num_threads()} threads, backbone {args.backbone}")
+    print(
+        f"in-process forward, batch 32, {torch.get_num_threads()} threads, backbone {args.backbone}"
+        ", median of 5 interleaved 2 s rounds"
+    )
     print(f"{'model':<32}{'images/s':>12}")
     for name, ips in throughput(args.backbone):
         print(f"{name:<32}{ips:>12.0f}")
