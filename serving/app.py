@@ -24,6 +24,7 @@ def build_app(args: dict | None = None) -> serve.Application:
     cfg = ServerConfig.model_validate(args or {})
     controller = get_or_create_controller(cfg)
     ray.get(controller.ready.remote())  # v0 exists and the job runner is up before replicas start
+    bootstrap(cfg)  # idempotent: also when deployed with `serve run deploy/serve.yaml`
     opts: dict = {
         "ray_actor_options": {"num_cpus": 0.25, "num_gpus": cfg.replica_num_gpus},
         "user_config": {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
@@ -37,7 +38,11 @@ def build_app(args: dict | None = None) -> serve.Application:
 
 
 def bootstrap(cfg: ServerConfig) -> list[str]:
-    """On a fresh data dir, queue the configured ``digits5`` domains as ordinary ingest jobs."""
+    """On a fresh data dir, queue the configured ``digits5`` domains as ordinary ingest jobs.
+
+    Idempotent (fixed ``Idempotency-Key`` per domain; nothing once any domain is learned), so every
+    start path can call it. Returns the ids of the bootstrap jobs.
+    """
     from training.data import load_benchmark
 
     controller = get_or_create_controller(cfg)
