@@ -20,8 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser; subcommand arguments are added by their own modules."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser. Only ``command``'s module is imported (torch and ray are slow to import),
+    so ``mergeserve --help`` stays instant and each subcommand adds its own arguments."""
     parser = argparse.ArgumentParser(
         prog="mergeserve",
         description="An inference server that keeps learning: LoRA continual learning by aligned merging.",
@@ -31,13 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mergeserve`` console script."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
