@@ -135,7 +135,7 @@ def plot(res: dict, path: str) -> None:
             ax.plot(range(i, len(a)), a[i:, i], marker="o", label=name)
         ax.set_title(m)
         ax.set_xticks(range(len(a)))
-    for ax in axes.flat[len(ms):]:
+    for ax in axes.flat[len(ms) :]:
         ax.axis("off")
     for ax in axes[:, 0]:
         ax.set_ylabel("held-out accuracy")
@@ -144,6 +144,29 @@ def plot(res: dict, path: str) -> None:
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def parse_hyper(items: list[str]) -> dict[str, dict]:
+    """``["adaptive.spc=5", "pam.reinit=zero"]`` → ``{"adaptive": {"spc": 5}, "pam": {"reinit": "zero"}}``.
+
+    Raises:
+        ValueError: for an item not of the form METHOD.KEY=VALUE.
+    """
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not (sep and dot and method and name):
+            raise ValueError(f"--hyper takes METHOD.KEY=VALUE, got {item!r}")
+        value: object = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                continue
+        out.setdefault(method, {})[name] = value
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -159,6 +182,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps per domain")
     p.add_argument("--backbone", help="registered backbone name")
     p.add_argument("--device", help="cpu, cuda or auto")
+    p.add_argument(
+        "--hyper",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="method hyper-parameter, repeatable, e.g. --hyper adaptive.spc=5 --hyper pam.percent=30",
+    )
     p.add_argument("--out", default="results.json", help="JSON output path (default results.json)")
     p.add_argument("--plot", help="write a PNG of accuracy per domain over time")
 
@@ -178,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
     if args.domains:
         bargs["domains"] = [d.strip() for d in args.domains.split(",")]
     upd["benchmark_args"] = bargs
+    if args.hyper:
+        upd["hyper"] = {**cfg.hyper, **parse_hyper(args.hyper)}
     if args.steps is not None:
         upd["train"] = cfg.train.model_copy(update={"steps": args.steps})
     cfg = cfg.model_copy(update=upd)

@@ -84,3 +84,14 @@ def test_orders_and_table(tiny_ctx, tiny_bench):
 def test_unknown_method_lists_registered(tiny_ctx):
     with pytest.raises(KeyError, match="pam"):
         create_strategy("nope", tiny_ctx)
+
+
+def test_parse_hyper():
+    from training.bench import parse_hyper
+
+    assert parse_hyper(["adaptive.spc=5", "adaptive.base=linear", "pam.percent=30.5"]) == {
+        "adaptive": {"spc": 5, "base": "linear"},
+        "pam": {"percent": 30.5},
+    }
+    with pytest.raises(ValueError, match="METHOD.KEY=VALUE"):
+        parse_hyper(["spc=5"])
