@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -21,8 +20,7 @@ from . import metrics
 from .backbones import create_backbone, get_spec
 from .configs import CONFIGS, BenchConfig
 from .data import Benchmark, Domain, load_benchmark
-from .lora import LoraSettings
-from .strategies import LearnerContext, TrainSettings, create_strategy
+from .strategies import LearnerContext, create_strategy
 
 METRICS = ["ACC", "BWT", "FWT", "A_t", "A_m"]
 
@@ -225,4 +223,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["run_dil", "run_one", "format_table", "domain_orders", "LoraSettings", "TrainSettings", "asdict"]
+__all__ = ["domain_orders", "format_table", "parse_hyper", "plot", "run_dil", "run_one"]
