@@ -3,7 +3,7 @@
 Run: ``mergeserve pretrain`` (≈4 min on 2 CPU cores). Expected: held-out accuracy 0.551 on the 36-class
 letters+shapes task (chance 0.028). The default configuration calls this on first use and caches the result at
 ``~/.cache/mergeserve/backbones/vit_tiny_offline.safetensors`` with its provenance in the file's metadata
-and a JSON sidecar. Deterministic for a given seed, torch version and thread count.
+and a JSON sidecar. Deterministic for a given seed and torch version (torch threads pinned, see PretrainConfig).
 """
 
 from __future__ import annotations
