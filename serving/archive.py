@@ -48,7 +48,7 @@ def _safe_member(name: str) -> list[str]:
 
 
 def _members(data: bytes, limits: Limits) -> list[tuple[list[str], bytes]]:
-    out, total = [], 0
+    out = []
     if zipfile.is_zipfile(io.BytesIO(data)):
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = [i for i in zf.infolist() if not i.is_dir()]
@@ -74,7 +74,6 @@ def _members(data: bytes, limits: Limits) -> list[tuple[list[str], bytes]]:
         _check_size(len(files), sum(m.size for m in files), len(data), limits)
         for m in files:
             f = tf.extractfile(m)
-            total += m.size
             out.append((_safe_member(m.name), f.read() if f else b""))
     return out
 

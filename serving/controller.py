@@ -289,10 +289,11 @@ class Controller:
     async def activate(self, version: int) -> dict:
         """Roll back or forward to a stored version through the same swap path."""
         await self._events()
-        if self.db.version(version) is None:
+        row = self.db.version(version)
+        if row is None:
             return Problem(404, "unknown-version", f"no adapter version {version}").as_dict()
         try:
-            self.store.load(self.db.version(version)["name"], backbone=self.cfg.backbone)
+            self.store.load(row["name"], backbone=self.cfg.backbone)
         except ValueError as e:
             return Problem(409, "corrupt-adapter", str(e)).as_dict()
         swap = await self._activate(version)

@@ -115,11 +115,11 @@ class StateDB:
                 self.db.execute("INSERT OR REPLACE INTO accuracy VALUES (?, ?, ?)", (version, d, a))
 
     def versions(self) -> list[dict]:
-        rows = self.db.execute("SELECT * FROM adapters ORDER BY version").fetchall()
-        return [{**dict(r), "domains": json.loads(r["domains"]), "metrics": json.loads(r["metrics"])} for r in rows]
+        return [_version(r) for r in self.db.execute("SELECT * FROM adapters ORDER BY version")]
 
     def version(self, v: int) -> dict | None:
-        return next((x for x in self.versions() if x["version"] == v), None)
+        row = self.db.execute("SELECT * FROM adapters WHERE version=?", (v,)).fetchone()
+        return _version(row) if row else None
 
     def accuracy(self, version: int) -> dict[str, float]:
         return {r["domain"]: r["acc"] for r in self.db.execute("SELECT * FROM accuracy WHERE version=?", (version,))}
@@ -162,6 +162,10 @@ class StateDB:
 
     def feedback(self) -> dict[str, float]:
         return {r["domain"]: r["correct"] / r["total"] for r in self.db.execute("SELECT * FROM feedback") if r["total"]}
+
+
+def _version(row: sqlite3.Row) -> dict:
+    return {**dict(row), "domains": json.loads(row["domains"]), "metrics": json.loads(row["metrics"])}
 
 
 def _job(row: sqlite3.Row) -> dict:
