@@ -1,146 +1,133 @@
-"""The HTTP API: a FastAPI app behind ``@serve.ingress``; errors are RFC 9457 problem+json."""
+"""The HTTP API and the model in one Ray Serve deployment (``Model``): one hop from the proxy to the forward.
 
+Classification decodes, batches (``@serve.batch``) and answers inside the replica that holds the model;
+control routes (domains, jobs, adapters, feedback, metrics) call the controller actor. Blocking work
+(decoding, archive reading) runs off the event loop. Every error is RFC 9457 problem+json.
+"""
+
+from __future__ import annotations
+
+import asyncio
 import base64
 import binascii
-import io
 import json
-import threading
-import time
-import uuid
+from typing import Any
 
 import numpy as np
 import ray
-import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
+from pydantic import ValidationError
 from ray import serve
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
-from training.backbones import get_spec
-
-from .archive import BadUpload, Limits, read_domain, read_source
+from .archive import Limits, decode_images, read_domain, read_source
 from .config import ServerConfig
-from .controller import NAME, NAMESPACE, Problem
+from .controller import NAME, NAMESPACE
+from .errors import FRAMEWORK_CODES, PROBLEM_TYPE, Problem, unwrap
+from .metrics import Recorder, RequestMiddleware
+from .pipeline import Submission, check_hyper
+from .schemas import (
+    ERRORS,
+    Accepted,
+    Activated,
+    Adapters,
+    ClassifyRequest,
+    ClassifyResponse,
+    Domains,
+    FeedbackRequest,
+    FeedbackResult,
+    IngestSource,
+    Job,
+)
 
-PROBLEM = "application/problem+json"
 api = FastAPI(
     title="mergeserve",
-    version="0.1.0",
+    version="0.2.0",
     description="Inference with a continually merged global LoRA adapter; online domain ingestion.",
 )
 
 
-def problem(request: Request, status: int, code: str, detail: str) -> JSONResponse:
-    rid = getattr(request.state, "request_id", None) or uuid.uuid4().hex
-    body = {
-        "type": f"https://mergeserve.dev/problems/{code}",
-        "title": code.replace("-", " ").capitalize(),
-        "status": status,
-        "detail": detail,
-        "request_id": rid,
-    }
-    return JSONResponse(body, status_code=status, media_type=PROBLEM)  # Serve's proxy echoes X-Request-ID
+def _doc(model: type, multipart: dict[str, Any]) -> dict:
+    """``openapi_extra`` for a route that takes JSON (``model``) or a multipart form."""
+    form = {"type": "object", "properties": multipart}
+    return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()},
+                                        "multipart/form-data": {"schema": form}}}}
+
+
+def _problem(request: Request, p: Problem) -> JSONResponse:
+    rid = getattr(request.state, "request_id", None)
+    return JSONResponse(p.body(rid), status_code=p.status, media_type=PROBLEM_TYPE)
 
 
 @api.exception_handler(Problem)
-async def _problem(request: Request, e: Problem) -> JSONResponse:
-    return problem(request, e.status, e.code, e.detail)
-
-
-@api.exception_handler(BadUpload)
-async def _bad_upload(request: Request, e: BadUpload) -> JSONResponse:
-    return problem(request, 413 if e.code == "too-large" else 422, e.code, e.detail)
+async def _on_problem(request: Request, e: Problem) -> JSONResponse:
+    return _problem(request, e)
 
 
 @api.exception_handler(RequestValidationError)
-async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-    return problem(request, 422, "invalid-request", str(e.errors())[:1000])
+async def _on_invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+    return _problem(request, _invalid(e.errors()))
+
+
+@api.exception_handler(HTTPException)
+async def _on_http(request: Request, e: HTTPException) -> JSONResponse:
+    code = FRAMEWORK_CODES.get(e.status_code, "http-error")
+    return _problem(request, Problem(e.status_code, code, str(e.detail or code)))
 
 
 @api.exception_handler(Exception)
-async def _internal(request: Request, e: Exception) -> JSONResponse:
-    return problem(request, 500, "internal-error", f"{type(e).__name__}: {e}"[:500])
+async def _on_internal(request: Request, e: Exception) -> JSONResponse:
+    return _problem(request, Problem(500, "internal-error", f"{type(e).__name__}: {e}"[:500]))
 
 
-@api.exception_handler(404)
-async def _not_found(request: Request, e: Exception) -> JSONResponse:
-    return problem(request, 404, "not-found", f"no route {request.url.path}")
+def _invalid(errors: list[dict]) -> Problem:
+    if any(err.get("type") == "json_invalid" for err in errors):
+        return Problem(400, "bad-json", "body is not valid JSON (UTF-8)")
+    parts = [f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body') or 'body'}: {err.get('msg')}"
+             for err in errors[:5]]
+    return Problem(422, "invalid-request", "; ".join(parts))
 
 
-def _decode_image(raw: bytes, size: int, what: str) -> np.ndarray:
+def _parse(model: type, body: bytes) -> Any:
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
-    except (UnidentifiedImageError, OSError) as e:
-        raise Problem(422, "bad-image", f"{what} is not a decodable image") from e
+        return model.model_validate_json(body or b"null")
+    except ValidationError as e:
+        raise _invalid(e.errors(include_url=False)) from None
 
 
-def _b64(s: object, what: str) -> bytes:
-    if not isinstance(s, str):
-        raise Problem(422, "bad-image", f"{what} must be a base64 string")
+def _b64(s: str, what: str) -> bytes:
     try:
         return base64.b64decode(s.split(",", 1)[-1], validate=True)
     except (binascii.Error, ValueError) as e:
         raise Problem(422, "bad-image", f"{what} is not valid base64") from e
 
 
-class Metrics:
-    """Request counts, latencies and predictions, flushed to the controller every second (thread-safe)."""
-
-    def __init__(self, controller: ray.actor.ActorHandle) -> None:
-        self.controller, self.lock = controller, threading.Lock()
-        self.requests: list = []
-        self.predictions: list = []
-        threading.Thread(target=self._loop, daemon=True).start()
-
-    def add(self, endpoint: str, status: int, seconds: float) -> None:
-        with self.lock:
-            self.requests.append((endpoint, str(status), seconds))
-
-    def predicted(self, rid: str, domain: str | None, label: str) -> None:
-        with self.lock:
-            self.predictions.append((rid, domain, label))
-
-    def flush(self) -> ray.ObjectRef | None:
-        with self.lock:
-            req, pred, self.requests, self.predictions = self.requests, self.predictions, [], []
-        return self.controller.record.remote(req, pred) if req or pred else None
-
-    def _loop(self) -> None:
-        while True:
-            time.sleep(1.0)
-            try:
-                ref = self.flush()
-                if ref is not None:
-                    ray.get(ref)
-            except Exception:  # noqa: BLE001 - controller restarting; these samples are dropped
-                pass
+async def _call(ref: ray.ObjectRef) -> Any:
+    """Await a controller call; a :class:`Problem` raised there is raised here."""
+    try:
+        return await ref
+    except Exception as e:
+        raise unwrap(e) from None
 
 
-@serve.deployment(name="Ingress")
+@serve.deployment(name="Model", health_check_period_s=5)
 @serve.ingress(api)
-class Ingress:
-    """Owns the HTTP API; forwards inference to the model deployment and state calls to the controller."""
+class Model:
+    """One replica: the HTTP API, the decoder and the model; ``num_replicas`` / autoscaling from config."""
 
-    def __init__(self, model: serve.handle.DeploymentHandle, cfg: dict) -> None:
-        self.model, self.cfg = model, ServerConfig.model_validate(cfg)
-        self.size = get_spec(self.cfg.backbone).img_size
+    def __init__(self, cfg: dict) -> None:
+        from .engine import Engine  # torch is imported in replicas only, never in the driver
+
+        self.cfg = ServerConfig.model_validate(cfg)
+        self.limits = Limits(max_image_pixels=self.cfg.max_image_pixels, max_images=self.cfg.max_images)
         self.controller = ray.get_actor(NAME, namespace=NAMESPACE)
-        self.metrics = Metrics(self.controller)
-        self.limits = Limits()
-
-        @api.middleware("http")
-        async def request_id(request: Request, call_next):  # noqa: ANN001, ANN202
-            # Serve's proxy honours a client X-Request-ID (or makes one), passes it here and echoes it back
-            rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-            request.state.request_id = rid[:128]
-            t0 = time.perf_counter()
-            response = await call_next(request)
-            route = request.scope.get("route")
-            self.metrics.add(getattr(route, "path", "unmatched"), response.status_code, time.perf_counter() - t0)
-            return response
+        self.engine = Engine(self.cfg, self.controller)
+        self.size = self.engine.spec.img_size
+        self.recorder = Recorder(lambda req, pred: ray.get(self.controller.record.remote(req, pred)))
+        api.add_middleware(RequestMiddleware, max_body=self.cfg.max_upload_bytes, record=self.recorder.add)
 
     # --- helpers -------------------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
@@ -148,139 +135,98 @@ class Ingress:
         if token and request.headers.get("authorization") != f"Bearer {token}":
             raise Problem(401, "unauthorized", "this endpoint needs 'Authorization: Bearer <token>'")
 
-    async def _body(self, request: Request) -> bytes:
-        n = request.headers.get("content-length")
-        if n and n.isdigit() and int(n) > self.cfg.max_upload_bytes:
-            raise Problem(413, "too-large", f"request body exceeds {self.cfg.max_upload_bytes} bytes")
-        body = await request.body()
-        if len(body) > self.cfg.max_upload_bytes:
-            raise Problem(413, "too-large", f"request body exceeds {self.cfg.max_upload_bytes} bytes")
-        return body
+    async def _form(self, request: Request) -> Any:
+        return await request.form(max_files=self.cfg.max_images, max_fields=32)
 
-    async def _json(self, request: Request) -> dict:
-        try:
-            data = json.loads(await self._body(request) or b"null")
-        except json.JSONDecodeError as e:
-            raise Problem(400, "bad-json", f"body is not valid JSON: {e.msg}") from e
-        if not isinstance(data, dict):
-            raise Problem(400, "bad-json", "body must be a JSON object")
-        return data
-
-    def _state(self, res: dict) -> dict:
-        if "problem" in res:
-            p = res["problem"]
-            raise Problem(p["status"], p["code"], p["detail"])
-        return res
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _batched(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+        sizes = np.cumsum([len(x) for x in images])[:-1]
+        probs, version = await asyncio.to_thread(self.engine.forward, np.concatenate(images))
+        return [(p, version) for p in np.split(probs, sizes)]
 
     # --- routes --------------------------------------------------------------------------------
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @api.get("/readyz")
-    async def readyz(self, request: Request) -> JSONResponse:
+    @api.get("/readyz", responses=ERRORS)
+    async def readyz(self) -> dict:
+        """Serving readiness (503 problem when not ready) with the ingest pipeline's health beside it."""
         try:
             ctrl = await self.controller.ready.remote()
-            rep = await self.model.ready.remote()
         except Exception as e:  # noqa: BLE001
-            return problem(request, 503, "not-ready", f"{type(e).__name__}: {e}"[:500])
-        return JSONResponse({"status": "ready", "active_version": ctrl["active"], "replica": rep})
+            raise Problem(503, "not-ready", f"controller unavailable: {type(e).__name__}") from e
+        version = self.engine.current[0]
+        return {"status": "ready", "active_version": ctrl["active"], "ingest": ctrl["ingest"],
+                "replica": {"replica": self.engine.replica_id, "adapter_version": version,
+                            "swaps": len(self.engine.swaps)}}
 
-    @api.post("/v1/classify")
-    async def classify(self, request: Request) -> dict:
+    @api.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS,
+              openapi_extra=_doc(ClassifyRequest, {"file": {"type": "string", "format": "binary"},
+                                                   "domain": {"type": "string"}}))
+    async def classify(self, request: Request) -> JSONResponse:
+        """Classify one image or a batch (JSON base64, or multipart files)."""
         rid = request.state.request_id
-        ctype = request.headers.get("content-type", "")
-        domain, k = None, 3
-        if ctype.startswith("multipart/form-data"):
-            await self._body(request)
-            form = await request.form()
-            files = [v for v in form.values() if isinstance(v, UploadFile)]
-            arrays = [_decode_image(await f.read(), self.size, f"file {f.filename!r}") for f in files]
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await self._form(request)
+            raws = [await f.read() for f in form.values() if isinstance(f, UploadFile)]
             domain = form.get("domain") if isinstance(form.get("domain"), str) else None
-            single = len(arrays) == 1
+            req = ClassifyRequest(domain=domain)
+            single = len(raws) == 1
         else:
-            data = await self._json(request)
-            domain, k = data.get("domain"), data.get("top_k", 3)
-            if "image" in data:
-                arrays, single = [_decode_image(_b64(data["image"], "image"), self.size, "image")], True
-            elif isinstance(data.get("images"), list):
-                arrays = [
-                    _decode_image(_b64(s, f"images[{i}]"), self.size, f"images[{i}]")
-                    for i, s in enumerate(data["images"])
-                ]
-                single = False
+            req = _parse(ClassifyRequest, await request.body())
+            if req.image is not None:
+                raws, single = [_b64(req.image, "image")], True
+            elif req.images is not None:
+                raws, single = [_b64(s, f"images[{i}]") for i, s in enumerate(req.images)], False
             else:
                 raise Problem(422, "no-image", "send {'image': base64} or {'images': [base64, ...]} or multipart files")
-        if not arrays:
-            raise Problem(422, "no-image", "no image in the request")
-        if len(arrays) > 256:
-            raise Problem(413, "too-large", "at most 256 images per request")
-        if not isinstance(k, int) or not 1 <= k <= len(self.cfg.class_names):
-            raise Problem(422, "bad-top-k", f"top_k must be an integer in [1, {len(self.cfg.class_names)}]")
-        if domain is not None and not isinstance(domain, str):
-            raise Problem(422, "bad-domain", "domain must be a string")
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-        probs, version = await self.model.classify.remote(x)
-        top = probs.topk(k, dim=-1)
-        results = [
-            [{"label": self.cfg.class_names[int(i)], "score": round(float(s), 6)} for s, i in zip(ss, ii)]
-            for ss, ii in zip(top.values, top.indices)
-        ]
-        for j, r in enumerate(results):
-            self.metrics.predicted(rid if single else f"{rid}:{j}", domain, r[0]["label"])
+        n_labels = len(self.cfg.class_names)
+        if req.top_k > n_labels:
+            raise Problem(422, "bad-top-k", f"top_k must be an integer in [1, {n_labels}]")
+        x = await asyncio.to_thread(decode_images, raws, self.size, self.limits)
+        probs, version = await self._batched(x)
+        top = np.argsort(-probs, axis=1)[:, : req.top_k]
+        names = self.cfg.class_names
+        results = [[{"label": names[i], "score": round(float(p[i]), 6)} for i in t] for p, t in zip(probs, top)]
+        ids = [rid] if single else [f"{rid}:{j}" for j in range(len(results))]
+        self.recorder.predicted([(i, req.domain, r[0]["label"]) for i, r in zip(ids, results)])
         body = {"request_id": rid, "adapter_version": version}
-        return {**body, "predictions": results[0]} if single else {**body, "results": results}
+        return JSONResponse({**body, "predictions": results[0]} if single else {**body, "results": results})
 
-    @api.post("/v1/domains", status_code=202)
+    @api.post("/v1/domains", status_code=202, response_model=Accepted, responses=ERRORS,
+              openapi_extra=_doc(IngestSource, {
+                  "name": {"type": "string"}, "archive": {"type": "string", "format": "binary"},
+                  "method": {"type": "string"}, "hyper": {"type": "string", "description": "JSON object"},
+                  "heldout_fraction": {"type": "number"}}))
     async def ingest(self, request: Request) -> JSONResponse:
+        """Learn a new domain: a zip / tar(.gz) archive in class_name/image layout, or a file:// source."""
         self._auth(request)
-        ctype = request.headers.get("content-type", "")
-        hyper: dict = {}
-        if ctype.startswith("multipart/form-data"):
-            await self._body(request)
-            form = await request.form()
-            name, archive = form.get("name"), form.get("archive")
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await self._form(request)
+            archive = form.get("archive")
             if not isinstance(archive, UploadFile):
                 raise Problem(422, "no-archive", "multipart upload needs a file field 'archive'")
-            method, frac = form.get("method"), form.get("heldout_fraction")
-            if isinstance(form.get("hyper"), str):
-                try:
-                    hyper = json.loads(form.get("hyper"))
-                except json.JSONDecodeError as e:
-                    raise Problem(422, "bad-hyper-parameter", "field 'hyper' must be a JSON object") from e
-            x, y = read_domain(await archive.read(), self.cfg.class_names, self.size, self.limits)
+            keys = ("name", "method", "hyper", "heldout_fraction")
+            fields = {k: v for k in keys if isinstance(v := form.get(k), str)}
+            try:
+                fields["hyper"] = json.loads(fields.get("hyper") or "{}")
+                if fields.get("heldout_fraction"):
+                    fields["heldout_fraction"] = float(fields["heldout_fraction"])
+            except ValueError as e:
+                raise Problem(422, "invalid-request", "'hyper' must be JSON, 'heldout_fraction' a number") from e
+            meta = _parse(IngestSource, json.dumps({"name": "", **fields, "source": "upload"}).encode())
+            self._check_hyper(meta)
+            data = await archive.read()
+            x, y = await asyncio.to_thread(read_domain, data, self.cfg.class_names, self.size, self._upload_limits())
         else:
-            data = await self._json(request)
-            name, method, frac, hyper = (
-                data.get("name"),
-                data.get("method"),
-                data.get("heldout_fraction"),
-                data.get("hyper", {}),
-            )
-            if not isinstance(data.get("source"), str):
-                raise Problem(422, "no-source", "JSON ingestion needs 'source' (a file:// URI); or upload an archive")
-            x, y = read_source(data["source"], self.cfg.class_names, self.size, self.limits)
-        if not isinstance(name, str):
-            raise Problem(422, "invalid-domain-name", "field 'name' is required")
-        if not isinstance(hyper, dict):
-            raise Problem(422, "bad-hyper-parameter", "'hyper' must be an object")
-        try:
-            frac = None if frac in (None, "") else float(frac)
-        except (TypeError, ValueError) as e:
-            raise Problem(422, "bad-heldout-fraction", "heldout_fraction must be a number in (0, 1)") from e
-        if frac is not None and not 0 < frac < 1:
-            raise Problem(422, "bad-heldout-fraction", "heldout_fraction must be in (0, 1)")
-        res = self._state(
-            await self.controller.submit.remote(
-                name,
-                method if isinstance(method, str) else None,
-                hyper,
-                request.headers.get("idempotency-key"),
-                x,
-                y,
-                frac,
-            )
-        )
+            meta = _parse(IngestSource, await request.body())
+            self._check_hyper(meta)
+            x, y = await asyncio.to_thread(read_source, meta.source, self.cfg.class_names, self.size,
+                                           self.cfg.roots(), self._upload_limits(), self.cfg.max_upload_bytes)
+        sub = Submission(meta.name, meta.method, meta.hyper, request.headers.get("idempotency-key"), x, y,
+                         meta.heldout_fraction)
+        res = await _call(self.controller.submit.remote(sub))
         job = res["job"]
         return JSONResponse(
             {"job_id": job["id"], "status": job["status"], "domain": job["domain"], "replayed": res["replayed"]},
@@ -288,54 +234,55 @@ class Ingress:
             headers={"Location": f"/v1/jobs/{job['id']}"},
         )
 
-    @api.get("/v1/jobs/{job_id}")
-    async def job(self, job_id: str) -> dict:
-        j = await self.controller.job.remote(job_id)
+    def _check_hyper(self, meta: IngestSource) -> None:
+        """Method and hyper-parameters before any decoding (the controller checks again, with state)."""
+        check_hyper(meta.method or self.cfg.default_method, meta.hyper, self.cfg.max_steps)
+
+    def _upload_limits(self) -> Limits:
+        return Limits(max_image_pixels=self.cfg.max_image_pixels)
+
+    @api.get("/v1/jobs/{job_id}", response_model=Job, responses=ERRORS)
+    async def job(self, job_id: str = Path(max_length=64)) -> dict:
+        j = await _call(self.controller.job.remote(job_id))
         if j is None:
             raise Problem(404, "unknown-job", f"no job {job_id!r}")
-        return {
-            "id": j["id"],
-            "domain": j["domain"],
-            "method": j["method"],
-            "status": j["status"],
-            "progress": {"step": j["step"], "total": j["total"], "loss": j["loss"]},
-            "timings": j["timings"],
-            "error": j["error"],
-            "adapter_version": j["version"],
-            "created": j["created"],
-            "updated": j["updated"],
-        }
+        return {**j, "progress": {"step": j["step"], "total": j["total"], "loss": j["loss"]},
+                "adapter_version": j["version"]}
 
-    @api.get("/v1/domains")
+    @api.get("/v1/domains", response_model=Domains, responses=ERRORS)
     async def domains(self) -> dict:
-        return {"domains": await self.controller.domains.remote()}
+        return {"domains": await _call(self.controller.domains.remote())}
 
-    @api.get("/v1/adapters")
+    @api.get("/v1/adapters", response_model=Adapters, responses=ERRORS)
     async def adapters(self) -> dict:
-        return await self.controller.adapters.remote()
+        return await _call(self.controller.adapters.remote())
 
-    @api.post("/v1/adapters/{version}/activate")
-    async def activate(self, version: int, request: Request) -> dict:
+    @api.post("/v1/adapters/{version}/activate", response_model=Activated, responses=ERRORS)
+    async def activate(self, request: Request, version: int = Path(ge=0, le=2**31 - 1)) -> dict:
+        """Roll back or forward to a stored version (also one the activation gate rejected)."""
         self._auth(request)
-        return self._state(await self.controller.activate.remote(version))
+        return await _call(self.controller.activate.remote(version))
 
-    @api.post("/v1/feedback")
+    @api.post("/v1/feedback", response_model=FeedbackResult, responses=ERRORS,
+              openapi_extra={"requestBody": {"content": {"application/json": {
+                  "schema": FeedbackRequest.model_json_schema()}}}})
     async def feedback(self, request: Request) -> dict:
+        """Delayed ground truth for a served prediction (by ``request_id``) or an explicit one."""
         self._auth(request)
-        data = await self._json(request)
-        label = data.get("label")
-        if not isinstance(label, str):
-            raise Problem(422, "unknown-label", "feedback needs 'label'")
-        ref = self.metrics.flush()  # make this replica's recent predictions visible first
-        if ref is not None:
-            await ref
-        return self._state(
-            await self.controller.feedback.remote(
-                data.get("request_id"), data.get("domain"), label, data.get("prediction")
-            )
-        )
+        fb = _parse(FeedbackRequest, await request.body())
+        req, pred = self.recorder.take()  # make this replica's recent predictions visible first
+        try:
+            await self.controller.record.remote(req, pred)
+        except Exception:  # noqa: BLE001 - controller restarting: keep them for the next flush
+            self.recorder.give_back(req, pred)
+        return await _call(self.controller.feedback.remote(fb.request_id, fb.domain, fb.label, fb.prediction))
 
     @api.get("/metrics")
     async def metrics(self) -> Response:
-        text = await self.controller.metrics_text.remote()
+        text = await _call(self.controller.metrics_text.remote())
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Only batching knobs; adapter swaps never go through here (reconfigure is not zero-downtime)."""
+        self._batched.set_max_batch_size(int(user_config.get("max_batch_size", 32)))
+        self._batched.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", 0.005)))

@@ -10,16 +10,17 @@ import time
 import ray
 from ray import serve
 
-from .api import Ingress
+from .api import Model
 from .config import ServerConfig
 from .controller import get_or_create_controller
-from .model import ModelReplica
+from .pipeline import Submission
 
 
 def build_app(args: dict | None = None) -> serve.Application:
     """Application builder (``import_path: serving.app:build_app`` in deploy/serve.yaml).
 
-    Creates (or reattaches to) the detached controller, then binds the model and ingress deployments.
+    Creates (or reattaches to) the detached controller, then binds the one ``Model`` deployment (HTTP
+    API + model). The driver imports no torch: only replicas and the worker do.
     """
     cfg = ServerConfig.model_validate(args or {})
     controller = get_or_create_controller(cfg)
@@ -27,34 +28,28 @@ def build_app(args: dict | None = None) -> serve.Application:
     bootstrap(cfg)  # idempotent: also when deployed with `serve run deploy/serve.yaml`
     opts: dict = {
         "ray_actor_options": {"num_cpus": 0.25, "num_gpus": cfg.replica_num_gpus},
+        "max_ongoing_requests": cfg.max_ongoing_requests,
         "user_config": {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
     }
     if cfg.num_replicas == "auto":
         opts["autoscaling_config"] = cfg.autoscaling
     else:
         opts["num_replicas"] = int(cfg.num_replicas)
-    model = ModelReplica.options(**opts).bind(cfg.model_dump(mode="json"))
-    return Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(model, cfg.model_dump(mode="json"))
+    return Model.options(**opts).bind(cfg.model_dump(mode="json"))
 
 
 def bootstrap(cfg: ServerConfig) -> list[str]:
     """On a fresh data dir, queue the configured ``digits5`` domains as ordinary ingest jobs.
 
+    The data is a built-in source the worker materialises (with the benchmark's own held-out split).
     Idempotent (fixed ``Idempotency-Key`` per domain; nothing once any domain is learned), so every
     start path can call it. Returns the ids of the bootstrap jobs.
     """
-    from training.data import load_benchmark
-
     controller = get_or_create_controller(cfg)
     if not cfg.bootstrap or ray.get(controller.domains.remote()):
         return []
-    jobs = []
-    for d in load_benchmark("digits5", domains=cfg.bootstrap).domains:
-        x, y = d.x_train, d.y_train
-        res = ray.get(controller.submit.remote(d.name, None, {}, f"bootstrap-{d.name}", x, y, None))
-        if "job" in res:
-            jobs.append(res["job"]["id"])
-    return jobs
+    subs = [Submission(d, None, {}, f"bootstrap-{d}", None, None, source=f"builtin:digits5/{d}") for d in cfg.bootstrap]
+    return [ray.get(controller.submit.remote(s))["job"]["id"] for s in subs]
 
 
 def start(cfg: ServerConfig, port: int, host: str = "127.0.0.1", address: str | None = None) -> None:

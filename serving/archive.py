@@ -1,155 +1,278 @@
-"""Untrusted domain uploads → tensors: zip / tar.gz archives or ``file://`` sources in ``class/image`` layout.
+"""Untrusted uploads → arrays: images, zip / tar(.gz|.bz2|.xz) archives and confined ``file://`` sources.
 
-Every check happens before anything is stored: path traversal (absolute paths, ``..``, links), archive
-bombs (member count, total uncompressed size, compression ratio), undecodable images, unknown labels
-and empty domains each raise :class:`BadUpload` with a machine-readable ``code``.
+Every limit is checked before the expensive work it guards: image size from the header before decoding,
+member count and sizes from the archive's headers and again while decompressing (a capped stream, so a
+bomb stops at the cap), the compression ratio as bytes come out. Anything a client can get wrong ends in
+:class:`~serving.errors.Problem` (4xx) with a machine-readable code, never another exception. These
+functions block (decoding, decompression, file I/O): callers run them off the event loop.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import os
 import posixpath
+import stat
 import tarfile
 import zipfile
 from dataclasses import dataclass
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from training.data.folder import IMAGE_EXTS
 
-
-class BadUpload(ValueError):
-    """A rejected upload; ``code`` is the problem type's last path segment."""
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code, self.detail = code, detail
+from .errors import Problem
 
 
 @dataclass(frozen=True)
 class Limits:
     """Upload limits (defaults suit the embedded CPU setup)."""
 
-    max_files: int = 20_000  # image members per archive
-    max_total_bytes: int = 512 * 2**20  # uncompressed
+    max_files: int = 20_000  # members per archive or files per source directory
+    max_total_bytes: int = 512 * 2**20  # uncompressed bytes per upload
     max_ratio: float = 100.0  # uncompressed / compressed, per archive
-    max_image_pixels: int = 4096 * 4096
+    max_image_pixels: int = 4096 * 4096  # per image, read from the header before decoding
+    max_images: int = 256  # images per classify request
 
 
+def bad(code: str, detail: str, status: int = 422) -> Problem:
+    return Problem(status, code, detail)
+
+
+def _over(limits: Limits, what: str) -> Problem:
+    return bad("too-large", f"{what} exceeds {limits.max_files} files or {limits.max_total_bytes} bytes", 413)
+
+
+# --- images --------------------------------------------------------------------------------------
+def decode_image(raw: bytes, size: int, what: str, max_pixels: int) -> np.ndarray:
+    """Decode one image to uint8 (size, size, 3).
+
+    Raises:
+        Problem: 422 ``image-too-large`` (from the header, before decoding) or ``bad-image``.
+    """
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            if im.width * im.height > max_pixels:
+                raise bad("image-too-large", f"{what}: {im.width}×{im.height} exceeds {max_pixels} pixels")
+            im.draft("RGB", (size, size))  # JPEG: decode at reduced scale
+            return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+    except Problem:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the upload's fault (fuzz-tested)
+        raise bad("bad-image", f"{what}: not a decodable image ({type(e).__name__})") from e
+
+
+def decode_images(raws: list[bytes], size: int, limits: Limits) -> np.ndarray:
+    """Decode a classify request's images to uint8 (N, 3, size, size)."""
+    if not raws:
+        raise bad("no-image", "no image in the request")
+    if len(raws) > limits.max_images:
+        raise bad("too-large", f"at most {limits.max_images} images per request", 413)
+    arrs = [decode_image(r, size, f"images[{i}]", limits.max_image_pixels) for i, r in enumerate(raws)]
+    return np.ascontiguousarray(np.stack(arrs).transpose(0, 3, 1, 2))
+
+
+# --- archives ------------------------------------------------------------------------------------
 def _safe_member(name: str) -> list[str]:
     norm = posixpath.normpath(name.replace("\\", "/"))
     if name.startswith(("/", "\\")) or norm.startswith("..") or "/../" in f"/{norm}/" or ":" in name.split("/")[0]:
-        raise BadUpload("path-traversal", f"archive member {name!r} escapes the archive root")
+        raise bad("path-traversal", f"archive member {name!r} escapes the archive root")
     return [p for p in norm.split("/") if p not in ("", ".")]
 
 
-def _members(data: bytes, limits: Limits) -> list[tuple[list[str], bytes]]:
-    out = []
-    if zipfile.is_zipfile(io.BytesIO(data)):
-        zf = zipfile.ZipFile(io.BytesIO(data))
-        infos = [i for i in zf.infolist() if not i.is_dir()]
-        size = sum(i.file_size for i in infos)
-        _check_size(len(infos), size, len(data), limits)
-        for i in infos:
-            if (i.external_attr >> 16) & 0o170000 == 0o120000:
-                raise BadUpload("path-traversal", f"archive member {i.filename!r} is a symbolic link")
-            parts = _safe_member(i.filename)
-            out.append((parts, zf.read(i)))
-        return out
-    try:
-        tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
-    except tarfile.TarError as e:
-        raise BadUpload("bad-archive", "upload is neither a zip nor a tar(.gz) archive") from e
-    with tf:
-        infos = tf.getmembers()
-        for m in infos:
-            if m.issym() or m.islnk() or m.isdev():
-                raise BadUpload("path-traversal", f"archive member {m.name!r} is a link or device")
-            _safe_member(m.name)
-        files = [m for m in infos if m.isfile()]
-        _check_size(len(files), sum(m.size for m in files), len(data), limits)
-        for m in files:
-            f = tf.extractfile(m)
-            out.append((_safe_member(m.name), f.read() if f else b""))
+class _Capped(io.RawIOBase):
+    """A decompressed stream that stops at ``cap`` bytes or at ``max_ratio`` × the compressed size."""
+
+    def __init__(self, inner: io.BufferedIOBase, cap: int, compressed: int, max_ratio: float) -> None:
+        # the ratio bites above 1 MiB only: tar's zero padding alone gives tiny archives ratios over 100
+        self.inner, self.cap, self.n = inner, min(cap, max(int(compressed * max_ratio), 2**20)), 0
+        self.by_ratio = self.cap < cap
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray) -> int:
+        data = self.inner.read(len(b))
+        self.n += len(data)
+        if self.n > self.cap:
+            if self.by_ratio:
+                raise bad("archive-bomb", f"archive expands more than {self.cap} bytes (compression ratio)")
+            raise bad("too-large", f"archive expands beyond {self.cap} bytes", 413)
+        b[: len(data)] = data
+        return len(data)
+
+
+_DECOMPRESSORS = {b"\x1f\x8b": gzip.GzipFile, b"BZh": bz2.BZ2File, b"\xfd7zXZ\x00": lzma.LZMAFile}
+
+
+def _tar_members(data: bytes, limits: Limits) -> list[tuple[list[str], bytes]]:
+    opener = next((f for magic, f in _DECOMPRESSORS.items() if data.startswith(magic)), None)
+    cap = limits.max_total_bytes + 1024 * (limits.max_files + 2)  # content + one header and padding per member
+    raw = io.BytesIO(data) if opener is None else opener(fileobj=io.BytesIO(data))
+    stream = io.BufferedReader(_Capped(raw, cap, len(data), limits.max_ratio if opener else float("inf")))
+    out, total = [], 0
+    with tarfile.open(fileobj=stream, mode="r|") as tf:
+        for m in tf:
+            if m.issym() or m.islnk():
+                raise bad("path-traversal", f"archive member {m.name!r} is a link")
+            if not (m.isfile() or m.isdir()):
+                raise bad("bad-archive", f"archive member {m.name!r} is a special file")
+            parts = _safe_member(m.name)
+            if m.isdir():
+                continue
+            total += m.size
+            if len(out) >= limits.max_files or total > limits.max_total_bytes:
+                raise _over(limits, "archive")
+            blob = tf.extractfile(m).read()
+            if len(blob) != m.size:
+                raise bad("bad-archive", f"archive member {m.name!r} is truncated")
+            out.append((parts, blob))
     return out
 
 
-def _check_size(n: int, size: int, compressed: int, limits: Limits) -> None:
-    if n > limits.max_files:
-        raise BadUpload("too-large", f"archive has {n} files; the limit is {limits.max_files}")
-    if size > limits.max_total_bytes:
-        raise BadUpload("too-large", f"archive expands to {size} bytes; the limit is {limits.max_total_bytes}")
-    if compressed and size / compressed > limits.max_ratio:
-        raise BadUpload("archive-bomb", f"compression ratio {size / compressed:.0f} exceeds {limits.max_ratio:.0f}")
+def _zip_members(data: bytes, limits: Limits) -> list[tuple[list[str], bytes]]:
+    zf = zipfile.ZipFile(io.BytesIO(data))
+    infos = [i for i in zf.infolist() if not i.is_dir()]
+    size = sum(i.file_size for i in infos)
+    if len(infos) > limits.max_files or size > limits.max_total_bytes:
+        raise bad("too-large", f"archive has {len(infos)} files / {size} bytes; the limits are "
+                  f"{limits.max_files} / {limits.max_total_bytes}", 413)
+    if size > max(limits.max_ratio * len(data), 2**20):
+        raise bad("archive-bomb", f"compression ratio {size / len(data):.0f} exceeds {limits.max_ratio:.0f}")
+    out = []
+    for i in infos:
+        if (i.external_attr >> 16) & 0o170000 == 0o120000:
+            raise bad("path-traversal", f"archive member {i.filename!r} is a symbolic link")
+        parts = _safe_member(i.filename)
+        with zf.open(i) as f:
+            blob = f.read(i.file_size + 1)  # a member that inflates past its declared size is lying
+        if len(blob) != i.file_size:
+            raise bad("bad-archive", f"archive member {i.filename!r} does not match its declared size")
+        out.append((parts, blob))
+    return out
 
 
-def _decode(name: str, raw: bytes, size: int, limits: Limits) -> np.ndarray:
+def archive_members(data: bytes, limits: Limits) -> list[tuple[list[str], bytes]]:
+    """``(path parts, bytes)`` of every regular file in a zip or tar archive, all checks applied.
+
+    Raises:
+        Problem: ``bad-archive``, ``path-traversal``, ``archive-bomb`` or ``too-large``.
+    """
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            if im.width * im.height > limits.max_image_pixels:
-                raise BadUpload("bad-image", f"{name}: {im.width}×{im.height} exceeds the pixel limit")
-            return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise BadUpload("bad-image", f"{name}: not a decodable image") from e
+        if zipfile.is_zipfile(io.BytesIO(data)):
+            return _zip_members(data, limits)
+        return _tar_members(data, limits)
+    except Problem:
+        raise
+    except Exception as e:  # noqa: BLE001 - corrupt deflate, bad CRC, truncation...: the upload's fault
+        raise bad("bad-archive", f"upload is not a readable zip or tar(.gz) archive ({type(e).__name__})") from e
 
 
 def read_domain(
     data: bytes, classes: list[str], size: int, limits: Limits = Limits()
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Decode an archive in ``class_name/image`` layout (optionally under one top-level folder).
 
     Returns:
         uint8 images (N, 3, size, size) and int64 labels indexing ``classes``.
 
     Raises:
-        BadUpload: on any of the checks in the module docstring.
+        Problem: on any check in the module docstring.
     """
+    return _classes_layout(archive_members(data, limits), classes, size, limits)
+
+
+def _classes_layout(
+    members: list[tuple[list[str], bytes]], classes: list[str], size: int, limits: Limits
+) -> tuple[np.ndarray, np.ndarray]:
     members = [
-        (p, b)
-        for p, b in _members(data, limits)
-        if p and p[-1].lower().endswith(IMAGE_EXTS) and not p[-1].startswith(".")
+        (p, b) for p, b in members if p and p[-1].lower().endswith(IMAGE_EXTS) and not p[-1].startswith(".")
     ]
     if members and all(len(p) == 3 for p, _ in members) and len({p[0] for p, _ in members}) == 1:
         members = [(p[1:], b) for p, b in members]  # strip a single wrapping folder
-    xs, ys = [], []
-    for parts, raw in members:
+    for parts, _ in members:
         if len(parts) != 2:
-            raise BadUpload("bad-layout", f"{'/'.join(parts)}: expected class_name/image")
+            raise bad("bad-layout", f"{'/'.join(parts)}: expected class_name/image")
         if parts[0] not in classes:
-            raise BadUpload("unknown-label", f"class folder {parts[0]!r} is not one of the served labels {classes}")
-        xs.append(_decode("/".join(parts), raw, size, limits))
-        ys.append(classes.index(parts[0]))
-    if not xs:
-        raise BadUpload("empty-domain", "the upload contains no images in class_name/image layout")
-    return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(), torch.tensor(ys, dtype=torch.int64)
+            raise bad("unknown-label", f"class folder {parts[0]!r} is not one of the served labels {classes}")
+    if not members:
+        raise bad("empty-domain", "the upload contains no images in class_name/image layout")
+    xs = [decode_image(raw, size, "/".join(p), limits.max_image_pixels) for p, raw in members]
+    y = np.array([classes.index(p[0]) for p, _ in members], dtype=np.int64)
+    return np.ascontiguousarray(np.stack(xs).transpose(0, 3, 1, 2)), y
+
+
+# --- file:// sources -----------------------------------------------------------------------------
+def _inside(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+def _read_regular(path: str, limit: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO swapped in can't block us
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            raise bad("bad-source", f"{path}: not a regular file within {limit} bytes")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(limit + 1)
+    finally:
+        os.close(fd)
+
+
+def source_members(uri: str, roots: list[str], limits: Limits, max_archive_bytes: int) -> list | bytes:
+    """Resolve a ``file://`` source confined to ``roots``: archive bytes, or the members of a directory.
+
+    Missing and forbidden paths get the same answer, so the server's file system can't be probed.
+
+    Raises:
+        Problem: ``bad-source`` (scheme, outside the roots, missing, link, special file, too large) or
+            ``bad-layout`` (a directory where an image belongs).
+    """
+    u = urlparse(uri)
+    if u.scheme != "file" or u.netloc not in ("", "localhost"):
+        raise bad("bad-source", f"unsupported source {uri!r}; this server reads file:// under its source roots")
+    path = os.path.normpath(unquote(u.path))
+    real_roots = [os.path.realpath(r) for r in roots]
+    nowhere = bad("bad-source", f"source {uri!r} does not exist under the configured source roots")
+    if not os.path.isabs(path) or not _inside(path, real_roots) or os.path.realpath(path) != path:
+        raise nowhere  # outside, or reached through a symbolic link
+    try:
+        st = os.lstat(path)
+    except OSError:
+        raise nowhere from None
+    if stat.S_ISREG(st.st_mode):
+        return _read_regular(path, max_archive_bytes)
+    if not stat.S_ISDIR(st.st_mode):
+        raise nowhere
+    out, total = [], 0
+    for top in sorted(os.scandir(path), key=lambda e: e.name):
+        if top.is_symlink():
+            raise bad("bad-source", f"{top.path}: symbolic links are not followed")
+        if not top.is_dir(follow_symlinks=False):
+            continue  # README and the like beside the class folders
+        for e in sorted(os.scandir(top.path), key=lambda e: e.name):
+            st = e.stat(follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                raise bad("bad-layout", f"{top.name}/{e.name}: expected class_name/image, found a directory")
+            if not stat.S_ISREG(st.st_mode):
+                raise bad("bad-source", f"{top.name}/{e.name}: not a regular file (link, FIFO or device)")
+            total += st.st_size
+            if len(out) >= limits.max_files or total > limits.max_total_bytes:
+                raise _over(limits, "source")
+            out.append(([top.name, e.name], e.path))
+    return [(parts, _read_regular(p, limits.max_total_bytes)) for parts, p in out]
 
 
 def read_source(
-    uri: str, classes: list[str], size: int, limits: Limits = Limits()
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read a ``file://`` source: a directory in ``class/image`` layout or an archive file.
-
-    Raises:
-        BadUpload: unsupported scheme, missing path, or any archive/image check.
-    """
-    u = urlparse(uri)
-    if u.scheme != "file":
-        raise BadUpload("bad-source", f"unsupported source scheme {u.scheme!r}; this server reads file://")
-    path = u.path
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            return read_domain(f.read(), classes, size, limits)
-    if not os.path.isdir(path):
-        raise BadUpload("bad-source", f"source {uri!r} does not exist on the cluster")
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
-        for c in sorted(os.listdir(path)):
-            if os.path.isdir(os.path.join(path, c)):
-                for f in sorted(os.listdir(os.path.join(path, c))):
-                    with open(os.path.join(path, c, f), "rb") as fh:  # writestr: file mtimes may predate 1980
-                        zf.writestr(f"{c}/{f}", fh.read())
-    return read_domain(buf.getvalue(), classes, size, limits)
+    uri: str, classes: list[str], size: int, roots: list[str], limits: Limits = Limits(), max_archive_bytes: int = 2**26
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read a confined ``file://`` source (a ``class/image`` directory or an archive file)."""
+    got = source_members(uri, roots, limits, max_archive_bytes)
+    if isinstance(got, bytes):
+        return read_domain(got, classes, size, limits)
+    return _classes_layout(got, classes, size, limits)

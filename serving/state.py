@@ -1,14 +1,19 @@
 """Durable server state in SQLite: domains, ingest jobs, adapter versions, accuracy, feedback.
 
-One writer (the controller actor) owns the database; every mutation is one transaction, so a crash
-leaves either the old or the new state.
+One writer (the controller) owns the database; every mutation is one transaction, so a crash leaves
+either the old or the new state. A version, its accuracy row, its domain and its job's move to
+``swapping`` are written together (:meth:`StateDB.record_version`), which is what lets a restart tell
+exactly where an interrupted job stood.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 SCHEMA = """
@@ -27,149 +32,206 @@ CREATE TABLE IF NOT EXISTS accuracy (
   version INTEGER NOT NULL, domain TEXT NOT NULL, acc REAL NOT NULL, PRIMARY KEY (version, domain));
 CREATE TABLE IF NOT EXISTS predictions (
   request_id TEXT PRIMARY KEY, domain TEXT, label TEXT NOT NULL, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created);
 CREATE TABLE IF NOT EXISTS feedback (
   domain TEXT PRIMARY KEY, correct INTEGER NOT NULL, total INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+#: columns added after the first release: (table, column, declaration); added on open when missing.
+MIGRATIONS = [
+    ("jobs", "attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "request_hash", "TEXT"),
+    ("jobs", "gate", "TEXT"),
+    ("jobs", "source", "TEXT"),
+    ("domains", "buffer_size", "INTEGER NOT NULL DEFAULT 0"),
+    ("adapters", "coefficients", "TEXT NOT NULL DEFAULT '{}'"),
+]
 
-ACTIVE = ("queued", "training", "merging", "evaluating", "swapping")
+ACTIVE = ("queued", "training", "merging", "swapping")
+JSON_COLUMNS = ("hyper", "timings", "gate", "domains", "metrics", "coefficients")
 
 
 class StateDB:
     """Thin wrapper around one SQLite file."""
 
     def __init__(self, path: str) -> None:
+        # autocommit mode + explicit BEGIN IMMEDIATE in tx(): `with connection:` alone would not group
+        # statements into one transaction. One lock: the controller touches the file from threads too.
+        self.lock = threading.RLock()
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
+        for table, col, decl in MIGRATIONS:
+            if col not in {r["name"] for r in self._all(f"PRAGMA table_info({table})")}:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
 
-    def _tx(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
-        with self.db:
-            return self.db.execute(sql, args)
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction: every statement inside commits together or not at all."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def _tx(self, sql: str, args: tuple = ()) -> None:
+        with self.tx() as db:
+            db.execute(sql, args)
+
+    def _all(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self.lock:
+            return self.db.execute(sql, args).fetchall()
+
+    def _one(self, sql: str, args: tuple = ()) -> sqlite3.Row | None:
+        with self.lock:
+            return self.db.execute(sql, args).fetchone()
 
     # --- key/value -----------------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
-        row = self.db.execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
+        row = self._one("SELECT value FROM kv WHERE key=?", (key,))
         return json.loads(row["value"]) if row else default
 
     def put(self, key: str, value: Any) -> None:
         self._tx("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, json.dumps(value)))
 
     # --- jobs ----------------------------------------------------------------------------------
-    def add_job(
-        self, job_id: str, domain: str, method: str, hyper: dict, key: str | None, n_train: int, n_heldout: int
-    ) -> None:
+    def add_job(self, job_id: str, domain: str, method: str, hyper: dict, key: str | None, request_hash: str,
+                n_train: int, n_heldout: int, source: str | None = None) -> None:
         now = time.time()
         self._tx(
-            "INSERT INTO jobs (id, domain, method, hyper, status, idempotency_key, created, updated, n_train,"
-            " n_heldout) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-            (job_id, domain, method, json.dumps(hyper), key, now, now, n_train, n_heldout),
+            "INSERT INTO jobs (id, domain, method, hyper, status, idempotency_key, request_hash, created, updated,"
+            " n_train, n_heldout, source) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+            (job_id, domain, method, json.dumps(hyper), key, request_hash, now, now, n_train, n_heldout, source),
         )
 
     def update_job(self, job_id: str, **fields: Any) -> None:
-        if "timings" in fields:
-            fields["timings"] = json.dumps(fields["timings"])
+        for k in ("timings", "gate"):
+            if k in fields and fields[k] is not None:
+                fields[k] = json.dumps(fields[k])
         fields["updated"] = time.time()
         cols = ", ".join(f"{k}=?" for k in fields)
         self._tx(f"UPDATE jobs SET {cols} WHERE id=?", (*fields.values(), job_id))
 
     def job(self, job_id: str) -> dict | None:
-        row = self.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return _job(row) if row else None
+        row = self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
+        return _row(row) if row else None
 
     def job_by_key(self, key: str) -> dict | None:
-        row = self.db.execute("SELECT * FROM jobs WHERE idempotency_key=?", (key,)).fetchone()
-        return _job(row) if row else None
+        row = self._one("SELECT * FROM jobs WHERE idempotency_key=?", (key,))
+        return _row(row) if row else None
 
     def active_job_for(self, domain: str) -> dict | None:
         q = f"SELECT * FROM jobs WHERE domain=? AND status IN ({','.join('?' * len(ACTIVE))})"
-        row = self.db.execute(q, (domain, *ACTIVE)).fetchone()
-        return _job(row) if row else None
+        row = self._one(q, (domain, *ACTIVE))
+        return _row(row) if row else None
 
     def jobs(self, status: tuple[str, ...] = ACTIVE) -> list[dict]:
-        q = f"SELECT * FROM jobs WHERE status IN ({','.join('?' * len(status))}) ORDER BY created"
-        return [_job(r) for r in self.db.execute(q, status)]
-
-    def count_jobs(self) -> dict[str, int]:
-        return {r["status"]: r["n"] for r in self.db.execute("SELECT status, COUNT(*) n FROM jobs GROUP BY status")}
+        """Jobs with one of ``status``, in submission order."""
+        q = f"SELECT * FROM jobs WHERE status IN ({','.join('?' * len(status))}) ORDER BY created, rowid"
+        return [_row(r) for r in self._all(q, status)]
 
     # --- adapters, domains, accuracy -----------------------------------------------------------
-    def add_version(
-        self,
-        version: int,
-        name: str,
-        parent: int | None,
-        method: str,
-        domains: list[str],
-        metrics: dict,
-        sha256: str,
-        accuracy: dict[str, float],
-    ) -> None:
-        with self.db:
+    def record_version(self, job: dict | None, version: int, name: str, parent: int | None, method: str,
+                       domains: list[str], metrics: dict, sha256: str, accuracy: dict[str, float],
+                       coefficients: dict[str, float] | None = None, buffer_size: int = 0,
+                       learned: bool = True) -> None:
+        """One transaction: the version, its accuracy row and (for a job) its domain and job status.
+
+        ``learned=False`` records a version the activation gate rejected: the domain stays unlearned.
+        """
+        now = time.time()
+        with self.tx():
             self.db.execute(
-                "INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (version, name, parent, method, json.dumps(domains), time.time(), json.dumps(metrics), sha256),
+                "INSERT INTO adapters (version, name, parent, method, domains, created, metrics, sha256, coefficients)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (version, name, parent, method, json.dumps(domains), now, json.dumps(metrics), sha256,
+                 json.dumps(coefficients or {})),
             )
-            for d, a in accuracy.items():
-                self.db.execute("INSERT OR REPLACE INTO accuracy VALUES (?, ?, ?)", (version, d, a))
+            self.db.executemany("INSERT OR REPLACE INTO accuracy VALUES (?, ?, ?)",
+                                [(version, d, a) for d, a in accuracy.items()])
+            if job is not None and learned:
+                self.db.execute(
+                    "INSERT INTO domains (name, job_id, samples, heldout, learned_version, acc_learned, created,"
+                    " buffer_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job["domain"], job["id"], job["n_train"], job["n_heldout"], version, accuracy[job["domain"]],
+                     now, buffer_size),
+                )
+                self.db.execute("UPDATE jobs SET status='swapping', version=?, updated=? WHERE id=?",
+                                (version, now, job["id"]))
 
     def versions(self) -> list[dict]:
-        return [_version(r) for r in self.db.execute("SELECT * FROM adapters ORDER BY version")]
+        return [_row(r) for r in self._all("SELECT * FROM adapters ORDER BY version")]
 
     def version(self, v: int) -> dict | None:
-        row = self.db.execute("SELECT * FROM adapters WHERE version=?", (v,)).fetchone()
-        return _version(row) if row else None
+        row = self._one("SELECT * FROM adapters WHERE version=?", (v,))
+        return _row(row) if row else None
+
+    def max_version(self) -> int:
+        return self._one("SELECT COALESCE(MAX(version), -1) FROM adapters")[0]
 
     def accuracy(self, version: int) -> dict[str, float]:
-        return {r["domain"]: r["acc"] for r in self.db.execute("SELECT * FROM accuracy WHERE version=?", (version,))}
-
-    def add_domain(self, name: str, job_id: str, samples: int, heldout: int, version: int, acc: float) -> None:
-        self._tx(
-            "INSERT INTO domains VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (name, job_id, samples, heldout, version, acc, time.time()),
-        )
+        return {r["domain"]: r["acc"] for r in self._all("SELECT * FROM accuracy WHERE version=?", (version,))}
 
     def domains(self) -> list[dict]:
-        return [dict(r) for r in self.db.execute("SELECT * FROM domains ORDER BY created")]
+        return [dict(r) for r in self._all("SELECT * FROM domains ORDER BY created")]
+
+    def domain_names(self) -> set[str]:
+        return {r[0] for r in self._all("SELECT name FROM domains")}
 
     # --- live feedback -------------------------------------------------------------------------
-    def remember_predictions(self, rows: list[tuple[str, str | None, str]], keep: int = 100_000) -> None:
-        """Store predictions for delayed feedback; bounded to the most recent ``keep``."""
-        now = time.time()
-        with self.db:
-            self.db.executemany(
-                "INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)", [(r, d, lab, now) for r, d, lab in rows]
-            )
-            self.db.execute(
-                "DELETE FROM predictions WHERE request_id IN (SELECT request_id FROM predictions "
-                "ORDER BY created DESC LIMIT -1 OFFSET ?)",
-                (keep,),
-            )
+    def remember_predictions(self, rows: list[tuple[str, str | None, str]], keep: int, ttl_s: float) -> int:
+        """Store predictions for delayed feedback; keeps at most ``keep`` rows, none older than ``ttl_s``.
+
+        Trimming is by rowid range and an index on ``created``, so its cost follows the rows removed,
+        not the table size. A row SQLite refuses is dropped alone. Returns how many rows were dropped.
+        """
+        now, dropped = time.time(), 0
+        data = [(r, d, lab, now) for r, d, lab in rows]
+        try:
+            with self.tx():
+                self.db.executemany("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)", data)
+        except (sqlite3.Error, ValueError):
+            for row in data:
+                try:
+                    self._tx("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)", row)
+                except (sqlite3.Error, ValueError):
+                    dropped += 1
+        with self.tx():
+            top = self._one("SELECT MAX(rowid) FROM predictions")[0] or 0
+            self.db.execute("DELETE FROM predictions WHERE rowid <= ?", (top - keep,))
+            self.db.execute("DELETE FROM predictions WHERE created < ?", (now - ttl_s,))
+        return dropped
+
+    def count_predictions(self) -> int:
+        return self._one("SELECT COUNT(*) FROM predictions")[0]
 
     def prediction(self, request_id: str) -> dict | None:
-        row = self.db.execute("SELECT * FROM predictions WHERE request_id=?", (request_id,)).fetchone()
+        row = self._one("SELECT * FROM predictions WHERE request_id=?", (request_id,))
         return dict(row) if row else None
 
     def add_feedback(self, domain: str, correct: bool) -> tuple[int, int]:
-        with self.db:
+        with self.tx():
             self.db.execute("INSERT INTO feedback VALUES (?, 0, 0) ON CONFLICT(domain) DO NOTHING", (domain,))
             self.db.execute(
                 "UPDATE feedback SET correct=correct+?, total=total+1 WHERE domain=?", (int(correct), domain)
             )
-        r = self.db.execute("SELECT * FROM feedback WHERE domain=?", (domain,)).fetchone()
+        r = self._one("SELECT * FROM feedback WHERE domain=?", (domain,))
         return r["correct"], r["total"]
 
     def feedback(self) -> dict[str, float]:
-        return {r["domain"]: r["correct"] / r["total"] for r in self.db.execute("SELECT * FROM feedback") if r["total"]}
+        return {r["domain"]: r["correct"] / r["total"] for r in self._all("SELECT * FROM feedback") if r["total"]}
 
 
-def _version(row: sqlite3.Row) -> dict:
-    return {**dict(row), "domains": json.loads(row["domains"]), "metrics": json.loads(row["metrics"])}
-
-
-def _job(row: sqlite3.Row) -> dict:
+def _row(row: sqlite3.Row) -> dict:
     d = dict(row)
-    d["hyper"] = json.loads(d["hyper"])
-    d["timings"] = json.loads(d["timings"])
+    for k in JSON_COLUMNS:
+        if k in d and isinstance(d[k], str):
+            d[k] = json.loads(d[k])
     return d

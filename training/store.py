@@ -13,14 +13,14 @@ import json
 import os
 import re
 import time
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import BaseModel, Field, ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from .lora import LoraSettings
+
+if TYPE_CHECKING:
+    import torch
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
 
@@ -84,6 +84,8 @@ class AdapterStore:
         Raises:
             AdapterError: for an invalid name or if the adapter already exists (adapters are immutable).
         """
+        from safetensors.torch import save_file  # torch only where tensors are written
+
         w, m = self._paths(manifest.name)
         if os.path.exists(m):
             raise AdapterError(f"adapter {manifest.name!r} already exists")
@@ -107,11 +109,11 @@ class AdapterStore:
         except (json.JSONDecodeError, ValidationError) as e:
             raise AdapterError(f"adapter {name!r}: malformed manifest ({e})") from e
 
-    def load(self, name: str, backbone: str | None = None) -> tuple[dict[str, torch.Tensor], AdapterManifest]:
-        """Load weights after verifying checksum (and backbone, when given).
+    def verify(self, name: str, backbone: str | None = None) -> AdapterManifest:
+        """The manifest, after checking the weights' checksum (and backbone, when given); no tensors read.
 
         Raises:
-            AdapterError: missing, corrupt (checksum or safetensors error) or for another backbone.
+            AdapterError: missing, corrupt or for another backbone.
         """
         man = self.manifest(name)
         w, _ = self._paths(name)
@@ -119,6 +121,19 @@ class AdapterStore:
             raise AdapterError(f"adapter {name!r}: weights missing or checksum mismatch (corrupt file)")
         if backbone is not None and man.backbone != backbone:
             raise AdapterError(f"adapter {name!r} was trained on {man.backbone!r}, not {backbone!r}")
+        return man
+
+    def load(self, name: str, backbone: str | None = None) -> tuple[dict[str, torch.Tensor], AdapterManifest]:
+        """Load weights after verifying checksum (and backbone, when given).
+
+        Raises:
+            AdapterError: missing, corrupt (checksum or safetensors error) or for another backbone.
+        """
+        man = self.verify(name, backbone)
+        w, _ = self._paths(name)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
         try:
             return load_file(w), man
         except SafetensorError as e:  # pragma: no cover - checksum catches corruption first
@@ -128,3 +143,37 @@ class AdapterStore:
         """Adapters that are complete (have a manifest), oldest first."""
         ms = [f[:-5] for f in os.listdir(self.root) if f.endswith(".json")]
         return sorted(ms, key=lambda n: os.path.getmtime(os.path.join(self.root, n + ".json")))
+
+    def sweep(self) -> list[str]:
+        """Remove temporary files a crash left behind; returns names whose weights have no manifest.
+
+        Such weights were never an adapter (the manifest is written last), so callers quarantine them.
+        """
+        orphans = []
+        for f in os.listdir(self.root):
+            full = os.path.join(self.root, f)
+            if ".tmp-" in f and os.path.isfile(full):
+                os.remove(full)
+            elif f.endswith(".safetensors") and not os.path.exists(full[: -len(".safetensors")] + ".json"):
+                orphans.append(f[: -len(".safetensors")])
+        return orphans
+
+    def quarantine(self, name: str) -> str:
+        """Move an adapter's files (whichever exist) to ``<root>/quarantine/``; returns that folder.
+
+        Used for files on disk that the server's database does not know: kept for inspection, never
+        served, never in the way of a new adapter of the same name.
+        """
+        w, m = self._paths(name)
+        dest = os.path.join(self.root, "quarantine")
+        os.makedirs(dest, exist_ok=True)
+        stamp = f"{time.time():.0f}"
+        for src in (w, m):
+            if os.path.exists(src):
+                os.replace(src, os.path.join(dest, f"{os.path.basename(src)}.{stamp}"))
+        return dest
+
+    def quarantined(self) -> list[str]:
+        """Names of the files in quarantine (with their suffixes)."""
+        q = os.path.join(self.root, "quarantine")
+        return sorted(os.listdir(q)) if os.path.isdir(q) else []

@@ -1,13 +1,19 @@
-"""Upload checks without Ray: every rejection names its problem code."""
+"""Upload checks without Ray: every rejection is a 4xx Problem naming its code, found before heavy work."""
 
+import gzip
 import io
+import os
+import struct
 import tarfile
 import zipfile
+import zlib
 
+import numpy as np
 import pytest
 from _util import CLASSES, make_archive, png
 
-from serving.archive import BadUpload, Limits, read_domain, read_source
+from serving.archive import Limits, decode_image, read_domain, read_source
+from serving.errors import Problem
 from training.data.export import export_domain
 
 
@@ -18,14 +24,35 @@ def _tar_with(member: tarfile.TarInfo, data: bytes = b"") -> bytes:
     return buf.getvalue()
 
 
+def _zip(files: dict, method=zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", method) as zf:
+        for k, v in files.items():
+            zf.writestr(k, v)
+    return buf.getvalue()
+
+
+def huge_png_header(w: int = 13000, h: int = 13000) -> bytes:
+    """A valid PNG signature + IHDR claiming w×h, then garbage: only the header is ever read."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+def _code(fn, *args, **kw) -> str:
+    with pytest.raises(Problem) as e:
+        fn(*args, **kw)
+    assert 400 <= e.value.status < 500
+    return e.value.code
+
+
 def test_reads_layout_with_or_without_wrapping_folder():
     x, y = read_domain(make_archive(n_per_class=2), CLASSES, 32)
-    assert x.shape == (6, 3, 32, 32) and sorted(y.tolist()) == [0, 0, 1, 1, 2, 2]
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr("wrap/a/1.png", png(0, 1))
-        zf.writestr("wrap/b/1.png", png(1, 1))
-    assert read_domain(buf.getvalue(), CLASSES, 32)[1].tolist() == [0, 1]
+    assert x.shape == (6, 3, 32, 32) and x.dtype == np.uint8 and sorted(y.tolist()) == [0, 0, 1, 1, 2, 2]
+    wrapped = _zip({"wrap/a/1.png": png(0, 1), "wrap/b/1.png": png(1, 1)})
+    assert read_domain(wrapped, CLASSES, 32)[1].tolist() == [0, 1]
 
 
 def test_rejections():
@@ -33,28 +60,77 @@ def test_rejections():
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
     absolute = tarfile.TarInfo("/abs/a.png")
     absolute.size = 3
+    fifo = tarfile.TarInfo("a/p.png")
+    fifo.type = tarfile.FIFOTYPE
+    good = make_archive(n_per_class=3)
+    zipped = _zip({"a/1.png": png(0, 1), "b/1.png": png(1, 1)})
+    bad_crc = bytearray(_zip({"a/1.png": png(0, 1)}, zipfile.ZIP_STORED))
+    bad_crc[60] ^= 0xFF  # flip a byte of the stored member: CRC mismatch
     cases = {
-        "path-traversal": _tar_with(link),
-        "bad-archive": b"plain bytes",
-        "empty-domain": make_archive(n_per_class=0),
+        "path-traversal": [_tar_with(link), _tar_with(absolute, b"abc"), _zip({"../../etc/a/x.png": png(0, 1)})],
+        "bad-archive": [
+            b"plain bytes",
+            good[: len(good) // 2],  # truncated tar.gz
+            gzip.decompress(good)[:-1500],  # truncated tar: a member is cut short
+            bytes(bad_crc),
+            zipped[:30] + b"\x00" * 20 + zipped[50:],  # corrupt deflate stream
+            _tar_with(fifo),
+        ],
+        "empty-domain": [make_archive(n_per_class=0), _zip({"README.txt": b"no images"})],
+        "unknown-label": [make_archive(classes=["a", "zebra"])],
+        "bad-image": [make_archive(extra={"a/broken.png": b"not a png"})],
+        "image-too-large": [_zip({"a/huge.png": huge_png_header()})],
+        "bad-layout": [_zip({"a/deeper/x.png": png(0, 1), "b/y.png": png(1, 1)})],
     }
-    for code, data in cases.items():
-        with pytest.raises(BadUpload) as e:
-            read_domain(data, CLASSES, 32)
-        assert e.value.code == code
-    with pytest.raises(BadUpload) as e:
-        read_domain(_tar_with(absolute, b"abc"), CLASSES, 32)
-    assert e.value.code == "path-traversal"
-    with pytest.raises(BadUpload) as e:
-        read_domain(make_archive(n_per_class=3), CLASSES, 32, Limits(max_files=4))
-    assert e.value.code == "too-large"
-    with pytest.raises(BadUpload) as e:
-        read_source("http://example.invalid/x.zip", CLASSES, 32)
-    assert e.value.code == "bad-source"
+    for code, datas in cases.items():
+        for data in datas:
+            assert _code(read_domain, bytes(data), CLASSES, 32) == code
+
+
+def test_bombs_stop_at_the_cap():
+    big = tarfile.TarInfo("a/big.png")
+    big.size = 8 * 2**20
+    zeros = _tar_with(big, b"\0" * big.size)  # an 8 MiB member of zeros: ratio ~1000
+    assert _code(read_domain, zeros, CLASSES, 32) == "archive-bomb"
+    assert _code(read_domain, _zip({"a/big.png": b"\0" * (5 * 2**20)}), CLASSES, 32) == "archive-bomb"
+    limits = Limits(max_total_bytes=2**20, max_ratio=10**6)
+    assert _code(read_domain, zeros, CLASSES, 32, limits) == "too-large"
+    assert _code(read_domain, make_archive(n_per_class=3), CLASSES, 32, Limits(max_files=4)) == "too-large"
+
+
+def test_decode_checks_pixels_from_the_header():
+    assert _code(decode_image, huge_png_header(), 32, "x", 4096**2) == "image-too-large"
+    assert decode_image(png(0, 1), 16, "x", 4096**2).shape == (16, 16, 3)
+
+
+def test_file_sources_are_confined(tmp_path):
+    root = tmp_path / "root"
+    src = root / "dom"
+    for c in CLASSES:
+        (src / c).mkdir(parents=True)
+        (src / c / "1.png").write_bytes(png(CLASSES.index(c), 1))
+    x, y = read_source(f"file://{src}", CLASSES, 32, [str(root)])
+    assert x.shape[0] == 3
+    (tmp_path / "secret.txt").write_text("x")
+    missing = _code(read_source, f"file://{root}/nope", CLASSES, 32, [str(root)])
+    outside = _code(read_source, f"file://{tmp_path}/secret.txt", CLASSES, 32, [str(root)])
+    (root / "escape").symlink_to(tmp_path)
+    via_link = _code(read_source, f"file://{root}/escape/secret.txt", CLASSES, 32, [str(root)])
+    assert missing == outside == via_link == "bad-source"  # one answer: the file system can't be probed
+    assert _code(read_source, "http://example.invalid/x.zip", CLASSES, 32, [str(root)]) == "bad-source"
+    assert _code(read_source, "file:///etc/passwd", CLASSES, 32, [str(root)]) == "bad-source"
+    (src / "a" / "2.png").symlink_to(src / "b" / "1.png")
+    assert _code(read_source, f"file://{src}", CLASSES, 32, [str(root)]) == "bad-source"
+    os.remove(src / "a" / "2.png")
+    os.mkfifo(src / "a" / "3.png")  # reading a FIFO would block the server forever
+    assert _code(read_source, f"file://{src}", CLASSES, 32, [str(root)]) == "bad-source"
+    os.remove(src / "a" / "3.png")
+    (src / "a" / "sub").mkdir()
+    assert _code(read_source, f"file://{src}", CLASSES, 32, [str(root)]) == "bad-layout"
 
 
 def test_exported_domain_reads_back(tmp_path):
     out = tmp_path / "sk.zip"
     n = export_domain("digits5", "sklearn", str(out), limit=30)
-    x, y = read_source(f"file://{out}", [str(i) for i in range(10)], 32)
+    x, y = read_source(f"file://{out}", [str(i) for i in range(10)], 32, [str(tmp_path)])
     assert n == 30 and x.shape == (30, 3, 32, 32)

@@ -7,22 +7,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
 from torch import nn
 
 from ..backbones import BackboneSpec, preprocess
 from ..data import Domain
 from ..lora import LoraSettings, attach_lora, get_adapter
-
-
-class TrainSettings(BaseModel):
-    """Per-domain training recipe (defaults: the offline ``digits5`` setting, see docs/results.md)."""
-
-    steps: int = Field(80, ge=0, description="optimizer steps per domain")
-    batch_size: int = Field(64, ge=1, description="images per step, sampled with replacement")
-    lr: float = Field(3e-3, gt=0, description="AdamW learning rate for LoRA factors and head")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0: decay would pull LoRA to 0)")
-    eval_batch: int = Field(512, ge=1, description="images per forward pass when evaluating")
+from ..settings import TrainSettings
 
 
 @dataclass

@@ -1,0 +1,369 @@
+"""The ingest pipeline as plain functions over the data directory: accept → train → merge → gate → persist →
+activate, plus recovery after a crash. No Ray here: the controller actor is a thin shell around
+:class:`Pipeline`, and tests drive it directly with a local :class:`~serving.worker.Worker`.
+
+Durability, in order: a domain's data (fsynced) before its job row, so a 202 is never an orphan job; the
+adapter file (weights, then manifest with checksum) before its database record; the version, its accuracy,
+its domain and the job's move to ``swapping`` in one transaction. After any crash, :meth:`Pipeline.recover`
+quarantines adapter files the database does not know, re-queues interrupted jobs (bounded attempts, in
+submission order) and finishes swaps that were recorded but not completed. Version numbers are allocated
+above everything on disk, so they never collide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from training.hyper import HyperError, parse_hyper
+from training.store import AdapterStore
+
+from .config import ServerConfig
+from .errors import Problem
+from .state import StateDB
+
+DOMAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # fullmatch: no trailing newline sneaks through
+VERSION_NAME = re.compile(r"global@v(\d+)")
+INTERRUPTED = ("training", "merging")
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for tests: ``MERGESERVE_CRASH_AT=<name>`` kills the process here, as SIGKILL would."""
+    if os.environ.get("MERGESERVE_CRASH_AT") == name:
+        os._exit(137)
+
+
+@dataclass
+class Submission:
+    """A validated-shape ingest request; content is checked by :meth:`Pipeline.accept`."""
+
+    name: str
+    method: str | None
+    hyper: dict[str, Any]
+    key: str | None  # Idempotency-Key
+    x: np.ndarray | None  # uint8 (N, 3, H, W); None for a built-in source
+    y: np.ndarray | None  # int64 (N,)
+    heldout_fraction: float | None = None
+    source: str | None = None  # "builtin:<benchmark>/<domain>": data made by the worker, reproducibly
+
+
+class WorkerAPI(Protocol):
+    """What the pipeline needs from the training/merge worker (a Ray actor or a local object)."""
+
+    async def train(self, job: dict, parent: dict, progress: Callable[[int, int, float], None]) -> tuple[dict, dict]:
+        """Train the job's temporary adapter from ``parent``; returns ``(adapter, info)``."""
+
+    async def merge(self, job: dict, parent: dict, temp: dict, version: int) -> dict:
+        """Merge, evaluate every seen domain, persist ``global@v{version}``; returns manifest + accuracy."""
+
+    async def initial(self) -> dict:
+        """Persist ``global@v0`` and return its manifest."""
+
+
+# --- pure decisions ------------------------------------------------------------------------------
+def gate(
+    before: dict[str, float], after: dict[str, float], domain: str, zero_shot: float, max_drop: float,
+    require_gain: bool,
+) -> dict[str, Any]:
+    """The activation gate: may the merged version replace the active one?
+
+    Args:
+        before: Held-out accuracy of the active (parent) version per seen domain.
+        after: Held-out accuracy of the merged version per domain, the new one included.
+        domain: The new domain.
+        zero_shot: The parent's accuracy on the new domain before training.
+        max_drop: Largest allowed fall of any seen domain.
+        require_gain: Whether the new domain must beat ``zero_shot``.
+
+    Returns:
+        ``{"passed": bool, "reasons": [...], "drops": {domain: fall}, "new": acc, "zero_shot": acc}``.
+    """
+    drops = {d: round(before[d] - after[d], 6) for d in before if d in after}
+    reasons = [f"{d} fell {v:.3f} > {max_drop}" for d, v in drops.items() if v > max_drop]
+    new = after[domain]
+    if require_gain and not (new > zero_shot or new >= 1.0):
+        reasons.append(f"{domain} reached {new:.3f}, not above its zero-shot {zero_shot:.3f}")
+    return {"passed": not reasons, "reasons": reasons, "drops": drops, "new": new, "zero_shot": zero_shot,
+            "max_drop": max_drop}
+
+
+def check_hyper(method: str, hyper: dict, max_steps: int) -> dict:
+    """A request's method and hyper-parameters, normalised (only the keys given).
+
+    Raises:
+        Problem: 422 ``unknown-method`` or ``bad-hyper-parameter`` naming the field and its range.
+    """
+    try:
+        return parse_hyper(method, hyper, max_steps=max_steps).model_dump(exclude_unset=True)
+    except HyperError as e:
+        code = "unknown-method" if e.field is None and str(e).startswith("unknown method") else "bad-hyper-parameter"
+        raise Problem(422, code, str(e)) from e
+
+
+def split(n: int, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed shuffled split of ``n`` indices into (train, held-out)."""
+    perm = np.random.RandomState(seed).permutation(n)
+    return perm[n_test:], perm[:n_test]
+
+
+def request_hash(s: Submission, method: str, hyper: dict) -> str:
+    """What an Idempotency-Key stands for: the same key must come with the same request."""
+    h = hashlib.sha256(json.dumps([s.name, method, hyper, s.heldout_fraction, s.source], sort_keys=True).encode())
+    for a in (s.x, s.y):
+        if a is not None:
+            h.update(np.ascontiguousarray(a).data)
+    return h.hexdigest()
+
+
+# --- files ---------------------------------------------------------------------------------------
+def domain_file(cfg: ServerConfig, name: str) -> str:
+    """Where a domain's train and held-out arrays live."""
+    return cfg.path("domains", f"{name}.safetensors")
+
+
+def save_domain(cfg: ServerConfig, name: str, arrays: dict[str, np.ndarray]) -> None:
+    """Persist a domain durably (fsynced, renamed into place) before its job is acknowledged."""
+    from safetensors.numpy import save_file
+
+    path = domain_file(cfg, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Pipeline:
+    """The controller's state and rules, without Ray (thin: SQLite + the adapter store hold everything)."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        self.db = StateDB(cfg.path("state.sqlite"))
+        self.store = AdapterStore(cfg.path("adapters"))
+
+    @property
+    def active(self) -> int:
+        return self.db.get("active", self.db.max_version())
+
+    async def ensure_initial(self, worker: WorkerAPI) -> None:
+        """Record ``global@v0`` (made by the worker, which has the backbone) on a fresh data directory."""
+        if self.db.versions():
+            return
+        man = await worker.initial()
+        self.db.record_version(None, 0, man["name"], None, "init", [], {}, man["sha256"], {})
+        self.db.put("active", 0)
+
+    def set_active(self, version: int) -> None:
+        """Make ``version`` the active one (durably); replicas learn of it through the long-poll."""
+        self.db.put("active", version)
+        crash_point("during-swap")
+
+    # --- accept --------------------------------------------------------------------------------
+    def validate(self, s: Submission) -> tuple[str, dict]:
+        """Every check that needs no data written; returns ``(method, normalised hyper)``.
+
+        Raises:
+            Problem: 422 for a bad name, method or hyper-parameter; 409 for a busy or known domain.
+        """
+        if not DOMAIN_NAME.fullmatch(s.name or ""):
+            raise Problem(422, "invalid-domain-name", "domain name must match [a-z0-9][a-z0-9_-]{0,62}")
+        method = s.method or self.cfg.default_method
+        hyper = check_hyper(method, s.hyper, self.cfg.max_steps)
+        if self.db.active_job_for(s.name):
+            raise Problem(409, "domain-busy", f"domain {s.name!r} already has an ingest job running")
+        if s.name in self.db.domain_names():
+            raise Problem(409, "domain-exists", f"domain {s.name!r} is already learned; use a new name")
+        if len(self.db.domains()) + len(self.db.jobs()) >= self.cfg.max_domains:
+            raise Problem(409, "too-many-domains", f"the server holds at most {self.cfg.max_domains} domains")
+        return method, hyper
+
+    def replay(self, s: Submission) -> dict | None:
+        """The earlier job of the same Idempotency-Key, if any.
+
+        Raises:
+            Problem: 422 ``idempotency-key-reused`` when the key came with a different request.
+        """
+        if not s.key or (prior := self.db.job_by_key(s.key)) is None:
+            return None
+        if prior["request_hash"] != self.fingerprint(s):
+            raise Problem(422, "idempotency-key-reused", "this Idempotency-Key was used for a different request")
+        return prior
+
+    def fingerprint(self, s: Submission) -> str:
+        return request_hash(s, s.method or self.cfg.default_method, s.hyper)
+
+    def accept(self, s: Submission) -> tuple[dict, bool]:
+        """Validate, persist the data, then the job row; returns ``(job, replayed)``.
+
+        Raises:
+            Problem: on any validation failure; nothing is written then.
+        """
+        if (prior := self.replay(s)) is not None:
+            return prior, True
+        method, hyper = self.validate(s)
+        frac = s.heldout_fraction or self.cfg.heldout_fraction
+        n_train = n_test = 0
+        if s.x is None and not (s.source or "").startswith("builtin:"):
+            raise Problem(422, "empty-domain", "no data: send an archive or a file:// source")
+        if s.x is not None:
+            n_test = max(1, int(round(frac * len(s.y))))
+            n_train = len(s.y) - n_test
+            if n_train < 1:
+                raise Problem(422, "empty-domain", f"{len(s.y)} images leave nothing to train on after the split")
+            tr, te = split(len(s.y), n_test, self.cfg.seed)
+            save_domain(
+                self.cfg, s.name,
+                {"x_train": s.x[tr], "y_train": s.y[tr], "x_test": s.x[te], "y_test": s.y[te]},
+            )
+            crash_point("after-data-write")
+        job_id = uuid.uuid4().hex[:16]
+        self.db.add_job(job_id, s.name, method, hyper, s.key, self.fingerprint(s), n_train, n_test,
+                        s.source)
+        return self.db.job(job_id), False
+
+    # --- recovery ------------------------------------------------------------------------------
+    def recover(self) -> dict[str, list]:
+        """Make the store and the database agree after a crash, and put interrupted jobs back in line.
+
+        Returns:
+            What was done: ``quarantined`` adapter names, ``requeued`` and ``gave_up`` job ids,
+            ``resume_swap`` job ids whose version is recorded but whose swap may not have finished.
+        """
+        known = {v["name"] for v in self.db.versions()}
+        stray = [n for n in self.store.sweep() + self.store.names() if VERSION_NAME.fullmatch(n) and n not in known]
+        for n in stray:
+            self.store.quarantine(n)
+        done: dict[str, list] = {"quarantined": stray, "requeued": [], "gave_up": [], "resume_swap": []}
+        for j in self.db.jobs(INTERRUPTED):
+            if j["attempts"] >= self.cfg.max_attempts:
+                self.db.update_job(j["id"], status="failed",
+                                   error=f"gave up after {j['attempts']} attempts, each interrupted by a restart")
+                done["gave_up"].append(j["id"])
+            else:
+                self.db.update_job(j["id"], status="queued",
+                                   error=f"attempt {j['attempts']} interrupted during {j['status']}; retrying")
+                done["requeued"].append(j["id"])
+        done["resume_swap"] = [j["id"] for j in self.db.jobs(("swapping",))]
+        return done
+
+    def next_version(self) -> int:
+        """One above every version recorded, stored or quarantined: numbers are never reused."""
+        on_disk = [int(m.group(1)) for f in self.store.names() + self.store.sweep() + self.store.quarantined()
+                   if (m := VERSION_NAME.match(f))]
+        return max([self.db.max_version(), *on_disk]) + 1
+
+    # --- one job -------------------------------------------------------------------------------
+    async def run(
+        self,
+        job: dict,
+        worker: WorkerAPI,
+        activate: Callable[[int], Awaitable[float]],
+        progress: Callable[[int, int, float], None],
+    ) -> dict:
+        """Run one queued (or recorded-but-unswapped) job to a terminal status; returns the final job row.
+
+        Failures end the job ``failed`` with the reason; a merged version the gate refuses ends it
+        ``rejected`` with the numbers, stored but inactive (an operator may still activate it).
+        """
+        jid, t0 = job["id"], time.time()
+        timings: dict[str, float] = dict(job["timings"] or {})
+        if job["status"] == "swapping":  # recorded before a crash: only the swap is left
+            timings["swap"] = await activate(job["version"])
+            self.db.update_job(jid, status="succeeded", timings=timings)
+            return self.db.job(jid)
+        try:
+            parent = self.db.version(self.active)
+            self.db.update_job(jid, status="training", attempts=job["attempts"] + 1, step=0, loss=None)
+            temp, info = await worker.train(job, parent, progress)
+            timings["training"] = time.time() - t0
+            self.db.update_job(jid, status="merging")
+            t1 = time.time()
+            version = self.next_version()
+            res = await worker.merge(job, parent, temp, version)
+            crash_point("after-adapter-write")
+            timings["merging_and_evaluating"] = time.time() - t1
+            acc = res["accuracy"]
+            job = {**job, "n_train": info["n_train"], "n_heldout": info["n_heldout"]}
+            self.db.update_job(jid, n_train=info["n_train"], n_heldout=info["n_heldout"])
+            verdict = gate(self.db.accuracy(parent["version"]), acc, job["domain"], info["zero_shot"],
+                           self.cfg.gate.max_drop, self.cfg.gate.require_gain)
+            man = res["manifest"]
+            self.db.record_version(
+                job, version, man["name"], parent["version"], job["method"], man["domains"],
+                {k: v for k, v in info.items() if isinstance(v, (int, float))}, man["sha256"], acc,
+                res.get("coefficients"), info.get("buffer_size", 0), learned=verdict["passed"],
+            )
+            crash_point("after-db-record")
+            if not verdict["passed"]:
+                self.db.update_job(jid, status="rejected", version=version, gate=verdict, timings=timings,
+                                   error="activation gate: " + "; ".join(verdict["reasons"]))
+                return self.db.job(jid)
+            self.db.update_job(jid, gate=verdict)
+            timings["swap"] = await activate(version)
+            timings["total"] = time.time() - t0
+            self.db.update_job(jid, status="succeeded", timings=timings, error=None)
+        except Exception as e:  # noqa: BLE001 - any failure is reported on the job, never swallowed
+            self.db.update_job(jid, status="failed", error=f"{type(e).__name__}: {e}"[:2000], timings=timings)
+        return self.db.job(jid)
+
+    # --- views ---------------------------------------------------------------------------------
+    def domains_view(self) -> list[dict]:
+        now, fb = self.db.accuracy(self.active), self.db.feedback()
+        return [
+            {
+                "name": d["name"], "samples": d["samples"], "heldout": d["heldout"],
+                "learned_version": d["learned_version"], "accuracy_when_learned": d["acc_learned"],
+                "accuracy_now": now.get(d["name"]), "feedback_accuracy": fb.get(d["name"]),
+                "buffer_size": d["buffer_size"],
+            }
+            for d in self.db.domains()
+        ]
+
+    def adapters_view(self) -> dict:
+        active = self.active
+        return {
+            "active": active,
+            "versions": [
+                {**v, "accuracy": self.db.accuracy(v["version"]), "active": v["version"] == active}
+                for v in self.db.versions()
+            ],
+        }
+
+    def feedback(self, request_id: str | None, domain: str | None, label: str, prediction: str | None) -> dict:
+        """Record one piece of delayed feedback; returns the domain's running feedback accuracy.
+
+        Raises:
+            Problem: unknown label or prediction (422), unknown request (404), unknown domain (422).
+        """
+        labels = self.cfg.class_names
+        if label not in labels:
+            raise Problem(422, "unknown-label", f"label {label!r} is not one of {labels}")
+        if request_id:
+            p = self.db.prediction(request_id)
+            if p is None:
+                raise Problem(404, "unknown-request", f"no recorded prediction for request {request_id!r}")
+            domain, prediction = domain or p["domain"], p["label"]
+        if prediction is None or not domain:
+            raise Problem(422, "incomplete-feedback", "give request_id, or domain + label + prediction")
+        if prediction not in labels:
+            raise Problem(422, "unknown-label", f"prediction {prediction!r} is not one of {labels}")
+        if domain not in self.db.domain_names():
+            raise Problem(422, "unknown-domain", f"domain {domain!r} is not learned (label values stay bounded)")
+        correct, total = self.db.add_feedback(domain, prediction == label)
+        return {"domain": domain, "correct": prediction == label, "feedback_accuracy": correct / total, "n": total}

@@ -1,0 +1,165 @@
+"""Request and response bodies as pydantic models, so ``/docs`` shows every schema.
+
+Models are strict (``top_k: true`` is not an integer, a list is not a string) and reject unknown keys;
+every string is checked to be encodable UTF-8, since a lone surrogate from JSON (``"\\ud800"``) would
+otherwise reach SQLite and fail there for every client in the same batch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"  # pydantic's regex: `$` is the end of the text, not before "\n"
+
+
+def _utf8(s: str) -> str:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError("string is not valid UTF-8 (lone surrogate)") from e
+    return s
+
+
+Text = Annotated[str, AfterValidator(_utf8), StringConstraints(max_length=256)]
+DomainName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+# --- classification ------------------------------------------------------------------------------
+class ClassifyRequest(Strict):
+    """One image (``image``) or a batch (``images``), base64-encoded (a ``data:`` prefix is allowed)."""
+
+    image: str | None = None
+    images: list[str] | None = Field(None, min_length=1)
+    top_k: int = Field(3, ge=1, description="labels returned per image (at most the label count)")
+    domain: Text | None = Field(None, description="where the image comes from; monitoring only")
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float
+
+
+class ClassifyResponse(BaseModel):
+    request_id: str
+    adapter_version: int
+    predictions: list[Prediction] | None = Field(None, description="for a single image")
+    results: list[list[Prediction]] | None = Field(None, description="for a batch, in request order")
+
+
+# --- ingestion -----------------------------------------------------------------------------------
+class IngestSource(Strict):
+    """JSON ingestion from a ``file://`` source under one of the server's configured source roots."""
+
+    name: DomainName
+    source: Text
+    method: str | None = Field(None, description="online merge method; the server default when omitted")
+    hyper: dict[str, Any] = Field(default_factory=dict, description="method hyper-parameters (validated)")
+    heldout_fraction: float | None = Field(None, gt=0, lt=1)
+
+
+class Accepted(BaseModel):
+    job_id: str
+    status: str
+    domain: str
+    replayed: bool = Field(description="true when an Idempotency-Key replayed an earlier identical request")
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+    loss: float | None
+
+
+class Job(BaseModel):
+    id: str
+    domain: str
+    method: str
+    hyper: dict[str, Any]
+    status: Literal["queued", "training", "merging", "swapping", "succeeded", "failed", "rejected"]
+    attempts: int = Field(description="times the job was started; >1 after a restart resumed it")
+    progress: Progress
+    timings: dict[str, float]
+    gate: dict[str, Any] | None = Field(None, description="activation gate: accuracies compared and the verdict")
+    error: str | None
+    adapter_version: int | None
+    created: float
+    updated: float
+
+
+class DomainInfo(BaseModel):
+    name: str
+    samples: int
+    heldout: int
+    learned_version: int
+    accuracy_when_learned: float | None
+    accuracy_now: float | None
+    feedback_accuracy: float | None
+    buffer_size: int
+
+
+class Domains(BaseModel):
+    domains: list[DomainInfo]
+
+
+class AdapterVersion(BaseModel):
+    version: int
+    name: str
+    parent: int | None
+    method: str
+    domains: list[str]
+    created: float
+    metrics: dict[str, float]
+    accuracy: dict[str, float]
+    coefficients: dict[str, float] = Field(default_factory=dict, description="learned α per domain (adaptive)")
+    sha256: str
+    active: bool
+
+
+class Adapters(BaseModel):
+    active: int
+    versions: list[AdapterVersion]
+
+
+class Activated(BaseModel):
+    active: int
+    swap_seconds: float
+
+
+# --- feedback ------------------------------------------------------------------------------------
+class FeedbackRequest(Strict):
+    """Either ``request_id`` of a served prediction, or ``domain`` + ``prediction`` given explicitly."""
+
+    label: Text
+    request_id: Text | None = None
+    domain: Text | None = None
+    prediction: Text | None = None
+
+
+class FeedbackResult(BaseModel):
+    domain: str
+    correct: bool
+    feedback_accuracy: float
+    n: int
+
+
+class ProblemBody(BaseModel):
+    """RFC 9457 problem details; ``type`` ends with the machine-readable code."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    request_id: str
+
+
+#: `responses=` for routes: every error is problem+json.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ProblemBody, "description": "client error (problem+json)"},
+    "5XX": {"model": ProblemBody, "description": "server error (problem+json)"},
+}

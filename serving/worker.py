@@ -1,0 +1,141 @@
+"""The training and merge worker: one process (a Ray actor, ``num_gpus = trainer_num_gpus``) that trains a
+job's temporary adapter, merges it into a new global version, evaluates every seen domain and persists
+the version atomically. It rebuilds everything from the data directory, so it can die and be recreated
+without losing accepted work: the controller owns the job record.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Callable
+
+import torch
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file
+
+from training.backbones import create_backbone, get_spec
+from training.buffer import ReplayBuffer
+from training.data import Domain
+from training.hyper import parse_hyper
+from training.lora import attach_lora, get_adapter, materialise, to_delta
+from training.online import merge_into_global, train_temporary
+from training.store import AdapterManifest, AdapterStore
+from training.strategies import LearnerContext
+from training.strategies.base import accuracy
+
+from .config import ServerConfig
+from .pipeline import crash_point, domain_file
+
+BUILTIN = "builtin:"
+
+
+def make_context(cfg: ServerConfig) -> LearnerContext:
+    """Backbone (pretrained trunk, seeded head) and settings for training and evaluation."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # leave cores to the serving replicas
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = create_backbone(cfg.backbone, len(cfg.class_names), seed=cfg.seed)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return LearnerContext(get_spec(cfg.backbone), base.to(device), cfg.lora, cfg.train, cfg.seed, device)
+
+
+class Worker:
+    """Plain class; the controller runs it as a Ray actor, tests call it in process."""
+
+    def __init__(self, cfg: ServerConfig | dict) -> None:
+        self.cfg = ServerConfig.model_validate(cfg)
+        self.ctx = make_context(self.cfg)
+        self.store = AdapterStore(self.cfg.path("adapters"))
+
+    def ping(self) -> bool:
+        return True
+
+    def initial(self) -> dict:
+        """Persist ``global@v0``: the backbone's seeded head and LoRA at its initialisation (ΔW = 0)."""
+        model = attach_lora(copy.deepcopy(self.ctx.base), self.cfg.lora, self.cfg.seed)
+        man = AdapterManifest(name="global@v0", backbone=self.cfg.backbone, format="lora", lora=self.cfg.lora,
+                              class_names=self.cfg.class_names, method="init")
+        return self.store.save(get_adapter(model), man).model_dump(mode="json")
+
+    # --- data ----------------------------------------------------------------------------------
+    def domain(self, name: str, source: str | None = None) -> Domain:
+        """A stored domain; a built-in source (``builtin:<benchmark>/<domain>``) is written on first use."""
+        path = domain_file(self.cfg, name)
+        if not os.path.exists(path) and source and source.startswith(BUILTIN):
+            from training.data import load_benchmark
+
+            bench, dom = source[len(BUILTIN) :].split("/", 1)
+            d = load_benchmark(bench, domains=[dom]).domain(dom)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            arrays = {"x_train": d.x_train, "y_train": d.y_train, "x_test": d.x_test, "y_test": d.y_test}
+            save_numpy({k: v.numpy() for k, v in arrays.items()}, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        t = load_file(path)
+        return Domain(name, t["x_train"], t["y_train"].long(), t["x_test"], t["y_test"].long())
+
+    def _accuracy(self, adapter: dict[str, torch.Tensor], domains: list[Domain]) -> dict[str, float]:
+        model = materialise(self.ctx.base, to_delta(adapter, self.ctx.lora)).to(self.ctx.device)
+        return {d.name: accuracy(model, self.ctx.spec, d, self.ctx.device, self.ctx.train.eval_batch) for d in domains}
+
+    def _buffer(self, d: Domain) -> int:
+        """Add the domain to the class-balanced replay buffer (once); returns its sample count there."""
+        path = self.cfg.path("buffer.safetensors")
+        buf = ReplayBuffer.load(path) if os.path.exists(path) else ReplayBuffer(self.cfg.buffer_spc)
+        if d.name not in buf.domains():
+            buf.add(d.name, d.x_train, d.y_train)
+            buf.save(path)
+        return sum(len(v) for (dom, _), v in buf.slots.items() if dom == d.name)
+
+    # --- the two steps -------------------------------------------------------------------------
+    def train(self, job: dict, parent: dict, progress: Callable[[int, int, float], None] | None = None) -> tuple:
+        """Train ``job``'s temporary adapter starting from ``parent`` (a version row).
+
+        Returns:
+            ``(adapter, info)``; ``info`` has ``zero_shot`` (the parent's accuracy on the new domain, for
+            the activation gate), ``A_t``, PAM's reset counts, ``n_train``/``n_heldout`` and ``buffer_size``.
+        """
+        t0 = time.perf_counter()
+        hyper = parse_hyper(job["method"], job["hyper"], self.cfg.max_steps)
+        d = self.domain(job["domain"], job.get("source"))
+        tensors, man = self.store.load(parent["name"], backbone=self.cfg.backbone)
+        zero_shot = self._accuracy(tensors, [d])[d.name]
+        n_seen = len(parent["domains"])
+        global_ = tensors if n_seen and man.format == "lora" else None
+
+        def report(step: int, total: int, loss: float) -> None:
+            crash_point("during-training")
+            if progress is not None:
+                progress(step, total, loss)
+
+        temp, info = train_temporary(self.ctx, job["method"], hyper, global_, n_seen, d, report)
+        info.update(zero_shot=zero_shot, n_train=len(d.y_train), n_heldout=len(d.y_test),
+                    buffer_size=self._buffer(d), train_seconds=time.perf_counter() - t0)
+        return {k: v.cpu() for k, v in temp.items()}, info
+
+    def merge(self, job: dict, parent: dict, temp: dict, version: int) -> dict:
+        """Merge ``temp`` into ``parent``, evaluate every seen domain, persist ``global@v{version}`` atomically.
+
+        Returns:
+            ``{"manifest": ..., "accuracy": {domain: acc}}``.
+        """
+        hyper = parse_hyper(job["method"], job["hyper"], self.cfg.max_steps)
+        seen = parent["domains"]
+        global_ = self.store.load(parent["name"], backbone=self.cfg.backbone)[0] if seen else None
+        merged = merge_into_global(job["method"], global_, temp, hyper)
+        domains = [*seen, job["domain"]]
+        acc = self._accuracy(merged, [self.domain(n) for n in domains])
+        man = AdapterManifest(
+            name=f"global@v{version}",
+            backbone=self.cfg.backbone,
+            format="lora",
+            lora=self.cfg.lora,
+            class_names=self.cfg.class_names,
+            parent=parent["name"],
+            method=job["method"],
+            domains=domains,
+            metrics={f"acc/{k}": v for k, v in acc.items()},
+        )
+        man = self.store.save(merged, man)
+        return {"manifest": man.model_dump(mode="json"), "accuracy": acc}

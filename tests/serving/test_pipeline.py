@@ -1,0 +1,145 @@
+"""The ingest pipeline without Ray: acceptance rules, the activation gate, recovery, version numbers."""
+
+import asyncio
+import os
+
+import numpy as np
+import pytest
+import torch
+from _pipeline_util import LocalWorker, activate_fn, config, run_all, submission
+
+from serving.errors import Problem
+from serving.pipeline import Pipeline, gate
+
+
+@pytest.fixture(scope="module")
+def worker_cfg(tmp_path_factory):
+    return config(str(tmp_path_factory.mktemp("pipe")))
+
+
+def test_gate_rules():
+    ok = gate({"a": 0.9}, {"a": 0.8, "b": 0.7}, "b", 0.3, 0.2, True)
+    assert ok["passed"] and ok["drops"] == {"a": pytest.approx(0.1)}
+    drop = gate({"a": 0.9}, {"a": 0.5, "b": 0.7}, "b", 0.3, 0.2, True)
+    assert not drop["passed"] and "a fell" in drop["reasons"][0]
+    no_gain = gate({}, {"b": 0.3}, "b", 0.3, 0.2, True)
+    assert not no_gain["passed"] and "zero-shot" in no_gain["reasons"][0]
+    assert gate({}, {"b": 0.3}, "b", 0.3, 0.2, False)["passed"]
+    assert gate({}, {"b": 1.0}, "b", 1.0, 0.2, True)["passed"]  # nothing left to gain is not a failure
+
+
+def test_accept_rejects_without_writing(tmp_path):
+    pipe = Pipeline(config(str(tmp_path)))
+    cases = {
+        "invalid-domain-name": submission("nl\n"),
+        "unknown-method": submission("d", method="nope"),
+        "bad-hyper-parameter": submission("d", hyper={"lr": 1e30}),
+    }
+    for code, s in cases.items():
+        with pytest.raises(Problem) as e:
+            pipe.accept(s)
+        assert e.value.code == code and e.value.status == 422
+    for hyper, field in (({"steps": "abc"}, "steps"), ({"every": 0}, "every"), ({"steps": 10**6}, "steps"),
+                         ({"density": 0.2}, "density")):
+        with pytest.raises(Problem) as e:
+            pipe.accept(submission("d", hyper=hyper))
+        assert field in e.value.detail, e.value.detail
+    assert not os.path.exists(tmp_path / "domains") and pipe.db.jobs() == []
+
+
+def test_idempotency_key_bound_to_the_request(tmp_path):
+    pipe = Pipeline(config(str(tmp_path)))
+    job, replayed = pipe.accept(submission("d1", key="k"))
+    again, replayed2 = pipe.accept(submission("d1", key="k"))
+    assert not replayed and replayed2 and again["id"] == job["id"]
+    with pytest.raises(Problem) as e:
+        pipe.accept(submission("d1", seed=5, key="k"))
+    assert e.value.code == "idempotency-key-reused"
+
+
+def test_learn_then_gate_rejects_a_broken_merge(tmp_path):
+    cfg = config(str(tmp_path), gate={"max_drop": 0.2, "require_gain": True})
+    pipe, worker = Pipeline(cfg), LocalWorker(cfg)
+    pipe.accept(submission("d1"))
+    (first,) = run_all(pipe, worker)
+    assert first["status"] == "succeeded" and pipe.active == 1, first
+    acc1 = pipe.db.accuracy(1)["d1"]
+    assert acc1 > 0.6, "precondition: the first domain is learned"
+
+    class Broken(LocalWorker):  # what lr=1e30 did before hyper-parameters were bounded
+        async def train(self, job, parent, progress):
+            temp, info = await super().train(job, parent, progress)
+            g = torch.Generator().manual_seed(0)
+            return {k: torch.randn(v.shape, generator=g) * 100 for k, v in temp.items()}, info
+
+    pipe.accept(submission("d2", seed=1, method="finetune"))
+    (bad,) = run_all(pipe, Broken(cfg))
+    assert bad["status"] == "rejected" and pipe.active == 1, bad
+    assert bad["gate"]["drops"]["d1"] > 0.2 and not bad["gate"]["passed"]
+    assert pipe.db.version(bad["version"]) is not None and "d2" not in pipe.db.domain_names()
+    # the operator can still activate the rejected version explicitly
+    asyncio.run(activate_fn(pipe)(bad["version"]))
+    assert pipe.active == bad["version"]
+
+
+def test_no_gain_is_rejected(tmp_path):
+    cfg = config(str(tmp_path), gate={"max_drop": 1.0, "require_gain": True})
+    pipe = Pipeline(cfg)
+    pipe.accept(submission("d1", hyper={"lr": 1e-9, "steps": 1}, method="finetune"))
+    (job,) = run_all(pipe, LocalWorker(cfg))
+    assert job["status"] == "rejected" and "zero-shot" in job["error"] and pipe.active == 0
+
+
+def test_recover_quarantines_unrecorded_adapters_and_numbers_never_collide(tmp_path):
+    cfg = config(str(tmp_path))
+    pipe, worker = Pipeline(cfg), LocalWorker(cfg)
+    pipe.accept(submission("d1"))
+    run_all(pipe, worker)
+    # a crash left global@v2 on disk (not recorded) and a temporary file
+    tensors = pipe.store.load("global@v1")[0]
+    man = pipe.store.manifest("global@v1").model_copy(update={"name": "global@v2"})
+    pipe.store.save(tensors, man)
+    open(os.path.join(pipe.store.root, "global@v3.safetensors.tmp-123"), "wb").close()
+    pipe.db.close()
+    pipe = Pipeline(cfg)
+    done = pipe.recover()
+    assert done["quarantined"] == ["global@v2"] and "global@v2" not in pipe.store.names()
+    assert not [f for f in os.listdir(pipe.store.root) if ".tmp-" in f]
+    assert pipe.next_version() == 3  # above the quarantined v2
+    pipe.accept(submission("d2", seed=1))
+    (job,) = run_all(pipe, worker)
+    assert job["status"] == "succeeded" and job["version"] == 3
+
+
+def test_interrupted_jobs_requeue_in_order_with_bounded_attempts(tmp_path):
+    cfg = config(str(tmp_path), max_attempts=2)
+    pipe = Pipeline(cfg)
+    a = pipe.accept(submission("da"))[0]
+    b = pipe.accept(submission("db", seed=1))[0]
+    pipe.db.update_job(a["id"], status="training", attempts=1)
+    pipe.db.update_job(b["id"], status="merging", attempts=2)
+    done = pipe.recover()
+    assert done["requeued"] == [a["id"]] and done["gave_up"] == [b["id"]]
+    assert pipe.db.job(b["id"])["status"] == "failed" and "2 attempts" in pipe.db.job(b["id"])["error"]
+    (job,) = run_all(pipe, LocalWorker(cfg))
+    assert job["id"] == a["id"] and job["status"] == "succeeded" and job["attempts"] == 2
+
+
+def test_predictions_bounded_and_one_bad_row_drops_alone(tmp_path):
+    pipe = Pipeline(config(str(tmp_path)))
+    for i in range(30):
+        pipe.db.remember_predictions([(f"r{i}-{j}", "d", "a") for j in range(10)], keep=100, ttl_s=3600)
+    assert pipe.db.count_predictions() <= 100 and pipe.db.prediction("r29-9") is not None
+    dropped = pipe.db.remember_predictions([("ok-1", "d", "a"), ("bad", "\ud800", "a"), ("ok-2", None, "b")],
+                                           keep=100, ttl_s=3600)
+    assert dropped == 1 and pipe.db.prediction("ok-1") and pipe.db.prediction("ok-2")
+    pipe.db.remember_predictions([("late", "d", "a")], keep=100, ttl_s=-1)  # ttl: everything older goes
+    assert pipe.db.count_predictions() == 0
+
+
+def test_split_is_fixed():
+    from serving.pipeline import split
+
+    a, b = split(10, 3, 0)
+    assert np.array_equal(np.sort(np.concatenate([a, b])), np.arange(10)) and len(b) == 3
+    assert np.array_equal(split(10, 3, 0)[1], b)
