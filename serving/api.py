@@ -5,8 +5,6 @@ control routes (domains, jobs, adapters, feedback, metrics) call the controller 
 (decoding, archive reading) runs off the event loop. Every error is RFC 9457 problem+json.
 """
 
-from __future__ import annotations
-
 import asyncio
 import base64
 import binascii
@@ -83,12 +81,19 @@ async def _on_internal(request: Request, e: Exception) -> JSONResponse:
     return _problem(request, Problem(500, "internal-error", f"{type(e).__name__}: {e}"[:500]))
 
 
+#: first invalid field -> the problem code clients already know for it
+FIELD_CODES = {"name": "invalid-domain-name", "top_k": "bad-top-k", "heldout_fraction": "bad-heldout-fraction",
+               "hyper": "bad-hyper-parameter", "domain": "bad-domain", "label": "unknown-label"}
+
+
 def _invalid(errors: list[dict]) -> Problem:
     if any(err.get("type") == "json_invalid" for err in errors):
         return Problem(400, "bad-json", "body is not valid JSON (UTF-8)")
+    fields = [x for x in (errors[0].get("loc") or ()) if x != "body"] if errors else []
+    code = FIELD_CODES.get(str(fields[0]) if fields else "", "invalid-request")
     parts = [f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body') or 'body'}: {err.get('msg')}"
              for err in errors[:5]]
-    return Problem(422, "invalid-request", "; ".join(parts))
+    return Problem(422, code, "; ".join(parts))
 
 
 def _parse(model: type, body: bytes) -> Any:

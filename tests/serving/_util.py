@@ -50,6 +50,9 @@ def server_config(data_dir: str) -> dict:
         "max_upload_bytes": 2 * 2**20,
         "num_replicas": 1,
         "swap_timeout_s": 20,
+        "source_roots": [data_dir],
+        # 5 held-out images per domain make accuracy too coarse to gate on; test_pipeline.py tests the gate
+        "gate": {"max_drop": 1.0, "require_gain": False},
     }
 
 
@@ -85,3 +88,38 @@ def start_app(data_dir: str, port: int) -> None:
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(server_config(data_dir)), name="mergeserve", route_prefix="/")
+
+
+def _encodings() -> dict[str, bytes]:
+    """One small image in every format this PIL can write (the formats it can read include these)."""
+    Image.init()  # registers every plugin, so Image.SAVE lists them all
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (24, 24, 3)).astype(np.uint8))
+    out = {}
+    for fmt in sorted(set(Image.SAVE) - {"PDF", "EPS", "PALM", "XBM", "MPO", "BUFR", "GRIB", "HDF5", "WMF"}):
+        try:
+            buf = io.BytesIO()
+            (img.convert("1") if fmt in ("XBM",) else img).save(buf, format=fmt)
+            out[fmt] = buf.getvalue()
+        except Exception:  # noqa: BLE001 - a writer this build lacks (e.g. JPEG 2000 without openjpeg)
+            continue
+    return out
+
+
+def mutated_images(n: int, seed: int = 0) -> list[bytes]:
+    """``n`` images cycling through every writable format: intact, bit-flipped, truncated, length-lying."""
+    rng = np.random.RandomState(seed)
+    encs = list(_encodings().values())
+    out = []
+    for i in range(n):
+        b = bytearray(encs[i % len(encs)])
+        kind = (i // len(encs)) % 4
+        if kind == 1:
+            for _ in range(1 + rng.randint(8)):
+                b[rng.randint(len(b))] = rng.randint(256)
+        elif kind == 2:
+            b = b[: rng.randint(1, len(b))]
+        elif kind == 3:
+            pos = rng.randint(min(32, len(b)))
+            b[pos : pos + 4] = b"\xff\xff\xff\x7f"  # header fields (sizes, lengths) made huge
+        out.append(bytes(b))
+    return out

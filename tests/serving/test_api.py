@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import os
 import re
 import tarfile
 import threading
@@ -150,6 +151,7 @@ def test_other_bad_inputs(server):
         ),
         (server.ingest("dom1", make_archive()), 409, "domain-exists"),
         (server.ingest("Bad Name!", make_archive()), 422, "invalid-domain-name"),
+        (server.ingest("nl\n", make_archive()), 422, "invalid-domain-name"),
         (server.ingest("newdom", make_archive(), method="nope"), 422, "unknown-method"),
         (server.ingest("huge", b"\0" * (3 * 2**20)), 413, "too-large"),
         (server.http.get("/v1/jobs/doesnotexist"), 404, "unknown-job"),
@@ -209,3 +211,75 @@ def test_restart_keeps_adapter_version(server):
     r = server.http.post("/v1/classify", json={"image": B64})
     assert r.status_code == 200 and r.json()["adapter_version"] == before["active"]
     assert json.loads(server.http.get("/v1/domains").text)["domains"]
+
+
+def test_hyper_parameters_rejected_at_the_door(server):
+    before = server.state()
+    for hyper in ({"lr": 1e30, "steps": 10}, {"steps": 1000000}, {"steps": "abc"}, {"every": 0}, {"bogus": 1}):
+        r = server.ingest("hyperdom", make_archive(), hyper=json.dumps(hyper))
+        assert r.status_code == 422 and r.json()["type"].endswith("bad-hyper-parameter"), (hyper, r.text)
+    r = server.ingest("hyperdom", make_archive(), method="ties", hyper=json.dumps({"density": 2}))
+    assert r.status_code == 422 and "density" in r.json()["detail"]
+    assert server.state() == before
+    assert not os.path.exists(os.path.join(server.data_dir, "domains", "hyperdom.safetensors"))
+
+
+def test_every_client_error_is_problem_json(server):
+    before = server.state()
+    raw = {"content-type": "application/json"}
+    cases = [
+        (server.http.get("/v1/classify"), 405),
+        (server.http.post("/v1/classify", content=b"--x\r\n", headers={"content-type": "multipart/form-data"}), 400),
+        (server.http.post("/v1/classify", content='{"image": "é"}'.encode("latin-1"), headers=raw), 400),
+        (server.http.post("/v1/classify", json={"image": B64, "top_k": True}), 422),
+        (server.http.post("/v1/classify", content=b'{"image": "%s", "domain": "\\ud800"}' % B64.encode(),
+                          headers=raw), 400),  # a lone surrogate is not valid JSON for the strict parser
+        (server.http.post("/v1/adapters/100000000000000000000000/activate", headers=server.auth), 422),
+        (server.http.post("/v1/feedback", json={"label": ["a"], "request_id": "x"}, headers=server.auth), 422),
+        (server.http.post("/v1/feedback", content=b'{"label": "a", "request_id": "\\ud800"}',
+                          headers={**raw, **server.auth}), 400),
+        (server.http.post("/v1/feedback", json={"domain": "dom1", "label": "a", "prediction": "zzz"},
+                          headers=server.auth), 422),
+        (server.http.post("/v1/domains", json={"name": "nl\n", "source": "file:///x"}, headers=server.auth), 422),
+        (server.http.post("/v1/domains", json={"name": "x", "source": "file:///etc/passwd"}, headers=server.auth),
+         422),
+    ]
+    for r, status in cases:
+        assert r.status_code == status, r.text
+        assert r.headers["content-type"].startswith("application/problem+json"), r.text
+        assert r.json()["status"] == status
+    assert server.state() == before
+
+
+def test_idempotency_key_reused_with_another_body(server):
+    key = {"Idempotency-Key": "k-reuse", **server.auth}
+    a = server.http.post("/v1/domains", data={"name": "domk"}, files={"archive": ("d", make_archive(shift=1))},
+                         headers=key)
+    b = server.http.post("/v1/domains", data={"name": "domk"}, files={"archive": ("d", make_archive(shift=2))},
+                         headers=key)
+    assert a.status_code == 202 and b.status_code == 422 and b.json()["type"].endswith("idempotency-key-reused")
+    assert server.wait(a.json()["job_id"])["status"] == "succeeded"
+
+
+def test_fuzzed_images_never_answer_5xx(server):
+    from _util import mutated_images
+
+    statuses = {}
+    for i, blob in enumerate(mutated_images(150)):
+        r = server.http.post("/v1/classify", json={"image": base64.b64encode(blob).decode()})
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        assert r.status_code < 500, (i, r.text)
+    assert statuses.get(200) and statuses.get(422), statuses  # both decodable and broken ones were sent
+
+
+def test_worker_death_heals(server):
+    import ray
+
+    from serving.controller import NAMESPACE, WORKER
+
+    ray.kill(ray.get_actor(WORKER, namespace=NAMESPACE), no_restart=True)
+    ready = server.http.get("/readyz").json()
+    assert ready["status"] == "ready" and "ingest" in ready  # serving stays ready; ingest reported apart
+    job = server.wait(server.ingest("domheal", make_archive(shift=1)).json()["job_id"])
+    assert job["status"] == "succeeded", job
+    assert server.http.get("/readyz").json()["ingest"]["worker"] == "ok"

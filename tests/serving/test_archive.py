@@ -134,3 +134,18 @@ def test_exported_domain_reads_back(tmp_path):
     n = export_domain("digits5", "sklearn", str(out), limit=30)
     x, y = read_source(f"file://{out}", [str(i) for i in range(10)], 32, [str(tmp_path)])
     assert n == 30 and x.shape == (30, 3, 32, 32)
+
+
+def test_fuzzed_images_only_ever_raise_problem():
+    from _util import _encodings, mutated_images
+
+    assert len(_encodings()) >= 10  # PNG, JPEG, GIF, BMP, TIFF, WEBP, ... each mutated below
+    decoded = rejected = 0
+    for blob in mutated_images(300, seed=1):
+        try:
+            decode_image(blob, 32, "x", 4096**2)
+            decoded += 1
+        except Problem as e:
+            assert e.status == 422
+            rejected += 1
+    assert decoded and rejected
