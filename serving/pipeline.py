@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from training.hyper import HyperError, parse_hyper
+from training.hyper import HYPER, AdaptiveFit, HyperError, parse_hyper
 from training.store import AdapterStore
 
 from .config import ServerConfig
@@ -34,6 +34,10 @@ from .state import StateDB
 DOMAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # fullmatch: no trailing newline sneaks through
 VERSION_NAME = re.compile(r"global@v(\d+)")
 INTERRUPTED = ("training", "merging")
+#: methods whose versions are α-merges of per-domain adapters, stored as dense ΔW (torch-free: from HYPER)
+ALPHA_METHODS = tuple(m for m, h in HYPER.items() if issubclass(h, AdaptiveFit))
+#: needs a second (PAM) lineage beside the per-domain adapters; offered by the benchmark only
+BENCHMARK_ONLY = ("pam_adaptive",)
 
 
 def crash_point(name: str) -> None:
@@ -102,6 +106,9 @@ def check_hyper(method: str, hyper: dict, max_steps: int) -> dict:
     Raises:
         Problem: 422 ``unknown-method`` or ``bad-hyper-parameter`` naming the field and its range.
     """
+    if method in BENCHMARK_ONLY:
+        raise Problem(422, "unknown-method", f"method {method!r} runs in `mergeserve bench` only; online: "
+                      f"{[m for m in HYPER if m not in BENCHMARK_ONLY]}")
     try:
         return parse_hyper(method, hyper, max_steps=max_steps).model_dump(exclude_unset=True)
     except HyperError as e:
@@ -185,6 +192,11 @@ class Pipeline:
             raise Problem(422, "invalid-domain-name", "domain name must match [a-z0-9][a-z0-9_-]{0,62}")
         method = s.method or self.cfg.default_method
         hyper = check_hyper(method, s.hyper, self.cfg.max_steps)
+        active = self.db.version(self.active)
+        if active and active["method"] in ALPHA_METHODS and method not in ALPHA_METHODS:
+            raise Problem(409, "incompatible-method",
+                          f"the active version v{active['version']} is an adaptive merge (dense ΔW); continue with "
+                          f"{list(ALPHA_METHODS)} or activate a LoRA-format version first")
         if self.db.active_job_for(s.name):
             raise Problem(409, "domain-busy", f"domain {s.name!r} already has an ingest job running")
         if s.name in self.db.domain_names():
@@ -306,7 +318,8 @@ class Pipeline:
             man = res["manifest"]
             self.db.record_version(
                 job, version, man["name"], parent["version"], job["method"], man["domains"],
-                {k: v for k, v in info.items() if isinstance(v, (int, float))}, man["sha256"], acc,
+                {**{k: v for k, v in info.items() if isinstance(v, (int, float))}, **res.get("metrics", {})},
+                man["sha256"], acc,
                 res.get("coefficients"), info.get("buffer_size", 0), learned=verdict["passed"],
             )
             crash_point("after-db-record")

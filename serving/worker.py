@@ -20,7 +20,7 @@ from training.buffer import ReplayBuffer
 from training.data import Domain
 from training.hyper import parse_hyper
 from training.lora import attach_lora, get_adapter, materialise, to_delta
-from training.online import merge_into_global, train_temporary
+from training.online import ALPHA_METHODS, fit_adaptive, merge_into_global, train_domain_adapter, train_temporary
 from training.store import AdapterManifest, AdapterStore
 from training.strategies import LearnerContext
 from training.strategies.base import accuracy
@@ -109,7 +109,10 @@ class Worker:
             if progress is not None:
                 progress(step, total, loss)
 
-        temp, info = train_temporary(self.ctx, job["method"], hyper, global_, n_seen, d, report)
+        if job["method"] in ALPHA_METHODS:  # the domain's own LoRA from the initial adapter (Coleman et al.)
+            temp, info = train_domain_adapter(self.ctx, hyper, d, report)
+        else:
+            temp, info = train_temporary(self.ctx, job["method"], hyper, global_, n_seen, d, report)
         info.update(zero_shot=zero_shot, n_train=len(d.y_train), n_heldout=len(d.y_test),
                     buffer_size=self._buffer(d), train_seconds=time.perf_counter() - t0)
         return {k: v.cpu() for k, v in temp.items()}, info
@@ -122,14 +125,18 @@ class Worker:
         """
         hyper = parse_hyper(job["method"], job["hyper"], self.cfg.max_steps)
         seen = parent["domains"]
-        global_ = self.store.load(parent["name"], backbone=self.cfg.backbone)[0] if seen else None
-        merged = merge_into_global(job["method"], global_, temp, hyper)
+        extra: dict = {"metrics": {}, "coefficients": {}}
+        if job["method"] in ALPHA_METHODS:
+            merged, extra = self._alpha_merge(job, parent, temp, version, hyper)
+        else:
+            global_ = self.store.load(parent["name"], backbone=self.cfg.backbone)[0] if seen else None
+            merged = merge_into_global(job["method"], global_, temp, hyper)
         domains = [*seen, job["domain"]]
         acc = self._accuracy(merged, [self.domain(n) for n in domains])
         man = AdapterManifest(
             name=f"global@v{version}",
             backbone=self.cfg.backbone,
-            format="lora",
+            format="delta" if job["method"] in ALPHA_METHODS else "lora",
             lora=self.cfg.lora,
             class_names=self.cfg.class_names,
             parent=parent["name"],
@@ -138,4 +145,30 @@ class Worker:
             metrics={f"acc/{k}": v for k, v in acc.items()},
         )
         man = self.store.save(merged, man)
-        return {"manifest": man.model_dump(mode="json"), "accuracy": acc}
+        return {"manifest": man.model_dump(mode="json"), "accuracy": acc, **extra}
+
+    def _alpha_merge(self, job: dict, parent: dict, temp: dict, version: int, hyper: object) -> tuple[dict, dict]:
+        """Adaptive merging online: every domain's own adapter, merged with α fit on the replay buffer.
+
+        The components of an adaptive version are listed in its metrics as ``c/<adapter>`` (the logits
+        the next fit starts from). A parent from the global-LoRA family contributes its global adapter
+        as one component standing in for the domains it holds (no per-domain adapters exist for them).
+
+        Returns:
+            ``(merged delta, {"metrics": {"c/<adapter>": c}, "coefficients": {domain: α}})``.
+        """
+        comps = [k[2:] for k in parent["metrics"] if k.startswith("c/")]
+        c_init = torch.tensor([parent["metrics"]["c/" + n] for n in comps]) if comps else None
+        if not comps and parent["domains"]:
+            comps = [parent["name"]]
+        own = self.store.save(temp, AdapterManifest(
+            name=f"domain@{job['domain']}@v{version}", backbone=self.cfg.backbone, format="lora",
+            lora=self.cfg.lora, class_names=self.cfg.class_names, method=job["method"], domains=[job["domain"]]))
+        comps.append(own.name)
+        adapters = [self.store.load(n, backbone=self.cfg.backbone)[0] for n in comps]
+        buf = ReplayBuffer.load(self.cfg.path("buffer.safetensors"))
+        domains = [*parent["domains"], job["domain"]]
+        merged, alpha, c = fit_adaptive(self.ctx, adapters, buf.subset(domains, hyper.spc), hyper, c_init)
+        covered = {n: self.store.manifest(n).domains for n in comps}
+        coefficients = {d: float(a) for n, a in zip(comps, alpha) for d in covered[n]}
+        return merged, {"metrics": {f"c/{n}": float(v) for n, v in zip(comps, c)}, "coefficients": coefficients}

@@ -57,6 +57,15 @@ class ReplayBuffer:
         """Domains present, in first-seen order."""
         return list(dict.fromkeys(k[0] for k in self.slots))
 
+    def subset(self, domains: list[str], spc: int) -> ReplayBuffer:
+        """A buffer of the first ``spc`` samples per class of ``domains`` only (e.g. the paper's 1 of 5)."""
+        out = ReplayBuffer(spc, self.policy)
+        for (dom, c), xs in self.slots.items():
+            if dom in domains:
+                out.slots[(dom, c)] = xs[:spc]
+                out.seen[(dom, c)] = self.seen.get((dom, c), len(xs))
+        return out
+
     def save(self, path: str) -> None:
         """Persist atomically as safetensors (images, labels, domain index) with metadata."""
         keys = sorted(self.slots)

@@ -283,3 +283,17 @@ def test_worker_death_heals(server):
     job = server.wait(server.ingest("domheal", make_archive(shift=1)).json()["job_id"])
     assert job["status"] == "succeeded", job
     assert server.http.get("/readyz").json()["ingest"]["worker"] == "ok"
+
+
+def test_adaptive_over_http_with_alpha_visible(server):
+    before = server.http.get("/v1/adapters").json()["active"]
+    r = server.ingest("domada", make_archive(shift=2), method="adaptive", hyper=json.dumps({"fit_steps": 5}))
+    job = server.wait(r.json()["job_id"])
+    assert job["status"] == "succeeded", job
+    v = next(x for x in server.http.get("/v1/adapters").json()["versions"] if x["version"] == job["adapter_version"])
+    assert v["active"] and v["method"] == "adaptive" and "domada" in v["coefficients"]
+    assert server.http.post("/v1/classify", json={"image": B64}).json()["adapter_version"] == v["version"]
+    m = server.http.get("/metrics").text
+    assert _metric(m, "mergeserve_merge_coefficient", domain="domada") == pytest.approx(v["coefficients"]["domada"])
+    # back to the LoRA lineage, so later ingests may use any method again
+    assert server.http.post(f"/v1/adapters/{before}/activate", headers=server.auth).status_code == 200

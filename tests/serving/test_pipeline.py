@@ -143,3 +143,25 @@ def test_split_is_fixed():
     a, b = split(10, 3, 0)
     assert np.array_equal(np.sort(np.concatenate([a, b])), np.arange(10)) and len(b) == 3
     assert np.array_equal(split(10, 3, 0)[1], b)
+
+
+def test_adaptive_online_learns_alpha_per_domain(tmp_path):
+    cfg = config(str(tmp_path))
+    pipe, worker = Pipeline(cfg), LocalWorker(cfg)
+    pipe.accept(submission("d1", method="pam"))  # a global-LoRA version first: it becomes a stand-in component
+    pipe.accept(submission("d2", seed=1, method="adaptive", hyper={"spc": 2, "b_max": 3.0, "fit_steps": 5}))
+    pipe.accept(submission("d3", seed=2, shift=1, method="adaptive", hyper={"fit_steps": 5, "base": "linear"}))
+    jobs = run_all(pipe, worker)
+    assert [j["status"] for j in jobs] == ["succeeded"] * 3, jobs
+    v = pipe.db.version(pipe.active)
+    assert v["method"] == "adaptive" and set(v["coefficients"]) == {"d1", "d2", "d3"}
+    assert all(0 < a < 3.0 for a in v["coefficients"].values())
+    comps = [k for k in v["metrics"] if k.startswith("c/")]
+    assert comps[0] == "c/global@v1" and len(comps) == 3  # stand-in for d1, then each domain's own adapter
+    assert pipe.store.manifest(v["name"]).format == "delta"
+    with pytest.raises(Problem) as e:  # factor-space methods can't continue a dense adaptive version
+        pipe.accept(submission("d4", seed=3, method="pam"))
+    assert e.value.code == "incompatible-method" and e.value.status == 409
+    with pytest.raises(Problem) as e:
+        pipe.accept(submission("d4", seed=3, method="pam_adaptive"))
+    assert e.value.code == "unknown-method"
