@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 from PIL import Image
 
-from training.data.folder import IMAGE_EXTS
+from training.settings import IMAGE_EXTS
 
 from .errors import Problem
 

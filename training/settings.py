@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+#: file name endings read as images (class folders, uploads)
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
 
 class TrainSettings(BaseModel):
     """Per-domain training recipe (defaults: the offline ``digits5`` setting, see docs/results.md)."""

@@ -8,10 +8,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..settings import IMAGE_EXTS
 from . import Benchmark, Domain, register_benchmark
 from .images import split
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def load_class_folder(
