@@ -14,4 +14,4 @@ RUN pip install .
 # never pretrains at start-up.
 RUN mergeserve pretrain
 EXPOSE 8000 8080
-CMD ["mergeserve", "serve", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["mergeserve", "serve", "--host", "0.0.0.0", "--port", "8000", "--metrics-export-port", "8080"]

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint bench clean prometheus-tools
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,7 +17,14 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/mergeserve serve
 
-test: $(STAMP)
+# tests/deploy and tests/serving/test_prometheus.py run promtool and a real Prometheus: install Debian's
+# `prometheus` package (it ships promtool) only when either binary is missing (root, or sudo).
+prometheus-tools:
+	@command -v promtool > /dev/null && command -v prometheus > /dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends prometheus; }
+
+test: $(STAMP) prometheus-tools
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

@@ -52,11 +52,20 @@ def bootstrap(cfg: ServerConfig) -> list[str]:
     return [ray.get(controller.submit.remote(s))["job"]["id"] for s in subs]
 
 
-def start(cfg: ServerConfig, port: int, host: str = "127.0.0.1", address: str | None = None) -> None:
+def start(
+    cfg: ServerConfig,
+    port: int,
+    host: str = "127.0.0.1",
+    address: str | None = None,
+    metrics_export_port: int | None = None,
+) -> None:
     """Start Ray (in-process unless ``address``), Serve on ``host:port``, and deploy the app."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
-        ray.init(address=address, namespace="mergeserve", include_dashboard=False, log_to_driver=True)
+        # Ray 2.60 reads no environment variable for this: in-process Ray gets the port here, a cluster
+        # gets it from `ray start --metrics-export-port` (deploy/docker-compose.yml)
+        extra = {"_metrics_export_port": metrics_export_port} if metrics_export_port and not address else {}
+        ray.init(address=address, namespace="mergeserve", include_dashboard=False, log_to_driver=True, **extra)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(cfg.model_dump(mode="json")), name="mergeserve", route_prefix="/")
 
@@ -68,6 +77,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="state directory (default ~/.local/share/mergeserve or $MERGESERVE_DATA)")
     p.add_argument("--address", help="join an existing Ray cluster instead of starting one in-process")
     p.add_argument("--replicas", help="model replicas: a number or 'auto' (default 1)")
+    p.add_argument(
+        "--metrics-export-port",
+        type=int,
+        help="port of Ray's metrics agent (in-process Ray only; with --address use `ray start --metrics-export-port`)",
+    )
     p.add_argument("--no-bootstrap", action="store_true", help="do not learn the digits5 'mnist' domain on first start")
 
 
@@ -82,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         upd["bootstrap"] = []
     cfg = ServerConfig.model_validate(upd)
     print(f"mergeserve: data in {cfg.data_dir}; starting Ray Serve on http://{args.host}:{args.port}", flush=True)
-    start(cfg, args.port, args.host, args.address)
+    start(cfg, args.port, args.host, args.address, args.metrics_export_port)
     jobs = bootstrap(cfg)
     if jobs:
         print(f"mergeserve: bootstrapping domains {cfg.bootstrap} (jobs {jobs}); follow GET /v1/jobs/<id>", flush=True)

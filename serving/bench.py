@@ -1,26 +1,50 @@
 """``mergeserve bench-serve``: measure the server and print tables.
 
+Default (as before):
+
 1. Inference throughput of the bare backbone, the backbone with the adapter *merged* into its weights
    (what replicas serve) and with peft's unmerged LoRA layers, in-process, batch 32.
 2. Through HTTP on a fresh in-process server (temp data dir, ``--clients`` concurrent clients):
    steady-state latency, latency while a domain is ingested and swapped in (the swap pause), failed
    requests, and the time from ``POST /v1/domains`` to the swap.
+
+``--peers``: the same model (``--backbone`` with the server's active adapter folded in, read from the
+mergeserve data dir, exactly as a replica builds it) behind three servers, all up at once on loopback:
+mergeserve itself (``build_app``, one replica), the simplest idiomatic plain Ray Serve app (one
+deployment, ``@serve.ingress(FastAPI)``, ``@serve.batch(32, 5 ms)``, the same ``max_ongoing_requests``)
+and FastAPI + uvicorn in one process without Ray (a subprocess). A load generator in its own process
+(``python -m serving.bench loadgen``) runs ``N`` closed-loop clients per cell; the cells are interleaved
+peer by peer, so drift on a shared machine hits all three alike. Also the server-side CPU time per
+request, by process role (proxy, replica, the rest), and the in-process forward rate the batched cell
+is held against. ``--rss``: the summed RSS (and PSS) of every process of a default ``mergeserve serve``.
+``--ready``: launch of ``mergeserve serve`` to the first 200 from ``/readyz``.
+
+Every server listens on 127.0.0.1 only; every Ray cluster started here uses a private ``RAY_TMPDIR``
+(never joining another cluster on the machine) and is shut down; every subprocess is stopped.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: FastAPI reads the peers' route annotations at run time,
+# in a Serve replica too, where a class pickled by value cannot resolve annotation strings.
 import argparse
 import base64
 import copy
 import io
+import json
 import os
+import shutil
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Callable, Sequence
 
 import numpy as np
-import torch
+from pydantic import BaseModel
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -29,6 +53,8 @@ def _pct(xs: list[float], q: float) -> float:
 
 def throughput(backbone: str, batch: int = 32, seconds: float = 2.0, rounds: int = 5) -> list[tuple[str, float]]:
     """Images/s for bare, merged and unmerged-LoRA forward passes."""
+    import torch
+
     from training.backbones import create_backbone, get_spec, preprocess
     from training.lora import LoraSettings, attach_lora, get_adapter, materialise, set_adapter, to_delta
 
@@ -132,6 +158,663 @@ def http_bench(clients: int, steady_s: float, domain: str) -> dict:
     }
 
 
+# =================================================================================================
+# --peers: one model behind mergeserve, a plain Ray Serve app and FastAPI + uvicorn
+# =================================================================================================
+CELLS: tuple[tuple[int, int], ...] = ((1, 1), (1, 4), (1, 16), (16, 1), (16, 16))  # (images/request, clients)
+PEERS: tuple[str, ...] = ("mergeserve", "plain", "fastapi")
+TITLES = {"mergeserve": "mergeserve", "plain": "plain Ray Serve", "fastapi": "FastAPI+uvicorn"}
+
+
+class PeerRequest(BaseModel):
+    """The classify body every peer takes (mergeserve's JSON shape)."""
+
+    image: str | None = None
+    images: list[str] | None = None
+    top_k: int = 3
+
+
+def load_served_model(backbone: str, adapters: str, name: str, class_names: list[str], seed: int = 0) -> tuple:
+    """``(spec, model)``: ``backbone`` with the stored adapter ``name`` folded in, built as ``Engine._build`` does."""
+    from training.backbones import create_backbone, get_spec
+    from training.lora import materialise, to_delta
+    from training.store import AdapterStore
+
+    tensors, man = AdapterStore(adapters).load(name, backbone=backbone)
+    base = create_backbone(backbone, len(class_names), seed=seed).eval()
+    return get_spec(backbone), materialise(base, to_delta(tensors, man.lora))
+
+
+def forward(spec: object, model: object, images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 3, H, W) → probabilities (N, C), as ``Engine.forward`` on CPU."""
+    import torch
+
+    from training.backbones import preprocess
+
+    with torch.inference_mode():
+        return model(preprocess(spec, torch.from_numpy(images))).float().softmax(-1).numpy()
+
+
+def decode_b64(images: list[str], size: int) -> np.ndarray:
+    """Base64 images → uint8 (N, 3, size, size) with PIL (what ``serving.archive.decode_images`` does)."""
+    from PIL import Image
+
+    arrs = []
+    for s in images:
+        with Image.open(io.BytesIO(base64.b64decode(s))) as im:
+            arrs.append(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))
+    return np.ascontiguousarray(np.stack(arrs).transpose(0, 3, 1, 2))
+
+
+def respond(probs: np.ndarray, names: list[str], k: int, single: bool, version: int) -> dict:
+    """mergeserve's response body: top-``k`` labels and scores per image."""
+    top = np.argsort(-probs, axis=1)[:, :k]
+    res = [[{"label": names[i], "score": round(float(p[i]), 6)} for i in t] for p, t in zip(probs, top)]
+    body = {"request_id": uuid.uuid4().hex, "adapter_version": version}
+    return {**body, "predictions": res[0]} if single else {**body, "results": res}
+
+
+def plain_serve_app(model_args: dict, max_ongoing_requests: int) -> object:
+    """The plain Ray Serve peer: one deployment, FastAPI ingress, ``@serve.batch``; decode and forward inline."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(name="PlainModel", max_ongoing_requests=max_ongoing_requests)
+    @serve.ingress(api)
+    class PlainModel:
+        def __init__(self, m: dict) -> None:
+            import torch
+
+            self.names, self.version = m["class_names"], m["version"]
+            self.spec, self.model = load_served_model(m["backbone"], m["adapters"], m["name"], m["class_names"],
+                                                      m["seed"])
+            self.threads = torch.get_num_threads()
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+        async def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
+            probs = forward(self.spec, self.model, np.concatenate(images))
+            return np.split(probs, np.cumsum([len(x) for x in images])[:-1])
+
+        @api.get("/healthz")
+        async def healthz(self) -> dict:
+            return {"status": "ok"}
+
+        @api.get("/info")
+        async def info(self) -> dict:
+            return {"pid": os.getpid(), "torch_threads": self.threads}
+
+        @api.post("/v1/classify")
+        async def classify(self, req: PeerRequest) -> dict:
+            raws = [req.image] if req.image is not None else (req.images or [])
+            probs = await self.predict(decode_b64(raws, self.spec.img_size))
+            return respond(probs, self.names, req.top_k, req.image is not None, self.version)
+
+    return PlainModel.bind(model_args)
+
+
+def fastapi_app(model_args: dict) -> object:
+    """The FastAPI + uvicorn peer (no Ray): a sync route, so decode + forward run in FastAPI's threadpool."""
+    import torch
+    from fastapi import FastAPI
+
+    m = model_args
+    spec, model = load_served_model(m["backbone"], m["adapters"], m["name"], m["class_names"], m["seed"])
+    api = FastAPI()
+
+    @api.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @api.get("/info")
+    def info() -> dict:
+        return {"pid": os.getpid(), "torch_threads": torch.get_num_threads()}
+
+    @api.post("/v1/classify")
+    def classify(req: PeerRequest) -> dict:
+        raws = [req.image] if req.image is not None else (req.images or [])
+        probs = forward(spec, model, decode_b64(raws, spec.img_size))
+        return respond(probs, m["class_names"], req.top_k, req.image is not None, m["version"])
+
+    return api
+
+
+# --- load generator (its own process) --------------------------------------------------------------
+def loadgen(url: str, body: bytes, clients: int, warmup: float, seconds: float, timeout: float = 30.0,
+            max_requests: int = 1_000_000, on_window: Callable[[str], None] | None = None) -> dict:
+    """``clients`` closed-loop clients POSTing ``body`` to ``url``; stats of requests completed in the window.
+
+    The window opens ``warmup`` s after the start and lasts ``seconds``; ``on_window("go"/"stop")`` is
+    called at its edges. Each client stops at the window's end or after ``max_requests`` requests.
+    """
+    import httpx
+
+    t_go = time.perf_counter() + warmup
+    t_stop = t_go + seconds
+    lat: list[list[float]] = [[] for _ in range(clients)]
+    errors, warm_errors = [0] * clients, [0] * clients
+    last_error: list[str] = []
+    headers = {"content-type": "application/json"}
+
+    def client(i: int) -> None:
+        with httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=1)) as h:
+            for _ in range(max_requests):
+                a = time.perf_counter()
+                if a >= t_stop:
+                    break
+                try:
+                    r = h.post(url, content=body, headers=headers)
+                    ok = r.status_code == 200
+                    if not ok:
+                        last_error[:] = [f"HTTP {r.status_code}: {r.text[:200]}"]
+                except httpx.HTTPError as e:
+                    ok = False
+                    last_error[:] = [f"{type(e).__name__}: {e}"[:200]]
+                b = time.perf_counter()
+                if t_go <= b <= t_stop:
+                    if ok:
+                        lat[i].append(b - a)
+                    else:
+                        errors[i] += 1
+                elif b < t_go and not ok:
+                    warm_errors[i] += 1
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(max(0.0, t_go - time.perf_counter()))
+    cpu0 = time.process_time()
+    if on_window:
+        on_window("go")
+    time.sleep(max(0.0, t_stop - time.perf_counter()))
+    cpu1 = time.process_time()
+    if on_window:
+        on_window("stop")
+    for t in threads:
+        t.join(timeout + 5)
+    xs = sorted(x for c in lat for x in c)
+    return {
+        "clients": clients,
+        "seconds": seconds,
+        "requests": len(xs),
+        "rps": len(xs) / seconds,
+        "p50_ms": 1e3 * _pct(xs, 50),
+        "p99_ms": 1e3 * _pct(xs, 99),
+        "mean_ms": 1e3 * statistics.fmean(xs) if xs else float("nan"),
+        "errors": sum(errors),
+        "warmup_errors": sum(warm_errors),
+        "last_error": last_error[0] if last_error else None,
+        "loadgen_cpu_s": cpu1 - cpu0,
+    }
+
+
+def _loadgen_main(spec: dict) -> None:
+    with open(spec["body_file"], "rb") as f:
+        body = f.read()
+
+    def edge(what: str) -> None:
+        print(what, flush=True)
+
+    r = loadgen(spec["url"], body, spec["clients"], spec["warmup"], spec["seconds"], on_window=edge)
+    print(json.dumps(r), flush=True)
+
+
+def _fastapi_main(spec: dict) -> None:
+    import uvicorn
+
+    parent = os.getppid()
+
+    def orphaned() -> None:  # the bench died without stopping this server: stop with it
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=orphaned, daemon=True).start()
+    uvicorn.run(fastapi_app(spec["model"]), host="127.0.0.1", port=spec["port"], log_level="warning",
+                access_log=False)
+
+
+# --- processes: CPU attribution, RSS ----------------------------------------------------------------
+def _cmd(p: object) -> str:
+    import psutil
+
+    try:
+        return " ".join(p.cmdline()) or p.name()
+    except (psutil.Error, OSError):
+        return "?"
+
+
+def _role(cmd: str) -> str:
+    """Which part of a server a process is, from its command line (Ray workers retitle themselves)."""
+    for key, role in (("ServeReplica:mergeserve", "replica:mergeserve"), ("ServeReplica:plain", "replica:plain"),
+                      ("ProxyActor", "proxy"), ("ServeController", "serve-controller"),
+                      ("ray::Controller", "mergeserve-controller"), ("ray::Worker", "mergeserve-worker"),
+                      ("raylet", "raylet"), ("gcs_server", "gcs"), ("serving.bench fastapi", "uvicorn")):
+        if key in cmd:
+            return role
+    return "ray-other" if "ray" in cmd else "other"
+
+
+def _cpu(procs: list) -> dict[int, float]:
+    import psutil
+
+    out = {}
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            out[p.pid] = t.user + t.system
+        except (psutil.Error, OSError):
+            pass
+    return out
+
+
+def process_tree(root: int, also: str | None = None) -> list:
+    """``root`` and its descendants, plus any process whose command line mentions ``also`` (reparented ones)."""
+    import psutil
+
+    procs = {}
+    try:
+        r = psutil.Process(root)
+        for p in [r, *r.children(recursive=True)]:
+            procs[p.pid] = p
+    except psutil.NoSuchProcess:
+        pass
+    if also:
+        for p in psutil.process_iter():
+            if p.pid not in procs and also in _cmd(p):
+                procs[p.pid] = p
+    return list(procs.values())
+
+
+def rss_table(procs: list) -> tuple[list[tuple[int, str, float, float | None]], float, float | None]:
+    """``[(pid, command, RSS MB, PSS MB)]`` (largest first), total RSS MB and total PSS MB."""
+    import psutil
+
+    rows = []
+    for p in procs:
+        try:
+            rss = p.memory_info().rss / 2**20
+        except (psutil.Error, OSError):
+            continue
+        try:
+            pss = p.memory_full_info().pss / 2**20
+        except (psutil.Error, OSError, AttributeError):
+            pss = None
+        rows.append((p.pid, _cmd(p), rss, pss))
+    rows.sort(key=lambda r: -r[2])
+    pss_total = None if any(r[3] is None for r in rows) else sum(r[3] for r in rows)
+    return rows, sum(r[2] for r in rows), pss_total
+
+
+def _short(cmd: str, width: int = 60) -> str:
+    parts = cmd.split()
+    if parts and "/" in parts[0]:
+        parts[0] = os.path.basename(parts[0])
+    s = " ".join(parts)
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_env(tmp: str) -> None:
+    """This process (and its subprocesses): a private Ray temp dir, never another cluster's address."""
+    os.environ["RAY_TMPDIR"] = os.path.join(tmp, "ray")
+    os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _wait_http(url: str, deadline_s: float, proc: subprocess.Popen | None = None) -> float:
+    """Seconds until ``GET url`` answers 200; raises after ``deadline_s`` or when ``proc`` exits."""
+    import httpx
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < deadline_s:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer 200 within {deadline_s:.0f} s")
+
+
+def _stop(proc: subprocess.Popen, family: list, grace: float = 60.0) -> None:
+    """SIGTERM ``proc``; after ``grace`` s SIGKILL it and whatever of ``family`` (its processes) is left."""
+    import psutil
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    for p in family:
+        try:
+            if p.is_running():  # also checks the create time: never a recycled pid
+                p.kill()
+        except psutil.Error:
+            pass
+
+
+def _png_b64(n: int, seed: int = 0, size: int = 32) -> list[str]:
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.randint(0, 255, (size, size, 3)).astype(np.uint8)).save(buf, format="PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode())
+    return out
+
+
+def _body(images: list[str]) -> bytes:
+    return json.dumps({"image": images[0]} if len(images) == 1 else {"images": images}).encode()
+
+
+def inprocess_rate(spec: object, model: object, batch: int, threads: int, seconds: float) -> float:
+    """Images/s of ``forward`` (preprocess + model + softmax, no decoding) at ``batch`` with ``threads``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = np.random.RandomState(0).randint(0, 255, (batch, 3, spec.img_size, spec.img_size)).astype(np.uint8)
+        for _ in range(3):
+            forward(spec, model, x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds and n < 10_000_000:
+            forward(spec, model, x)
+            n += batch
+        return n / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _compare(answers: dict[str, list[dict]]) -> tuple[bool, float]:
+    """Same labels in the same order and the largest score difference, across every peer's answers."""
+    ref = answers[PEERS[0]]
+    same, diff = True, 0.0
+    for ans in answers.values():
+        for a, b in zip(ref, ans):
+            ra = a.get("results") or [a.get("predictions")]
+            rb = b.get("results") or [b.get("predictions")]
+            if None in ra or None in rb:
+                return False, float("nan")
+            for pa, pb in zip(ra, rb):
+                same &= [x["label"] for x in pa] == [x["label"] for x in pb]
+                diff = max(diff, *(abs(x["score"] - y["score"]) for x, y in zip(pa, pb)))
+        same &= len(ans) == len(ref)
+    return same, diff
+
+
+def peers_bench(backbone: str, seconds: float, warmup: float, cells: Sequence[tuple[int, int]],
+                log: Callable[[str], None] = print) -> dict:
+    """Start the three peers (all on loopback, one private Ray cluster), run every cell, stop everything."""
+    import httpx
+    import psutil
+    import ray
+    import torch
+    from ray import serve
+
+    from .app import build_app
+    from .config import ServerConfig
+
+    tmp = tempfile.mkdtemp(prefix="msb-")  # short: Ray's socket paths live under it
+    _ray_env(tmp)
+    data = os.path.join(tmp, "data")
+    cfg = ServerConfig.model_validate({"data_dir": data, "bootstrap": [], "backbone": backbone})
+    fast_proc, out = None, {"cells": {}, "setup": {}}
+    try:
+        t0 = time.perf_counter()
+        ray.init(namespace="mergeserve", include_dashboard=False, log_to_driver=False)
+        signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(cfg.model_dump(mode="json")), name="mergeserve", route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        _wait_http(f"{base}/readyz", 300)
+        log(f"mergeserve up in {time.perf_counter() - t0:.1f} s")
+        ad = httpx.get(f"{base}/v1/adapters", timeout=30).json()
+        active = next(v for v in ad["versions"] if v["version"] == ad["active"])
+        model_args = {"backbone": backbone, "adapters": cfg.path("adapters"), "name": active["name"],
+                      "class_names": cfg.class_names, "seed": cfg.seed, "version": active["version"]}
+        serve.run(plain_serve_app(model_args, cfg.max_ongoing_requests), name="plain", route_prefix="/plain")
+        _wait_http(f"{base}/plain/healthz", 300)
+        fport = _free_port()
+        spec_json = json.dumps({"port": fport, "model": model_args})
+        fast_proc = subprocess.Popen([sys.executable, "-m", "serving.bench", "fastapi-peer", spec_json],
+                                     stdout=subprocess.DEVNULL, start_new_session=True)
+        _wait_http(f"http://127.0.0.1:{fport}/healthz", 300, fast_proc)
+        log(f"all three peers up in {time.perf_counter() - t0:.1f} s (adapter {active['name']})")
+        urls = {"mergeserve": f"{base}/v1/classify", "plain": f"{base}/plain/v1/classify",
+                "fastapi": f"http://127.0.0.1:{fport}/v1/classify"}
+        info = {"plain": httpx.get(f"{base}/plain/info").json(),
+                "fastapi": httpx.get(f"http://127.0.0.1:{fport}/info").json()}
+        out["setup"] = {"adapter": active["name"], "max_ongoing_requests": cfg.max_ongoing_requests,
+                        "threads": {"plain": info["plain"]["torch_threads"],
+                                    "fastapi": info["fastapi"]["torch_threads"], "driver": torch.get_num_threads()}}
+
+        # identical weights and responses: the same requests to every peer, one at a time
+        imgs = _png_b64(16, seed=1)
+        probes = [{"image": imgs[0], "top_k": 10}, {"image": imgs[1], "top_k": 3}, {"images": imgs, "top_k": 10}]
+        answers = {p: [httpx.post(urls[p], json=b, timeout=60).json() for b in probes] for p in PEERS}
+        same, diff = _compare(answers)
+        out["setup"]["identical"] = {"labels": same, "max_score_diff": diff}
+        log(f"same requests to all peers: labels identical {same}, max |Δscore| {diff:.2g}")
+
+        spec, model = load_served_model(backbone, cfg.path("adapters"), active["name"], cfg.class_names, cfg.seed)
+        replica_threads = info["plain"]["torch_threads"]
+        me = os.getpid()
+        for n_img, clients in cells:
+            body_file = os.path.join(tmp, f"body-{n_img}.json")
+            with open(body_file, "wb") as f:
+                f.write(_body(_png_b64(n_img, seed=2)))
+            row: dict = {}
+            if n_img > 1 and "inprocess" not in out:
+                s = min(seconds, 5.0)
+                out["inprocess"] = {f"b{b}_t{t}": inprocess_rate(spec, model, b, t, s)
+                                    for t in sorted({replica_threads, torch.get_num_threads()}) for b in (16, 32)}
+                out["inprocess_threads"] = replica_threads
+                log("in-process forward (no decode), images/s: "
+                    + ", ".join(f"{k}={v:.0f}" for k, v in out["inprocess"].items()))
+            for peer in PEERS:
+                lg_spec = {"url": urls[peer], "body_file": body_file, "clients": clients, "warmup": warmup,
+                           "seconds": seconds}
+                lg = subprocess.Popen([sys.executable, "-m", "serving.bench", "loadgen", json.dumps(lg_spec)],
+                                      stdout=subprocess.PIPE, text=True, start_new_session=True)
+                try:
+                    server = ([psutil.Process(fast_proc.pid)] if peer == "fastapi" else
+                              [p for p in process_tree(me) if p.pid not in (lg.pid, fast_proc.pid)])
+                    lgp = psutil.Process(lg.pid)
+                    snaps, lines = [], []
+                    for line in lg.stdout:
+                        line = line.strip()
+                        if line in ("go", "stop"):
+                            snaps.append((_cpu(server), _cpu([lgp])))
+                        elif line:
+                            lines.append(line)
+                    lg.wait(timeout=warmup + seconds + 120)
+                finally:
+                    if lg.poll() is None:
+                        lg.kill()
+                        lg.wait()
+                r = json.loads(lines[-1])
+                r["images_per_s"] = r["rps"] * n_img
+                if len(snaps) == 2:
+                    by_role: dict[str, float] = {}
+                    cmds = {p.pid: _cmd(p) for p in server}
+                    for pid, c1 in snaps[1][0].items():
+                        role = _role(cmds.get(pid, ""))
+                        by_role[role] = by_role.get(role, 0.0) + c1 - snaps[0][0].get(pid, c1)
+                    r["server_cpu_s"] = by_role
+                row[peer] = r
+                err = f", {r['errors']} errors ({r['last_error']})" if r["errors"] else ""
+                cpu = ", ".join(f"{k} {1e3 * v / max(r['requests'], 1):.2f}"
+                                for k, v in sorted(r.get("server_cpu_s", {}).items(), key=lambda kv: -kv[1])
+                                if v > 0.005)
+                log(f"  {n_img:>2} img × {clients:>2} clients  {TITLES[peer]:<16} {r['rps']:8.1f} req/s "
+                    f"p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms{err}; server CPU ms/request: {cpu}")
+            out["cells"][(n_img, clients)] = row
+        return out
+    finally:
+        if fast_proc is not None:
+            _stop(fast_proc, [], grace=15)
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def format_peers_table(res: dict, peers: Sequence[str] = PEERS) -> str:
+    """Rows = cells; per peer: req/s, images/s, p50/p99 ms; then mergeserve / plain (req/s) and errors."""
+    w = 32
+    head1 = f"{'cell':<16}" + "".join(f"| {TITLES.get(p, p):<{w - 2}}" for p in peers) + "| ms/plain | errors"
+    head2 = f"{'img × clients':<16}" + f"| {'req/s':>6} {'img/s':>6} {'p50ms':>7} {'p99ms':>7} " * len(peers) + "|"
+    lines = [head1, head2, "-" * len(head1)]
+    for (n_img, clients), row in res["cells"].items():
+        s = f"{n_img:>3} × {clients:<10}  "
+        for p in peers:
+            r = row.get(p)
+            s += (f"| {r['rps']:>6.1f} {r['images_per_s']:>6.0f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
+                  if r else f"| {'-':>6} {'-':>6} {'-':>7} {'-':>7} ")
+        ms, pl = row.get("mergeserve"), row.get("plain")
+        ratio = ms["rps"] / pl["rps"] if ms and pl and pl["rps"] else float("nan")
+        errs = "/".join(str(row[p]["errors"] + row[p]["warmup_errors"]) if p in row else "-" for p in peers)
+        lines.append(s + f"| {ratio:>7.2f}× | {errs}")
+    return "\n".join(lines)
+
+
+def format_cpu_table(res: dict, peers: Sequence[str] = PEERS) -> str:
+    """Server CPU ms per request by role (and the load generator's), per cell and peer."""
+    roles = ("proxy", "replica", "ray-rest", "total", "loadgen")
+    lines = [f"{'cell':<14}{'peer':<18}" + "".join(f"{r:>10}" for r in roles), "-" * 82]
+    for (n_img, clients), row in res["cells"].items():
+        for p in peers:
+            r = row.get(p)
+            if not r or "server_cpu_s" not in r or not r["requests"]:
+                continue
+            cpu, n = r["server_cpu_s"], r["requests"]
+            replica = sum(v for k, v in cpu.items() if k.startswith("replica:" + p) or k == "uvicorn")
+            proxy = cpu.get("proxy", 0.0)
+            total = sum(cpu.values())
+            vals = (proxy, replica, total - proxy - replica, total, r["loadgen_cpu_s"])
+            lines.append(f"{n_img:>3} × {clients:<9}{TITLES.get(p, p):<18}"
+                         + "".join(f"{1e3 * v / n:>10.2f}" for v in vals))
+    return "\n".join(lines)
+
+
+def check_targets(res: dict) -> list[tuple[str, bool | None, str]]:
+    """The issue's targets: ``(target, passed or None when not measured, numbers)``."""
+    cells, out = res["cells"], []
+
+    def rps(cell: tuple[int, int], peer: str) -> float | None:
+        r = cells.get(cell, {}).get(peer)
+        return r["rps"] if r else None
+
+    ratios = {c: (rps(c, "mergeserve") or 0) / rps(c, "plain") for c in cells if rps(c, "plain")}
+    if ratios:
+        worst = min(ratios, key=ratios.get)
+        out.append(("mergeserve ≥ 1.0× plain Ray Serve in every cell", all(v >= 1.0 for v in ratios.values()),
+                    f"lowest {ratios[worst]:.2f}× at {worst[0]} img × {worst[1]} clients"))
+    a, b = cells.get((1, 4), {}).get("mergeserve"), cells.get((1, 16), {}).get("mergeserve")
+    if a and b:
+        out.append(("mergeserve req/s non-decreasing 4 → 16 clients (1 img)", b["rps"] >= a["rps"],
+                    f"{a['rps']:.1f} → {b['rps']:.1f} req/s"))
+        out.append(("mergeserve p99 at 16 clients ≤ 2× p99 at 4 (1 img)", b["p99_ms"] <= 2 * a["p99_ms"],
+                    f"{b['p99_ms']:.1f} ms vs 2 × {a['p99_ms']:.1f} ms"))
+    c = cells.get((16, 16), {}).get("mergeserve")
+    if c and res.get("inprocess"):
+        t = res["inprocess_threads"]
+        ref = max(v for k, v in res["inprocess"].items() if k.endswith(f"_t{t}"))
+        out.append(("16 img × 16 clients images/s ≥ 50 % of in-process", c["images_per_s"] >= 0.5 * ref,
+                    f"{c['images_per_s']:.0f} vs in-process {ref:.0f} images/s ({t} thread(s)): "
+                    f"{100 * c['images_per_s'] / ref:.0f} %"))
+    if "rss_mb" in res:
+        out.append(("RSS of the default server ≤ 3 GB", res["rss_mb"] <= 3 * 1024, f"{res['rss_mb'] / 1024:.2f} GB"))
+    if "ready_s" in res:
+        out.append(("mergeserve serve → first 200 /readyz ≤ 90 s", res["ready_s"] <= 90, f"{res['ready_s']:.1f} s"))
+    return out
+
+
+def serve_process_bench(rss: bool, ready: bool, log: Callable[[str], None] = print,
+                        deadline_s: float = 600) -> dict:
+    """``mergeserve serve --no-bootstrap`` as a subprocess (temp data dir, free port): readiness time, RSS."""
+    import httpx
+
+    tmp = tempfile.mkdtemp(prefix="msr-")
+    _ray_env(tmp)
+    port = _free_port()
+    exe = os.path.join(os.path.dirname(sys.executable), "mergeserve")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-c", "import sys; from mergeserve.cli import main; "
+                                                                    "sys.exit(main())"]
+    cmd += ["serve", "--data-dir", os.path.join(tmp, "data"), "--port", str(port), "--no-bootstrap"]
+    logf = open(os.path.join(tmp, "serve.log"), "wb")  # closed in finally
+    out: dict = {}
+    family: list = []
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/readyz", deadline_s, proc)
+        out["ready_s"] = time.perf_counter() - t0  # from the launch, not from the first poll
+        log(f"`mergeserve serve --no-bootstrap` → first 200 from /readyz: {out['ready_s']:.1f} s")
+        if rss:
+            body = _body(_png_b64(16, seed=3))
+            with httpx.Client(timeout=60) as h:  # the model has run at least once before RSS is read
+                for _ in range(20):
+                    h.post(f"http://127.0.0.1:{port}/v1/classify", content=body,
+                           headers={"content-type": "application/json"}).raise_for_status()
+            time.sleep(2.0)
+            family = process_tree(proc.pid, also=os.environ["RAY_TMPDIR"])
+            rows, total, pss = rss_table(family)
+            out.update(rss_rows=rows, rss_mb=total, pss_mb=pss)
+        else:
+            family = process_tree(proc.pid, also=os.environ["RAY_TMPDIR"])
+        if not ready:
+            out.pop("ready_s")
+        return out
+    except Exception:
+        logf.flush()
+        with open(os.path.join(tmp, "serve.log"), "rb") as f:
+            log(f.read()[-4000:].decode(errors="replace"))
+        raise
+    finally:
+        if not family:
+            family = process_tree(proc.pid, also=os.environ["RAY_TMPDIR"])
+        _stop(proc, family)
+        logf.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def format_rss(res: dict) -> str:
+    lines = [f"{'pid':>8}  {'process':<62}{'RSS MB':>9}{'PSS MB':>9}", "-" * 88]
+    for pid, cmd, rss, pss in res["rss_rows"]:
+        lines.append(f"{pid:>8}  {_short(cmd):<62}{rss:>9.0f}{(pss if pss is not None else float('nan')):>9.0f}")
+    pss, label = res["pss_mb"], f"total ({len(res['rss_rows'])} processes)"
+    lines.append(f"{'':>8}  {label:<62}{res['rss_mb']:>9.0f}"
+                 f"{(pss if pss is not None else float('nan')):>9.0f}")
+    return "\n".join(lines)
+
+
+def _cells(s: str) -> list[tuple[int, int]]:
+    out = []
+    for part in s.split(","):
+        n_img, clients = part.lower().split("x")
+        out.append((int(n_img), int(clients)))
+    return out
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """CLI flags of ``mergeserve bench-serve``."""
     p.add_argument("--backbone", default="vit_tiny_offline", help="backbone for the throughput table")
@@ -139,10 +822,66 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steady", type=float, default=15.0, help="seconds of steady-state load (default 15)")
     p.add_argument("--domain", default="sklearn", help="digits5 domain ingested during the load")
     p.add_argument("--skip-http", action="store_true", help="only the in-process throughput table")
+    g = p.add_argument_group("peer comparison (any of these replaces the default run)")
+    g.add_argument("--peers", action="store_true",
+                   help="mergeserve vs a plain Ray Serve app vs FastAPI+uvicorn on the same model and requests")
+    g.add_argument("--seconds", type=float, default=30.0, help="--peers: measured seconds per cell and peer")
+    g.add_argument("--warmup", type=float, default=3.0, help="--peers: warm-up seconds before each cell")
+    g.add_argument("--cells", type=_cells, default=list(CELLS),
+                   help="--peers: images×clients list (default 1x1,1x4,1x16,16x1,16x16)")
+    g.add_argument("--rss", action="store_true", help="summed RSS of every process of a default `mergeserve serve`")
+    g.add_argument("--ready", action="store_true", help="time from launching `mergeserve serve` to 200 on /readyz")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through the finally blocks that stop the servers
+
+
+def run_peers(args: argparse.Namespace) -> int:
+    """``--peers`` / ``--rss`` / ``--ready``."""
+    from training.backbones import get_spec
+
+    weights = get_spec(args.backbone).weights()
+    if weights and not os.path.exists(weights):  # the server would pretrain them first (many minutes)
+        print(f"backbone weights missing: {weights}; run `mergeserve pretrain` first", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _interrupt)
+    res: dict = {"cells": {}}
+    print(f"{os.cpu_count()} CPUs; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at start", flush=True)
+    if args.rss or args.ready:
+        res.update(serve_process_bench(args.rss, args.ready, log=lambda s: print(s, flush=True)))
+    if args.peers:
+        res.update(peers_bench(args.backbone, args.seconds, args.warmup, args.cells,
+                               log=lambda s: print(s, flush=True)))
+        st = res["setup"]
+        print(f"\nHTTP POST /v1/classify on 127.0.0.1, closed loop, {args.seconds:g} s per cell after "
+              f"{args.warmup:g} s warm-up, cells interleaved peer by peer; adapter {st['adapter']}; "
+              f"max_ongoing_requests {st['max_ongoing_requests']}; torch threads: plain replica "
+              f"{st['threads']['plain']}, FastAPI {st['threads']['fastapi']}")
+        print(f"same answers from every peer: labels {st['identical']['labels']}, "
+              f"max |Δscore| {st['identical']['max_score_diff']:.2g}\n")
+        print(format_peers_table(res))
+        print("\nCPU ms per request (server processes by role; loadgen = the client process)")
+        print(format_cpu_table(res))
+        if res.get("inprocess"):
+            print("\nin-process forward (preprocess + model + softmax, no decode), images/s: "
+                  + ", ".join(f"batch {k.split('_')[0][1:]} × {k.split('_t')[1]} thread(s) {v:.0f}"
+                              for k, v in res["inprocess"].items()))
+    if "rss_rows" in res:
+        print("\nprocesses of `mergeserve serve --no-bootstrap` (after 20 requests of 16 images)")
+        print(format_rss(res))
+    print(f"\ntargets (load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end):")
+    for name, ok, detail in check_targets(res):
+        print(f"  [{'PASS' if ok else 'FAIL'}] {name}: {detail}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``mergeserve bench-serve``."""
+    if args.peers or args.rss or args.ready:
+        return run_peers(args)
+    import torch
+
     print(
         f"in-process forward, batch 32, {torch.get_num_threads()} threads, backbone {args.backbone}"
         ", median of 5 interleaved 2 s rounds"
@@ -170,3 +909,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"steady mean latency {1e3 * statistics.mean(r['steady']):.1f} ms")
     return 0
+
+
+if __name__ == "__main__":  # the bench's own subprocesses: `python -m serving.bench loadgen|fastapi-peer JSON`
+    _what, _spec = sys.argv[1], json.loads(sys.argv[2])
+    {"loadgen": _loadgen_main, "fastapi-peer": _fastapi_main}[_what](_spec)

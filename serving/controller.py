@@ -216,5 +216,11 @@ class Controller:
 def get_or_create_controller(cfg: ServerConfig) -> ray.actor.ActorHandle:
     """The detached controller actor, created on first use."""
     return Controller.options(
-        name=NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1, max_concurrency=64
+        name=NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_concurrency=64,
+        resources={"node:__internal_head__": 0.001},  # on the head, beside SQLite (as Serve pins its own)
     ).remote(cfg.model_dump(mode="json"))

@@ -161,7 +161,7 @@ class Pipeline:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
         os.makedirs(cfg.data_dir, exist_ok=True)
-        self.db = StateDB(cfg.path("state.sqlite"))
+        self.db = StateDB(cfg.state_path or cfg.path("state.sqlite"))
         self.store = AdapterStore(cfg.path("adapters"))
 
     @property

@@ -39,7 +39,7 @@ def test_dashboard_queries_return_data_from_a_real_prometheus(server):
         job = server.ingest(DOMAIN, make_archive(shift=2))
         assert job.status_code == 202, job.text
         done = server.wait(job.json()["job_id"])
-        assert done["status"] == "succeeded", done
+        assert done["status"] == "succeeded", (done["status"], done.get("error"))
         img = base64.b64encode(png(1, 7)).decode()
         for i in range(12):
             r = server.http.post(

@@ -1,0 +1,87 @@
+"""deploy/ checked by Prometheus's own tools (no server needed): the config, the alerting rules and
+their unit tests, every PromQL expression of the Grafana dashboard, and the Ray metrics port wiring.
+
+The live check (a real Prometheus scraping a running server, every dashboard expression returning
+data) is tests/serving/test_prometheus.py: it needs the session `server` fixture of tests/serving."""
+
+import os
+import re
+import sys
+
+import yaml
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _prom import ALERTS, ALERTS_TEST, DEPLOY, PROM_CONFIG, dashboard_queries, promtool, substitute  # noqa: E402
+
+
+def _ok(res) -> None:
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_promtool_check_config_and_rules():
+    res = promtool("check", "config", str(PROM_CONFIG))
+    _ok(res)
+    assert "1 rule files found" in res.stdout  # rule_files resolves to alerts.yml next to the config
+    res = promtool("check", "rules", str(ALERTS))
+    _ok(res)
+
+
+def test_promtool_rule_unit_tests():
+    res = promtool("test", "rules", str(ALERTS_TEST))
+    _ok(res)
+    assert "SUCCESS" in res.stdout
+
+
+def _alerts() -> list[dict]:
+    return [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"] if "alert" in r]
+
+
+def test_every_alert_is_complete_and_unit_tested_both_ways():
+    cases: dict[str, list[bool]] = {}
+    for t in yaml.safe_load(ALERTS_TEST.read_text())["tests"]:
+        for c in t.get("alert_rule_test", []):
+            cases.setdefault(c["alertname"], []).append(bool(c.get("exp_alerts")))
+    alerts = _alerts()
+    assert len(alerts) >= 8
+    for r in alerts:
+        name = r["alert"]
+        assert r.get("for"), f"{name}: no for:"
+        assert r.get("labels", {}).get("severity") in ("info", "warning", "critical"), name
+        assert {"summary", "description"} <= set(r.get("annotations", {})), name
+        assert True in cases.get(name, []), f"{name}: no unit test where it fires"
+        assert False in cases.get(name, []), f"{name}: no unit test where it stays quiet"
+
+
+def test_dashboard_expressions_are_valid_promql(tmp_path):
+    """promtool parses every dashboard expression (as a recording rule), variables substituted."""
+    queries = dashboard_queries()
+    assert len(queries) >= 10
+    rules = [
+        {"record": f"dashboard:q{i}", "expr": substitute(expr, {"domain": ".*"})} for i, (_, expr) in enumerate(queries)
+    ]
+    f = tmp_path / "dashboard_rules.yml"
+    f.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    res = promtool("check", "rules", str(f))
+    _ok(res)
+    assert f"SUCCESS: {len(rules)} rules found" in res.stdout
+
+
+def test_ray_metrics_port_is_set_where_prometheus_scrapes_it():
+    """Ray reads no RAY_METRICS_EXPORT_PORT variable: the agent's port comes from
+    `ray start --metrics-export-port` (or ray.init(_metrics_export_port=...)), random otherwise."""
+    prom = yaml.safe_load(PROM_CONFIG.read_text())
+    ray_job = next(j for j in prom["scrape_configs"] if j["job_name"] == "ray")
+    port = ray_job["static_configs"][0]["targets"][0].rsplit(":", 1)[1]
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    app = compose["services"]["mergeserve"]
+    command = " ".join(app["command"]) if isinstance(app["command"], list) else app["command"]
+    assert f"--metrics-export-port={port}" in command
+    assert "RAY_METRICS_EXPORT_PORT" not in str(app.get("environment", {}))
+    assert re.search(r"mergeserve serve .*--address auto", command)
+    assert f"{port}:{port}" in str(app.get("ports")) or port in str(app.get("expose", ""))
+    assert "./alerts.yml:/etc/prometheus/alerts.yml:ro" in compose["services"]["prometheus"]["volumes"]
+    docs = list(yaml.safe_load_all((DEPLOY / "rayservice.yaml").read_text()))
+    cluster = docs[0]["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    assert all(g["rayStartParams"].get("metrics-export-port") == port for g in groups)
