@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from . import metrics
@@ -40,7 +42,14 @@ def domain_orders(names: list[str], n: int, seed: int) -> list[list[str]]:
 def run_one(
     method: str, ctx: LearnerContext, bench: Benchmark, order: list[str], hyper: dict, bar: tqdm | None = None
 ) -> dict:
-    """One method on one order: returns the accuracy matrix, A_t entries, zero-shot row and metrics."""
+    """One method on one order: returns the accuracy matrix, A_t entries, zero-shot row and metrics.
+
+    ``hyper`` is the method's dict; the strategy parses it (``training.hyper.BENCH_HYPER``), and its
+    ``steps`` / ``lr`` override ``ctx.train`` for this method only.
+
+    Raises:
+        HyperError: an unknown key or a bad value in ``hyper``.
+    """
     s = create_strategy(method, ctx, **hyper)
     doms: list[Domain] = [bench.domain(n) for n in order]
     for d in doms:
@@ -144,8 +153,11 @@ def plot(res: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def parse_hyper(items: list[str]) -> dict[str, dict]:
+def parse_hyper_args(items: list[str]) -> dict[str, dict]:
     """``["adaptive.spc=5", "pam.reinit=zero"]`` → ``{"adaptive": {"spc": 5}, "pam": {"reinit": "zero"}}``.
+
+    Values become an int, else a float, else stay a string; ``BenchConfig`` then validates each method's
+    dict through ``training.hyper`` (unknown keys and out-of-range values fail before any training).
 
     Raises:
         ValueError: for an item not of the form METHOD.KEY=VALUE.
@@ -171,6 +183,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """CLI flags of ``mergeserve bench``."""
     p.add_argument("suite", choices=["dil"], help="benchmark protocol (dil: domain-incremental)")
     p.add_argument("--config", default="digits5", choices=sorted(CONFIGS), help="base experiment config")
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help="CI smoke preset (= --config fast): every method, 2 digits5 domains, 20 steps, 1 order, vit_test",
+    )
     p.add_argument("--benchmark", help="benchmark name (digits5, folder)")
     p.add_argument("--root", help="dataset root for --benchmark folder (root/domain/class/image)")
     p.add_argument("--domains", help="comma-separated domain order (default: the benchmark's)")
@@ -193,25 +210,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``mergeserve bench``."""
-    cfg = CONFIGS[args.config].model_copy(deep=True)
+    cfg = CONFIGS["fast" if args.fast else args.config].model_copy(deep=True)
     upd: dict = {}
     for k in ("benchmark", "orders", "seed", "backbone", "device"):
         if getattr(args, k) is not None:
             upd[k] = getattr(args, k)
     if args.methods:
         upd["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bargs = dict(cfg.benchmark_args)
+    same = not args.benchmark or args.benchmark == cfg.benchmark
+    bargs = dict(cfg.benchmark_args) if same else {}  # a preset's arguments belong to its own benchmark
     if args.root:
         bargs["root"] = args.root
     if args.domains:
         bargs["domains"] = [d.strip() for d in args.domains.split(",")]
     upd["benchmark_args"] = bargs
     if args.hyper:
-        upd["hyper"] = {**cfg.hyper, **parse_hyper(args.hyper)}
+        upd["hyper"] = {**cfg.hyper, **parse_hyper_args(args.hyper)}
     if args.steps is not None:
         upd["train"] = cfg.train.model_copy(update={"steps": args.steps})
     cfg = cfg.model_copy(update=upd)
-    cfg = BenchConfig.model_validate(json.loads(cfg.model_dump_json()))  # re-validate the overrides
+    try:
+        cfg = BenchConfig.model_validate(json.loads(cfg.model_dump_json()))  # re-validate the overrides
+    except ValidationError as e:
+        print(f"mergeserve bench: {'; '.join(err['msg'] for err in e.errors())}", file=sys.stderr)
+        return 2
     res = run_dil(cfg)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
@@ -223,4 +245,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["domain_orders", "format_table", "parse_hyper", "plot", "run_dil", "run_one"]
+__all__ = ["domain_orders", "format_table", "parse_hyper_args", "plot", "run_dil", "run_one"]

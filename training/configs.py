@@ -4,10 +4,22 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, field_validator
 
+from .hyper import parse_bench_hyper
 from .lora import LoraSettings
 from .strategies import STRATEGIES, TrainSettings
 
-ALL_METHODS = ["finetune", "average", "ties", "tall", "magmax", "pam", "adaptive", "joint", "independent"]
+ALL_METHODS = [
+    "finetune",
+    "average",
+    "ties",
+    "tall",
+    "magmax",
+    "pam",
+    "adaptive",
+    "pam_adaptive",
+    "joint",
+    "independent",
+]
 
 
 class BenchConfig(BaseModel):
@@ -32,6 +44,13 @@ class BenchConfig(BaseModel):
             raise ValueError(f"unknown methods {unknown}; registered: {sorted(STRATEGIES)}")
         return v
 
+    @field_validator("hyper")
+    @classmethod
+    def _valid_hyper(cls, v: dict[str, dict]) -> dict[str, dict]:
+        for method, h in v.items():
+            parse_bench_hyper(method, h)  # HyperError (a ValueError) names the method, key and range
+        return v
+
 
 DIGITS5 = BenchConfig()
 """Offline default: all methods, 5 digit domains, 3 orders, vit_tiny_offline, LoRA r=8, 80 steps/domain.
@@ -40,4 +59,16 @@ Run: ``mergeserve bench dil --benchmark digits5 --orders 3 --seed 0 --out result
 Expected (docs/results.md): see the committed table; finishes in under 15 minutes on 2 CPU cores.
 """
 
-CONFIGS: dict[str, BenchConfig] = {"digits5": DIGITS5}
+FAST = BenchConfig(
+    benchmark_args={"domains": ["mnist", "sklearn"], "n_test": 100},  # 2 domains, small held-out splits
+    backbone="vit_test",  # random trunk: no pretraining on first use (minutes); accuracies are not meaningful
+    orders=1,  # one task order
+    train=TrainSettings(steps=20),  # 20 optimizer steps per domain
+)
+"""CI smoke test: every method end to end on 2 digits5 domains (numbers are not meaningful).
+
+Run: ``mergeserve bench dil --fast --out /tmp/fast.json``
+Expected: a full table, all 10 methods; about 1 minute on 2 CPU cores.
+"""
+
+CONFIGS: dict[str, BenchConfig] = {"digits5": DIGITS5, "fast": FAST}

@@ -87,7 +87,7 @@ def test_unknown_method_lists_registered(tiny_ctx):
 
 
 def test_parse_hyper():
-    from training.bench import parse_hyper
+    from training.bench import parse_hyper_args as parse_hyper
 
     assert parse_hyper(["adaptive.spc=5", "adaptive.base=linear", "pam.percent=30.5"]) == {
         "adaptive": {"spc": 5, "base": "linear"},
@@ -95,3 +95,49 @@ def test_parse_hyper():
     }
     with pytest.raises(ValueError, match="METHOD.KEY=VALUE"):
         parse_hyper(["spc=5"])
+
+
+def test_pam_adaptive_aligns_temporaries_and_learns_alpha(tiny_ctx, tiny_bench):
+    tiny_ctx.train.steps, tiny_ctx.train.lr = 6, 0.5  # large steps so alignment has signs to reset
+    s = create_strategy("pam_adaptive", tiny_ctx, every=2, percent=50.0, b_max=2.0, fit_steps=10)
+    for i, d in enumerate(tiny_bench.domains):
+        for _ in range(s.begin_domain(d)):
+            s.train_step(d.x_train[:8], d.y_train[:8])
+        temp = get_adapter(s.trainer.learner.model)
+        glob = s.trainer.global_
+        s.end_domain()
+        assert s.alpha.shape == (i + 1,) and bool((s.alpha > 0).all() and (s.alpha < 2.0).all())
+        pam_global = get_adapter(s.trainer.learner.model)
+        if glob is not None:  # the PAM global the next temporary is cloned from: Avg(W_G, W')
+            for k in temp:
+                torch.testing.assert_close(pam_global[k], (glob[k] + temp[k]) / 2)
+    assert s.trainer.align_calls == 6 and s.trainer.n_reset > 0  # 3 per domain after the first
+    assert len(s.tvs) == 3 and len(s.buffer) == 3 * 3
+    tensors, fmt = s.adapter()
+    assert fmt == "delta" and any(k.endswith(".delta") for k in tensors)
+    assert 0.0 <= s.evaluate(tiny_bench.domains[0]) <= 1.0
+
+
+def test_fast_preset(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from training import bench
+
+    seen = []
+
+    def fake_run_dil(cfg, progress=True):
+        seen.append(cfg)
+        return {"results": {}, "wall_s": 0.0, "device": "cpu"}
+
+    monkeypatch.setattr(bench, "run_dil", fake_run_dil)
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    assert bench.run(p.parse_args(["dil", "--fast", "--out", str(tmp_path / "r.json")])) == 0
+    out = ["--out", str(tmp_path / "r2.json")]
+    assert bench.run(p.parse_args(["dil", "--fast", "--steps", "3", "--hyper", "ties.density=0.2", *out])) == 0
+    fast, custom = seen
+    assert set(fast.methods) == set(STRATEGIES)  # the smoke test covers every method
+    assert (fast.orders, fast.train.steps, len(fast.benchmark_args["domains"])) == (1, 20, 2)
+    assert custom.train.steps == 3 and custom.hyper == {"ties": {"density": 0.2}}
+    assert bench.run(p.parse_args(["dil", "--fast", "--hyper", "ties.density=2", *out])) == 2
+    assert "ties.density=2" in capsys.readouterr().err and len(seen) == 2  # rejected before running

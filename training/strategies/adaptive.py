@@ -1,12 +1,20 @@
 """Adaptive LoRA merging (Coleman et al. 2024): per-domain adapters, coefficients α learned on a buffer.
 
-After each domain: train that domain's LoRA from the common initial adapter, add ``spc`` samples per
-class to the replay buffer, then learn α = σ(c)·b (Eq. 2-3) by backprop through the merge on the buffer.
-Merging happens in ΔW space (exact, no BᵢAⱼ cross terms) with ``merge.linear`` / ``ties`` /
-``dare_ties``; the served adapter is the merged dense delta. Choices the paper leaves open: task vectors
-are ΔW = s·B·A and, for the head, (head − initial head); c starts at the previous domains' learned
-logits and 0 for the new one; DARE masks are fixed during fitting (one seeded generator per step) so the
-loss surface does not move under the optimizer.
+After each domain: keep that domain's LoRA, add ``spc`` samples per class to the replay buffer, then
+learn α = σ(c)·b (Eq. 2-3) by backprop through the merge on the buffer (Eq. 4). Merging happens in ΔW
+space (exact, no BᵢAⱼ cross terms) with ``merge.linear`` / ``ties`` / ``dare_ties``; the served adapter
+is the merged dense delta. Choices the paper leaves open: task vectors are ΔW = s·B·A and, for the head,
+(head − initial head); c starts at the previous domains' learned logits and 0 for the new one; DARE
+masks are fixed during fitting (one seeded generator per step) so the loss surface does not move under
+the optimizer.
+
+Two strategies share :class:`AdaptiveMerge` and differ only in how each domain's adapter is trained:
+
+* ``adaptive``: from the common initial adapter (the paper's setting; :class:`Independent`'s adapters);
+* ``pam_adaptive``: PAM's temporary adapters (see :func:`pam_adaptive`).
+
+:func:`fit_merge` is the one implementation of the fit; ``training.online.fit_adaptive`` (the server)
+calls it too.
 """
 
 from __future__ import annotations
@@ -21,103 +29,171 @@ import merge
 from ..backbones import preprocess
 from ..buffer import ReplayBuffer
 from ..data import Domain
+from ..hyper import AdaptiveFit, TrainHyper
 from ..lora import functional_forward, get_adapter, materialise, to_delta
-from . import register_strategy
-from .base import LearnerContext, LoraLearner, accuracy
-from .sequential import train_independent
+from .base import LearnerContext, accuracy
+from .merging import MergeLearner
+from .sequential import FineTune, Independent, register_parsed
 
-BASES = ("linear", "ties", "dare_ties")
+Adapter = dict[str, torch.Tensor]
 
 
-@register_strategy("adaptive")
+def task_vector(delta: Adapter, init_delta: Adapter) -> Adapter:
+    """τ of one domain adapter in ``delta`` format: ΔW as is (B starts at 0, so ΔW₀ = 0), head − initial head."""
+    return {k: v if k.endswith(".delta") else v - init_delta[k] for k, v in delta.items()}
+
+
+def merge_task_vectors(
+    tvs: list[Adapter], alpha: torch.Tensor, init_delta: Adapter, hyper: AdaptiveFit, seed: int = 0
+) -> Adapter:
+    """Σ-merge of the task vectors with coefficients α through ``hyper.base`` (Coleman et al., Eq. 4).
+
+    Args:
+        tvs: One task vector per domain (:func:`task_vector`).
+        alpha: Coefficients, shape (len(tvs),); may require grad.
+        init_delta: The initial adapter in ``delta`` format (its head is added back).
+        hyper: ``base`` and ``density`` are read.
+        seed: Seed of the DARE masks (``dare_ties`` only).
+
+    Returns:
+        An adapter in ``delta`` format, differentiable w.r.t. ``alpha``.
+    """
+    kw: dict[str, object] = {"density": hyper.density}
+    if hyper.base == "dare_ties":
+        kw["generator"] = torch.Generator().manual_seed(seed)
+    tv = merge.MERGE_METHODS[hyper.base](tvs, alpha, **kw)
+    return {k: v if k.endswith(".delta") else v + init_delta[k] for k, v in tv.items()}
+
+
+def fit_merge(
+    ctx: LearnerContext,
+    tvs: list[Adapter],
+    init_delta: Adapter,
+    buffer: ReplayBuffer,
+    hyper: AdaptiveFit,
+    c_init: torch.Tensor | None = None,
+) -> tuple[Adapter, torch.Tensor, torch.Tensor]:
+    """Learn α on the replay buffer by backprop through the merge, then merge (Coleman et al., Eq. 2-4).
+
+    Adam on (c, b_raw) of :class:`merge.AdaptiveCoefficients` for ``hyper.fit_steps`` full-buffer steps
+    of cross-entropy through :func:`training.lora.functional_forward` (the merged weights are not
+    frozen copies, so gradients reach α).
+
+    Args:
+        ctx: Backbone (never trained) and device.
+        tvs: One task vector per domain, in domain order.
+        init_delta: The initial adapter in ``delta`` format.
+        buffer: Class-balanced samples of the domains seen (non-empty).
+        hyper: ``base``, ``density``, ``b_max``, ``fit_steps``, ``fit_lr``.
+        c_init: Logits of a previous fit (length ≤ len(tvs)); missing entries start at 0. None: all 0.
+
+    Returns:
+        ``(merged, alpha, c)``: the merged adapter (``delta`` format, detached) and α and c on the CPU,
+        each of shape (len(tvs),).
+
+    Raises:
+        ValueError: no task vectors, an empty buffer, or ``c_init`` longer than ``tvs``.
+    """
+    n = len(tvs)
+    c0 = torch.zeros(0) if c_init is None else c_init.detach().cpu().float()
+    if n == 0 or len(c0) > n:
+        raise ValueError(f"need 1 or more task vectors and at most as many initial logits; got {n} and {len(c0)}")
+    x, y = buffer.tensors()
+    coef = merge.AdaptiveCoefficients(n, hyper.b_max, init_c=torch.cat([c0, torch.zeros(n - len(c0))]))
+    coef = coef.to(ctx.device)
+    opt = torch.optim.Adam(coef.parameters(), lr=hyper.fit_lr)
+    x, y = preprocess(ctx.spec, x.to(ctx.device)), y.to(ctx.device)
+    base = ctx.base.to(ctx.device).eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    for _ in range(hyper.fit_steps):
+        loss = F.cross_entropy(functional_forward(base, merge_task_vectors(tvs, coef(), init_delta, hyper), x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    alpha, c = coef().detach().cpu(), coef.c.detach().cpu()
+    merged = {k: v.detach() for k, v in merge_task_vectors(tvs, alpha, init_delta, hyper).items()}
+    return merged, alpha, c
+
+
 class AdaptiveMerge:
-    """One adapter per domain; the served adapter is their merge with learned coefficients."""
+    """One adapter per domain; the served adapter is their merge with learned coefficients.
 
-    def __init__(
-        self,
-        ctx: LearnerContext,
-        base: str = "ties",
-        spc: int = 1,
-        b_max: float = 3.0,
-        density: float = 0.5,
-        fit_steps: int = 60,
-        fit_lr: float = 0.1,
-        **_: object,
-    ) -> None:
-        if base not in BASES:
-            raise ValueError(f"adaptive base must be one of {BASES}, got {base!r}")
-        self.ctx, self.base, self.b_max, self.density = ctx, base, b_max, density
-        self.fit_steps, self.fit_lr = fit_steps, fit_lr
-        self.learner = LoraLearner(ctx)
-        self.buffer = ReplayBuffer(spc, seed=ctx.seed)
-        self.init_delta = to_delta(self.learner.init_adapter, ctx.lora)
-        self.tvs: list[dict[str, torch.Tensor]] = []
+    Args:
+        hyper: The fit's hyper-parameters (``AdaptiveHyper`` or ``PamAdaptiveHyper``).
+        trainer: Trains each domain's adapter (its ``learner`` holds it until ``end_domain``).
+    """
+
+    def __init__(self, hyper: AdaptiveFit, trainer: FineTune) -> None:
+        self.hyper, self.trainer = hyper, trainer
+        self.ctx = trainer.learner.ctx
+        self.buffer = ReplayBuffer(hyper.spc, seed=self.ctx.seed)
+        self.init_delta = to_delta(trainer.learner.init_adapter, self.ctx.lora)
+        self.tvs: list[Adapter] = []
         self.alpha = torch.zeros(0)  # learned α after the last domain
         self.c = torch.zeros(0)  # its logits, carried over as the next fit's starting point
         self.unmerged = False
-        self.merged: dict[str, torch.Tensor] | None = None
-        self.served = None
+        self.merged: Adapter | None = None
+        self.served: torch.nn.Module | None = None
         self.fit_seconds: list[float] = []
 
     def begin_domain(self, domain: Domain) -> int:
         self.domain = domain
         self.unmerged = True  # between training and merging, the trained adapter is what is evaluated
-        return train_independent(self.ctx, self.learner, domain)
+        return self.trainer.begin_domain(domain)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.learner.train_step(x, y)
-
-    def _task_vector(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v if k.endswith(".delta") else v - self.init_delta[k] for k, v in delta.items()}
-
-    def _merge(self, alpha: torch.Tensor, step_seed: int = 0) -> dict[str, torch.Tensor]:
-        kw = {"density": self.density}
-        if self.base == "dare_ties":
-            kw["generator"] = torch.Generator().manual_seed(step_seed)
-        tv = merge.MERGE_METHODS[self.base](self.tvs, alpha, **kw)
-        return {k: v if k.endswith(".delta") else v + self.init_delta[k] for k, v in tv.items()}
+        return self.trainer.train_step(x, y)
 
     def end_domain(self) -> None:
-        ad = get_adapter(self.learner.model)
-        self.ctx.independent_cache.setdefault((self.domain.name, self.ctx.seed), ad)
-        self.tvs.append(self._task_vector(to_delta(ad, self.ctx.lora)))
+        trained = get_adapter(self.trainer.learner.model)  # before the trainer merges it anywhere
+        self.trainer.end_domain()
+        self.tvs.append(task_vector(to_delta(trained, self.ctx.lora), self.init_delta))
         self.buffer.add(self.domain.name, self.domain.x_train, self.domain.y_train)
         t0 = time.perf_counter()
-        self.alpha, self.c = fit_coefficients(self, self.ctx)
-        self.unmerged = False
+        self.merged, self.alpha, self.c = fit_merge(
+            self.ctx, self.tvs, self.init_delta, self.buffer, self.hyper, self.c
+        )
         self.fit_seconds.append(time.perf_counter() - t0)
-        self.merged = {k: v.detach() for k, v in self._merge(self.alpha, 0).items()}
+        self.unmerged = False
         self.served = materialise(self.ctx.base, self.merged).to(self.ctx.device)
 
     def evaluate(self, domain: Domain) -> float:
         if self.served is None or self.unmerged:
-            return self.learner.evaluate(domain)
+            return self.trainer.learner.evaluate(domain)
         return accuracy(self.served, self.ctx.spec, domain, self.ctx.device, self.ctx.train.eval_batch)
 
-    def adapter(self) -> tuple[dict[str, torch.Tensor], str]:
+    def adapter(self) -> tuple[Adapter, str]:
         if self.merged is None:
-            return get_adapter(self.learner.model), "lora"
+            return get_adapter(self.trainer.learner.model), "lora"
         return dict(self.merged), "delta"
 
 
-def fit_coefficients(s: AdaptiveMerge, ctx: LearnerContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Learn α on the replay buffer by backprop through the merge (Coleman et al. 2024, Eq. 2-4).
+def _fit_hyper(hyper: TrainHyper) -> AdaptiveFit:
+    if not isinstance(hyper, AdaptiveFit):
+        raise TypeError(f"adaptive merging needs AdaptiveFit hyper-parameters, got {type(hyper).__name__}")
+    return hyper
 
-    Returns:
-        ``(alpha, c)``, detached, each of shape (number of adapters,).
+
+def adaptive(ctx: LearnerContext, hyper: TrainHyper) -> AdaptiveMerge:
+    """``adaptive``: each domain's LoRA trained from the common initial adapter (the paper's setting)."""
+    return AdaptiveMerge(_fit_hyper(hyper), Independent(ctx, hyper))
+
+
+def pam_adaptive(ctx: LearnerContext, hyper: TrainHyper) -> AdaptiveMerge:
+    """``pam_adaptive``: PAM-aligned temporary LoRAs merged with learned α instead of averaged.
+
+    Choice: the temporaries are exactly PAM's (Alg. 1): cloned from a global LoRA W_{G,t-1}, aligned
+    with it every ``every`` steps, and W_{G,t} = Avg(W_{G,t-1}, W') is kept in factor space only to
+    clone and align the next temporary. It is never served: the served adapter is the α-merge (ΔW
+    space) of all temporaries, fit on the buffer as in ``adaptive``. Cloning from the served α-merge
+    instead would need a lossy SVD back to rank r (the merge of n rank-r deltas has rank up to n·r), and
+    aligning to the previous domain adapter alone would protect only one domain's important weights.
+    Consequence: the temporaries share one lineage, so they are sign-aligned with each other (what PAM
+    wants for merging), and each one's task vector also carries the earlier domains' knowledge.
     """
-    n = len(s.tvs)
-    init = torch.cat([s.c, torch.zeros(n - len(s.c))])
-    coef = merge.AdaptiveCoefficients(n, s.b_max, init_c=init).to(ctx.device)
-    opt = torch.optim.Adam(coef.parameters(), lr=s.fit_lr)
-    x, y = s.buffer.tensors()
-    x, y = preprocess(ctx.spec, x.to(ctx.device)), y.to(ctx.device)
-    base = ctx.base.to(ctx.device).eval()
-    for p in base.parameters():
-        p.requires_grad_(False)
-    for _ in range(s.fit_steps):
-        loss = F.cross_entropy(functional_forward(base, s._merge(coef(), step_seed=0), x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return coef().detach().cpu(), coef.c.detach().cpu()
+    return AdaptiveMerge(_fit_hyper(hyper), MergeLearner(ctx, "pam_adaptive", hyper))
+
+
+register_parsed("adaptive", adaptive)
+register_parsed("pam_adaptive", pam_adaptive)

@@ -5,65 +5,114 @@ post-training merge; ``pam`` adds :func:`merge.pam_align` every ``every`` steps 
 All merge in LoRA factor space, which PAM justifies because the temporary LoRA starts from the global
 one (the cross terms BᵢAⱼ stay small). The first domain has no global LoRA yet: its adapter becomes
 the global one unmerged (Algorithm 1 starts at t = 2).
+
+:func:`combine` is the one merge rule: these strategies and the server (``training.online``) both call
+it, with the hyper-parameters parsed by :mod:`training.hyper`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any
 
 import torch
 
 import merge
 
+from ..hyper import HYPER, PamAlign, TrainHyper
 from ..lora import get_adapter, set_adapter
-from . import register_strategy
 from .base import LearnerContext
-from .sequential import FineTune
+from .sequential import FineTune, register_parsed
 
 Adapter = dict[str, torch.Tensor]
+Rule = Callable[[Adapter, Adapter, Any], Adapter]
 
 
-#: method -> combine(W_G, W') -> W_{G,t}; shared by the strategies below and the server's merge actor.
-COMBINES: dict[str, Callable[[Adapter, Adapter], Adapter]] = {
-    "finetune": lambda g, t: t,
-    "average": lambda g, t: merge.average([g, t]),
-    "pam": lambda g, t: merge.average([g, t]),
-    "ties": lambda g, t: merge.ties([g, t], [1.0, 1.0], 0.5),
-    "tall": lambda g, t: merge.tall_masks([g, t], [0.5, 0.5], 0.4, min_agree=2)[0],
-    "magmax": lambda g, t: merge.magmax([g, t]),
+def _average(g: Adapter, t: Adapter, h: TrainHyper) -> Adapter:
+    return merge.average([g, t])  # PAM paper, Alg. 1: W_{G,t} = Avg(W_{G,t-1}, W')
+
+
+#: method -> rule(W_{G,t-1}, W', hyper) -> W_{G,t}. ``pam_adaptive`` averages into the global LoRA its
+#: temporaries are cloned from and aligned with (the served adapter is their α-merge, see adaptive.py).
+RULES: dict[str, Rule] = {
+    "finetune": lambda g, t, h: dict(t),
+    "average": _average,
+    "pam": _average,
+    "pam_adaptive": _average,
+    # peft's TIES with weights (1, 1): disjoint mean of sign-agreeing top-density entries per tensor
+    "ties": lambda g, t, h: merge.ties([g, t], [1.0, 1.0], h.density),
+    # consensus TALL: τ_MTL = average, kept where both task masks agree (PAM paper, baseline 12)
+    "tall": lambda g, t, h: merge.tall_masks([g, t], [0.5, 0.5], h.lam, min_agree=2)[0],
+    # per element the larger magnitude; ties go to the later adapter (PAM paper, baseline 9)
+    "magmax": lambda g, t, h: merge.magmax([g, t]),
 }
+COMBINE_METHODS = tuple(RULES)
+
+
+def combine_rule(method: str, hyper: TrainHyper) -> Rule:
+    """The merge rule of ``method`` after checking ``hyper`` is that method's model.
+
+    Raises:
+        ValueError: ``method`` has no two-adapter merge (``adaptive`` merges all domain adapters with
+            learned α instead), listing those that do.
+        TypeError: ``hyper`` is not an instance of ``HYPER[method]`` (e.g. a dict, or another method's).
+    """
+    if method not in RULES:
+        raise ValueError(f"method {method!r} has no global-LoRA merge; methods with one: {list(COMBINE_METHODS)}")
+    if not isinstance(hyper, HYPER[method]):
+        raise TypeError(f"{method}: hyper must be {HYPER[method].__name__} (parse_hyper), got {type(hyper).__name__}")
+    return RULES[method]
+
+
+def combine(method: str, global_: Adapter, temp: Adapter, hyper: TrainHyper) -> Adapter:
+    """``W_{G,t} = merge(W_{G,t-1}, W')`` in LoRA factor space (PAM paper, Alg. 1, last line).
+
+    Args:
+        method: One of :data:`COMBINE_METHODS`.
+        global_: The global adapter the temporary one was cloned from (``lora`` format).
+        temp: The trained temporary adapter; same keys and shapes.
+        hyper: ``HYPER[method]`` instance (``ties.density``, ``tall.lam`` are read from it).
+
+    Returns:
+        A new adapter; the inputs are not modified.
+
+    Raises:
+        ValueError: unknown method or one without a two-adapter merge; mismatched adapters.
+        TypeError: ``hyper`` of the wrong model.
+    """
+    return combine_rule(method, hyper)(global_, temp, hyper)
 
 
 class MergeLearner(FineTune):
-    """Temporary LoRA cloned from the global one, optionally PAM-aligned, merged back by ``combine``."""
+    """Temporary LoRA cloned from the global one, PAM-aligned when ``hyper`` has PAM's fields, merged back.
 
-    def __init__(
-        self,
-        ctx: LearnerContext,
-        combine: Callable[[Adapter, Adapter], Adapter],
-        align_percent: float | None = None,
-        every: int = 20,
-        reinit: Literal["global", "zero"] = "global",
-        **_: object,
-    ) -> None:
-        super().__init__(ctx)
-        if every < 1:
-            raise ValueError(f"alignment schedule 'every' must be >= 1, got {every}")
-        self.combine, self.percent, self.every, self.reinit = combine, align_percent, every, reinit
+    Args:
+        ctx: Backbone, LoRA and training settings (``hyper.steps`` / ``hyper.lr`` override the latter).
+        method: One of :data:`COMBINE_METHODS`; picks the merge rule.
+        hyper: ``HYPER[method]``; an instance of :class:`~training.hyper.PamAlign` turns alignment on.
+
+    Raises:
+        ValueError, TypeError: as :func:`combine_rule`, at construction rather than after training.
+    """
+
+    def __init__(self, ctx: LearnerContext, method: str, hyper: TrainHyper) -> None:
+        combine_rule(method, hyper)
+        super().__init__(ctx, hyper)
+        self.method, self.hyper = method, hyper
+        self.align: PamAlign | None = hyper if isinstance(hyper, PamAlign) else None
         self.global_: Adapter | None = None  # W_{G,t-1}; None before the first domain is learned
-        self.seen = 0
         self.n_reset = 0  # elements re-initialised by alignment, over the whole run
         self.align_calls = 0
 
     def begin_domain(self, domain: object) -> int:
-        self.global_ = get_adapter(self.learner.model) if self.seen else None  # W' = W_{G,t-1}: a clone
+        self.global_ = get_adapter(self.learner.model) if self.n_domains else None  # W' = W_{G,t-1}: a clone
         return super().begin_domain(domain)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = self.learner.train_step(x, y)
-        if self.percent is not None and self.global_ is not None and self.learner.step % self.every == 0:
-            aligned, n = merge.pam_align(get_adapter(self.learner.model), self.global_, self.percent, self.reinit)
+        a = self.align
+        if a is not None and self.global_ is not None and self.learner.step % a.every == 0:
+            aligned, n = merge.pam_align(get_adapter(self.learner.model), self.global_, a.percent, a.reinit)
             set_adapter(self.learner.model, aligned)
             self.n_reset += n
             self.align_calls += 1
@@ -71,38 +120,10 @@ class MergeLearner(FineTune):
 
     def end_domain(self) -> None:
         super().end_domain()
-        self.seen += 1
         if self.global_ is not None:
-            set_adapter(self.learner.model, self.combine(self.global_, get_adapter(self.learner.model)))
+            merged = combine(self.method, self.global_, get_adapter(self.learner.model), self.hyper)
+            set_adapter(self.learner.model, merged)
 
 
-@register_strategy("average")
-def average(ctx: LearnerContext, **_: object) -> MergeLearner:
-    """Avg(W_G, W') without alignment (PAM paper, baseline 10)."""
-    return MergeLearner(ctx, COMBINES["average"])
-
-
-@register_strategy("pam")
-def pam(
-    ctx: LearnerContext, percent: float = 50.0, every: int = 20, reinit: str = "global", **_: object
-) -> MergeLearner:
-    """PAM: p = 50% as in the paper; s = 20 because our domains take 80 steps, not thousands (paper: 100)."""
-    return MergeLearner(ctx, COMBINES["pam"], align_percent=percent, every=every, reinit=reinit)
-
-
-@register_strategy("ties")
-def ties(ctx: LearnerContext, density: float = 0.5, **_: object) -> MergeLearner:
-    """peft's TIES of (W_G, W') with weights (1, 1): disjoint mean of sign-agreeing top-``density`` entries."""
-    return MergeLearner(ctx, lambda g, t: merge.ties([g, t], [1.0, 1.0], density))
-
-
-@register_strategy("tall")
-def tall(ctx: LearnerContext, lam: float = 0.4, **_: object) -> MergeLearner:
-    """Consensus TALL of (W_G, W'): τ_MTL = average, kept where both task masks agree (λ = 0.4)."""
-    return MergeLearner(ctx, lambda g, t: merge.tall_masks([g, t], [0.5, 0.5], lam, min_agree=2)[0])
-
-
-@register_strategy("magmax")
-def magmax(ctx: LearnerContext, **_: object) -> MergeLearner:
-    """MagMax of (W_G, W'): per element the larger magnitude (PAM paper, baseline 9)."""
-    return MergeLearner(ctx, COMBINES["magmax"])
+for _method in ("average", "pam", "ties", "tall", "magmax"):
+    register_parsed(_method, lambda ctx, h, m=_method: MergeLearner(ctx, m, h))

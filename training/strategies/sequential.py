@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping
+
 import torch
 
 from ..data import Domain
+from ..hyper import BENCH_HYPER, TrainHyper, parse_bench_hyper
 from ..lora import get_adapter, set_adapter
-from . import register_strategy
+from . import Strategy, register_strategy
 from .base import LearnerContext, LoraLearner
 
 
-@register_strategy("finetune")
+def train_context(ctx: LearnerContext, hyper: TrainHyper | None) -> LearnerContext:
+    """``ctx`` with the hyper-parameters' ``steps`` / ``lr`` applied to its training settings.
+
+    The settings are re-validated (``model_copy(update=...)`` would not be). A changed recipe gets an
+    empty ``independent_cache``: adapters cached under the other recipe would be silently reused.
+
+    Args:
+        ctx: The context as configured (server or bench config).
+        hyper: A method's parsed hyper-parameters; ``None`` fields keep ``ctx.train``'s values.
+
+    Returns:
+        ``ctx`` itself when nothing changes, else a copy sharing the zero-shot cache.
+    """
+    upd = {k: getattr(hyper, k) for k in ("steps", "lr") if hyper is not None and getattr(hyper, k) is not None}
+    if all(getattr(ctx.train, k) == v for k, v in upd.items()):
+        return ctx
+    train = type(ctx.train).model_validate({**ctx.train.model_dump(), **upd})
+    return dataclasses.replace(ctx, train=train, independent_cache={})
+
+
 class FineTune:
     """One LoRA trained sequentially on every domain: the forgetting baseline (PAM paper, baseline 4)."""
 
@@ -18,9 +41,25 @@ class FineTune:
     # adapter, batches and optimizer), so it is shared through ctx.independent_cache.
     shares_first_domain = True
 
-    def __init__(self, ctx: LearnerContext, **_: object) -> None:
-        self.learner = LoraLearner(ctx)
+    def __init__(self, ctx: LearnerContext, hyper: TrainHyper | None = None) -> None:
+        self.learner = LoraLearner(train_context(ctx, hyper))
         self.n_domains = 0
+
+    def resume(self, adapter: Mapping[str, torch.Tensor] | None, n_seen: int) -> None:
+        """Continue from stored state (the server's jobs): ``adapter`` already holds ``n_seen`` domains.
+
+        Args:
+            adapter: A ``lora``-format adapter, or None to keep the initial one (only with ``n_seen == 0``).
+            n_seen: Domains already learned; 0 trains the next domain as the first one.
+
+        Raises:
+            ValueError: ``n_seen > 0`` without an adapter (it would restart from the initial adapter).
+        """
+        if n_seen < 0 or (n_seen > 0 and adapter is None):
+            raise ValueError(f"resuming after {n_seen} domains needs their lora-format adapter")
+        if adapter is not None:
+            set_adapter(self.learner.model, adapter)
+        self.n_domains = n_seen
 
     def begin_domain(self, domain: Domain) -> int:
         self.current = domain.name
@@ -45,7 +84,6 @@ class FineTune:
         return get_adapter(self.learner.model), "lora"
 
 
-@register_strategy("joint")
 class Joint(FineTune):
     """Upper bound: one LoRA trained on the union of all domains seen so far.
 
@@ -56,8 +94,8 @@ class Joint(FineTune):
 
     shares_first_domain = False  # its batches come from its own pool generator
 
-    def __init__(self, ctx: LearnerContext, **_: object) -> None:
-        super().__init__(ctx)
+    def __init__(self, ctx: LearnerContext, hyper: TrainHyper | None = None) -> None:
+        super().__init__(ctx, hyper)
         self.pool_x: list[torch.Tensor] = []
         self.pool_y: list[torch.Tensor] = []
         self.gen = torch.Generator().manual_seed(ctx.seed + 7)
@@ -87,7 +125,6 @@ def train_independent(ctx: LearnerContext, learner: LoraLearner, domain: Domain)
     return ctx.train.steps
 
 
-@register_strategy("independent")
 class Independent(FineTune):
     """Oracle: one LoRA per domain from the same initial adapter, each evaluated on its own domain.
 
@@ -95,9 +132,9 @@ class Independent(FineTune):
     with the most recent adapter.
     """
 
-    def __init__(self, ctx: LearnerContext, **_: object) -> None:
-        super().__init__(ctx)
-        self.ctx = ctx
+    def __init__(self, ctx: LearnerContext, hyper: TrainHyper | None = None) -> None:
+        super().__init__(ctx, hyper)
+        self.ctx = self.learner.ctx
         self.per_domain: dict[str, dict[str, torch.Tensor]] = {}
 
     def begin_domain(self, domain: Domain) -> int:
@@ -118,3 +155,22 @@ class Independent(FineTune):
         acc = self.learner.evaluate(domain)
         set_adapter(self.learner.model, live)
         return acc
+
+
+def register_parsed(name: str, build: Callable[[LearnerContext, TrainHyper], Strategy]) -> None:
+    """Register strategy ``name`` as ``(ctx, **hyper) -> build(ctx, parse_bench_hyper(name, hyper))``.
+
+    Every strategy's keyword hyper-parameters go through its strict model (:data:`training.hyper.BENCH_HYPER`),
+    so the bench rejects an unknown key or a bad value exactly as the server does.
+    """
+
+    def factory(ctx: LearnerContext, **hyper: object) -> Strategy:
+        return build(ctx, parse_bench_hyper(name, hyper))
+
+    factory.__doc__ = f"``{name}``; hyper-parameters: ``{BENCH_HYPER[name].__name__}``."
+    register_strategy(name)(factory)
+
+
+register_parsed("finetune", FineTune)
+register_parsed("joint", Joint)
+register_parsed("independent", Independent)
