@@ -448,9 +448,12 @@ def rss_table(procs: list) -> tuple[list[tuple[int, str, float, float | None]], 
 
 
 def _short(cmd: str, width: int = 60) -> str:
+    """A process's command line, short: no interpreter, basenames, no path-valued or long arguments."""
     parts = cmd.split()
-    if parts and "/" in parts[0]:
-        parts[0] = os.path.basename(parts[0])
+    if parts and os.path.basename(parts[0]).startswith("python"):
+        parts = [a for a in parts[1:] if a not in ("-u", "-m")]
+    if parts:
+        parts = [os.path.basename(parts[0])] + [a for a in parts[1:] if "/" not in a and len(a) <= 24]
     s = " ".join(parts)
     return s if len(s) <= width else s[: width - 1] + "…"
 

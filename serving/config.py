@@ -6,8 +6,7 @@ import os
 
 from pydantic import BaseModel, Field
 
-from training.lora import LoraSettings
-from training.settings import TrainSettings
+from training.settings import LoraSettings, TrainSettings
 
 
 def _default_data_dir() -> str:

@@ -29,6 +29,28 @@ def _report(controller: ray.actor.ActorHandle, job_id: str, step: int, total: in
     controller.progress.remote(job_id, step, total, loss)
 
 
+@ray.remote
+class Worker:
+    """The worker's Ray actor: a shell that imports torch in its own process only (the controller never does)."""
+
+    def __init__(self, cfg: dict) -> None:
+        from .worker import IngestWorker
+
+        self.w = IngestWorker(cfg)
+
+    def ping(self) -> bool:
+        return True
+
+    def initial(self) -> dict:
+        return self.w.initial()
+
+    def train(self, job: dict, parent: dict, progress: object) -> tuple[dict, dict]:
+        return self.w.train(job, parent, progress)
+
+    def merge(self, job: dict, parent: dict, temp: dict, version: int) -> dict:
+        return self.w.merge(job, parent, temp, version)
+
+
 class RemoteWorker:
     """The pipeline's worker interface over the Ray actor; recreates the actor after it died."""
 
@@ -38,13 +60,9 @@ class RemoteWorker:
 
     def get(self) -> ray.actor.ActorHandle:
         if self.handle is None:
-            from .worker import Worker  # torch lives in the worker's process only
-
-            self.handle = (
-                ray.remote(Worker)
-                .options(name=WORKER, namespace=NAMESPACE, num_cpus=0.5, num_gpus=self.cfg.trainer_num_gpus,
-                         max_restarts=-1, get_if_exists=True)
-                .remote(self.cfg.model_dump(mode="json"))
+            opts = {"name": WORKER, "namespace": NAMESPACE, "max_restarts": -1, "get_if_exists": True}
+            self.handle = Worker.options(num_cpus=0.5, num_gpus=self.cfg.trainer_num_gpus, **opts).remote(
+                self.cfg.model_dump(mode="json")
             )
         return self.handle
 

@@ -1,6 +1,6 @@
 """The ingest pipeline as plain functions over the data directory: accept → train → merge → gate → persist →
 activate, plus recovery after a crash. No Ray here: the controller actor is a thin shell around
-:class:`Pipeline`, and tests drive it directly with a local :class:`~serving.worker.Worker`.
+:class:`Pipeline`, and tests drive it directly with a local :class:`~serving.worker.IngestWorker`.
 
 Durability, in order: a domain's data (fsynced) before its job row, so a 202 is never an orphan job; the
 adapter file (weights, then manifest with checksum) before its database record; the version, its accuracy,

@@ -41,16 +41,13 @@ def make_context(cfg: ServerConfig) -> LearnerContext:
     return LearnerContext(get_spec(cfg.backbone), base.to(device), cfg.lora, cfg.train, cfg.seed, device)
 
 
-class Worker:
-    """Plain class; the controller runs it as a Ray actor, tests call it in process."""
+class IngestWorker:
+    """Plain class; the controller runs it inside its ``Worker`` actor, tests call it in process."""
 
     def __init__(self, cfg: ServerConfig | dict) -> None:
         self.cfg = ServerConfig.model_validate(cfg)
         self.ctx = make_context(self.cfg)
         self.store = AdapterStore(self.cfg.path("adapters"))
-
-    def ping(self) -> bool:
-        return True
 
     def initial(self) -> dict:
         """Persist ``global@v0``: the backbone's seeded head and LoRA at its initialisation (ΔW = 0)."""

@@ -16,3 +16,21 @@ class TrainSettings(BaseModel):
     lr: float = Field(3e-3, gt=0, description="AdamW learning rate for LoRA factors and head")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0: decay would pull LoRA to 0)")
     eval_batch: int = Field(512, ge=1, description="images per forward pass when evaluating")
+
+
+class LoraSettings(BaseModel):
+    """LoRA hyper-parameters (defaults: small-backbone setting; PAM uses rank 32 on ViT-B/16)."""
+
+    rank: int = Field(8, ge=1, description="LoRA rank r")
+    alpha: float = Field(16.0, gt=0, description="lora_alpha; scaling s = alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    targets: tuple[str, ...] | None = Field(
+        None,
+        description="leaf names of target nn.Linear / 1×1 nn.Conv2d modules; None: the backbone's lora_targets "
+        "(without a spec: every such module outside the classifier)",
+    )
+
+    @property
+    def scaling(self) -> float:
+        """s = alpha / r."""
+        return self.alpha / self.rank

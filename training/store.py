@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from .lora import LoraSettings
+from .settings import LoraSettings
 
 if TYPE_CHECKING:
     import torch

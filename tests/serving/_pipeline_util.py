@@ -8,7 +8,7 @@ import numpy as np
 
 from serving.config import ServerConfig
 from serving.pipeline import Pipeline, Submission
-from serving.worker import Worker
+from serving.worker import IngestWorker
 
 CLASSES = ["a", "b", "c"]
 
@@ -42,10 +42,10 @@ def submission(name: str, seed: int = 0, method: str = "pam", **kw) -> Submissio
 
 
 class LocalWorker:
-    """The worker interface over an in-process :class:`Worker` (methods run in a thread)."""
+    """The worker interface over an in-process :class:`IngestWorker` (methods run in a thread)."""
 
     def __init__(self, cfg: ServerConfig) -> None:
-        self.w = Worker(cfg)
+        self.w = IngestWorker(cfg)
 
     async def train(self, job: dict, parent: dict, progress: object) -> tuple:
         return await asyncio.to_thread(self.w.train, job, parent, progress)
