@@ -4,6 +4,10 @@ Merging A and B separately is *not* merging ΔW (cross terms BᵢAⱼ, peft issu
 exact; factor space is what PAM does and is defensible only because the temporary LoRA starts from the
 global one. Keys follow peft's saved format: ``<module>.lora_A.weight`` (r × in) and
 ``<module>.lora_B.weight`` (out × r); every other key (e.g. a trained classifier head) passes through.
+
+Conv LoRA (peft on ``nn.Conv2d``): A is a conv (r × in × kh × kw) and B a 1×1 conv (out × r × 1 × 1), so
+ΔW = s·(B₂·A₂) reshaped to (out × in × kh × kw), with B₂, A₂ the factors flattened to matrices; for a
+1×1 conv that is (out × in × 1 × 1). This is the weight peft's ``merge_and_unload`` adds.
 """
 
 from __future__ import annotations
@@ -41,6 +45,16 @@ def _scale(scaling: float | Mapping[str, float], module: str) -> float:
     return float(scaling[module]) if isinstance(scaling, Mapping) else float(scaling)
 
 
+def _product(m: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """B·A for linear (2-D) or conv (4-D) factors, shaped like the target's weight."""
+    if a.dim() == b.dim() == 2:
+        return b @ a  # (out, r) @ (r, in) -> (out, in)
+    if a.dim() == b.dim() == 4 and b.shape[2:] == (1, 1):
+        # B is a 1×1 conv applied after A: ΔW[o, i, h, w] = Σ_r B[o, r] · A[r, i, h, w].
+        return (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])
+    raise ValueError(f"{m!r}: LoRA factors of shapes {tuple(a.shape)}, {tuple(b.shape)} are neither linear nor conv")
+
+
 def lora_to_delta(sd: Mapping[str, torch.Tensor], scaling: float | Mapping[str, float]) -> dict[str, torch.Tensor]:
     """ΔW = s·B·A for every LoRA module; non-LoRA keys are copied.
 
@@ -49,17 +63,16 @@ def lora_to_delta(sd: Mapping[str, torch.Tensor], scaling: float | Mapping[str, 
         scaling: s = lora_alpha / r (or / √r with rslora), one float or one per module.
 
     Returns:
-        ``{module + ".delta": ΔW (out × in)}`` plus the passed-through keys.
+        ``{module + ".delta": ΔW}`` plus the passed-through keys; ΔW is (out × in) for a linear target and
+        (out × in × kh × kw), the conv weight's shape, for a conv target.
 
     Raises:
-        ValueError: if a factor is not 2-D (conv LoRA is not supported) or factors are unpaired.
+        ValueError: if factors are unpaired or their shapes are neither linear (2-D, 2-D) nor conv
+            (4-D, 4-D with a 1×1 B).
     """
     out: dict[str, torch.Tensor] = {}
     for m in lora_modules(sd):
-        a, b = sd[m + _A], sd[m + _B]
-        if a.dim() != 2 or b.dim() != 2:
-            raise ValueError(f"{m!r}: only 2-D (linear) LoRA factors are supported")
-        out[m + ".delta"] = _scale(scaling, m) * (b @ a)  # (out, r) @ (r, in) -> (out, in)
+        out[m + ".delta"] = _scale(scaling, m) * _product(m, sd[m + _A], sd[m + _B])
     out.update({k: v.clone() for k, v in sd.items() if not _is_factor(k)})
     return out
 
@@ -70,7 +83,9 @@ def delta_to_lora(
     """Factor each ΔW back into LoRA factors by truncated SVD; exact when rank(ΔW) ≤ ``rank``.
 
     ΔW/s = U·S·Vᴴ, B = U[:, :r]·√S[:r], A = √S[:r]·Vᴴ[:r]; the singular values are split evenly so
-    that neither factor dominates the other's scale when training resumes from them.
+    that neither factor dominates the other's scale when training resumes from them. A 4-D (conv) ΔW
+    is factored as the matrix (out × in·kh·kw) and gives conv factors A (r × in × kh × kw) and
+    B (out × r × 1 × 1), the shapes peft uses.
 
     Args:
         deltas: Output of :func:`lora_to_delta` (``<module>.delta`` keys; others pass through).
@@ -81,7 +96,7 @@ def delta_to_lora(
         A LoRA state dict with ``lora_A``/``lora_B`` keys.
 
     Raises:
-        ValueError: if ``rank < 1``.
+        ValueError: if ``rank < 1`` or a ΔW is neither 2-D nor 4-D.
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
@@ -91,13 +106,18 @@ def delta_to_lora(
             out[k] = v.clone()
             continue
         m = k[: -len(".delta")]
-        u, s, vh = torch.linalg.svd(v.float() / _scale(scaling, m), full_matrices=False)
+        if v.dim() not in (2, 4):
+            raise ValueError(f"{k!r}: ΔW must be 2-D (linear) or 4-D (conv), got shape {tuple(v.shape)}")
+        mat = v.flatten(1)  # conv (out, in, kh, kw) -> (out, in·kh·kw); linear unchanged
+        u, s, vh = torch.linalg.svd(mat.float() / _scale(scaling, m), full_matrices=False)
         r = min(rank, s.numel())
         root = s[:r].sqrt()
-        b = torch.zeros(v.shape[0], rank, dtype=v.dtype, device=v.device)
-        a = torch.zeros(rank, v.shape[1], dtype=v.dtype, device=v.device)
+        b = torch.zeros(mat.shape[0], rank, dtype=v.dtype, device=v.device)
+        a = torch.zeros(rank, mat.shape[1], dtype=v.dtype, device=v.device)
         b[:, :r] = (u[:, :r] * root).to(v.dtype)
         a[:r] = (root[:, None] * vh[:r]).to(v.dtype)
+        if v.dim() == 4:
+            a, b = a.reshape(rank, *v.shape[1:]), b.reshape(*b.shape, 1, 1)
         out[m + _A], out[m + _B] = a, b
     return out
 

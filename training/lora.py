@@ -3,9 +3,13 @@
 An adapter is a flat ``dict[str, Tensor]`` in one of two formats:
 
 * ``lora``: peft's saved state dict (``<module>.lora_A.weight`` / ``lora_B.weight`` plus the shared
-  classifier ``head.*``), what PAM and the averaging baselines train and merge in factor space;
-* ``delta``: dense ΔW per target module (``<module>.delta``) plus ``head.*``, what exact delta-space
+  classifier, ``<head>.*`` where ``head`` is the backbone's ``BackboneSpec.head``: ``head`` for ViTs,
+  ``classifier`` for EfficientNet), what PAM and the averaging baselines train and merge in factor space;
+* ``delta``: dense ΔW per target module (``<module>.delta``) plus ``<head>.*``, what exact delta-space
   merges (adaptive coefficients over TIES / DARE) produce.
+
+Targets are ``nn.Linear`` layers (factors r × in, out × r) or 1×1 ``nn.Conv2d`` layers (factors
+r × in × 1 × 1, out × r × 1 × 1, ΔW out × in × 1 × 1); see :mod:`merge.lora`.
 
 Keys are relative to the *bare* backbone (peft's ``base_model.model.`` prefix stripped), so both
 formats fold into the same backbone with :func:`materialise` for zero-overhead serving.
@@ -15,61 +19,108 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from pydantic import BaseModel, Field
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 import merge
 
+from .settings import LoraSettings
+
+if TYPE_CHECKING:
+    from .backbones import BackboneSpec
+
 PREFIX = "base_model.model."
 
 
-class LoraSettings(BaseModel):
-    """LoRA hyper-parameters (defaults: small-backbone setting; PAM uses rank 32 on ViT-B/16)."""
-
-    rank: int = Field(8, ge=1, description="LoRA rank r")
-    alpha: float = Field(16.0, gt=0, description="lora_alpha; scaling s = alpha / r")
-    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
-    targets: tuple[str, ...] = Field(("qkv", "proj", "fc1", "fc2"), description="leaf names of target Linears")
-
-    @property
-    def scaling(self) -> float:
-        """s = alpha / r."""
-        return self.alpha / self.rank
+def _is_target_kind(m: nn.Module) -> bool:
+    # A 1×1, ungrouped conv is a per-pixel linear map, so ΔW = s·B·A holds exactly as for nn.Linear.
+    if isinstance(m, nn.Conv2d):
+        return tuple(m.kernel_size) == (1, 1) and m.groups == 1
+    return isinstance(m, nn.Linear)
 
 
-def target_module_names(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
-    """Full names of the ``nn.Linear`` modules whose leaf name is in ``targets``.
+def classifier_name(model: nn.Module) -> str:
+    """Module name of a timm model's classifier (the module ``get_classifier()`` returns).
 
-    Derived from the model rather than hard-coded, so ``patch_embed.proj`` (a conv) is never targeted
-    and renamed projections in other libraries are caught by configuring ``targets``.
+    Raises:
+        ValueError: if the model has no ``get_classifier`` or it returns no submodule.
+    """
+    clf = model.get_classifier() if hasattr(model, "get_classifier") else None
+    for n, m in model.named_modules():
+        if n and m is clf:
+            return n
+    raise ValueError(f"{type(model).__name__}: cannot tell its classifier module; pass the backbone's spec")
+
+
+def target_module_names(model: nn.Module, targets: tuple[str, ...] | None, head: str | None = None) -> list[str]:
+    """Full names of the ``nn.Linear`` and 1×1 ``nn.Conv2d`` modules whose leaf name is in ``targets``.
+
+    Derived from the model rather than hard-coded, so ``patch_embed.proj`` (an 8×8 conv) and depthwise
+    convs are never targeted, and renamed modules in other library versions are caught by ``targets``.
+
+    Args:
+        model: The bare backbone.
+        targets: Leaf names to match; None: every nn.Linear / 1×1 conv outside ``head``.
+        head: The classifier module, never a LoRA target (it is trained in full).
 
     Raises:
         ValueError: if nothing matches.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
+
+    def in_head(n: str) -> bool:
+        return head is not None and (n == head or n.startswith(head + "."))
+
+    names = [
+        n
+        for n, m in model.named_modules()
+        if n and _is_target_kind(m) and not in_head(n) and (targets is None or n.split(".")[-1] in targets)
+    ]
     if not names:
-        raise ValueError(f"no nn.Linear named {targets} in {type(model).__name__}")
+        raise ValueError(f"no nn.Linear or 1×1 nn.Conv2d named {targets} in {type(model).__name__}")
     return names
 
 
-def attach_lora(model: nn.Module, cfg: LoraSettings, seed: int = 0) -> PeftModel:
-    """Wrap ``model`` (in place) with LoRA on its targets; the ``head`` is trained and saved in full.
+def attach_lora(model: nn.Module, cfg: LoraSettings, seed: int = 0, spec: BackboneSpec | None = None) -> PeftModel:
+    """Wrap ``model`` (in place) with LoRA on its targets; the classifier is trained and saved in full.
 
     The LoRA A factors are initialised from ``seed`` so every strategy starts from the same adapter.
+
+    Args:
+        model: The bare backbone.
+        cfg: LoRA settings; ``cfg.targets`` None uses the spec's ``lora_targets``.
+        seed: Seed of the LoRA initialisation.
+        spec: The backbone's registry entry (classifier name, default targets). None: derive both from
+            the model (timm's ``get_classifier()``; every nn.Linear / 1×1 conv outside it).
+
+    Raises:
+        ValueError: if no target matches, or peft's name-suffix rule for ``modules_to_save`` would wrap
+            more than the classifier (e.g. ``head`` also matches ``conv_head``).
     """
+    head = spec.head if spec is not None else classifier_name(model)
+    targets = cfg.targets if cfg.targets is not None else (spec.lora_targets if spec is not None else None)
+    # peft picks modules_to_save by `name.endswith(entry)`, with no way to anchor it: refuse a head name
+    # that is a suffix of another module's name instead of letting peft wrap (or fail on) that one too.
+    clash = [n for n, _ in model.named_modules() if n != head and n.endswith(head)]
+    if clash:
+        raise ValueError(f"classifier {head!r} is a suffix of {clash[:3]}: peft's modules_to_save would match them")
     lc = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=target_module_names(model, cfg.targets),
-        modules_to_save=["head"],
+        target_modules=target_module_names(model, targets, head),
+        modules_to_save=[head],
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return get_peft_model(model, lc)
+        pm = get_peft_model(model, lc)
+    wrapped = [n.removeprefix(PREFIX) for n, m in pm.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    if wrapped != [head]:
+        raise ValueError(f"peft wrapped {wrapped} for modules_to_save, expected exactly [{head!r}]")
+    return pm
 
 
 def get_adapter(pm: PeftModel) -> dict[str, torch.Tensor]:
@@ -104,34 +155,53 @@ def to_delta(adapter: Mapping[str, torch.Tensor], cfg: LoraSettings) -> dict[str
     return merge.lora_to_delta(adapter, cfg.scaling)
 
 
+def _target(params: Mapping[str, torch.Tensor], k: str, v: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """The parameter name a ``delta``-format key writes, and its value shaped like that parameter.
+
+    A 1×1 conv's ΔW may come as (out, in) or (out, in, 1, 1); anything else must match exactly, because
+    broadcasting a wrong shape would silently corrupt the weight.
+    """
+    name = k[: -len(".delta")] + ".weight" if k.endswith(".delta") else k
+    if name not in params:
+        raise KeyError(f"adapter key {k!r} has no parameter {name!r} in the backbone")
+    p = params[name]
+    if v.shape != p.shape:
+        if not (k.endswith(".delta") and p.dim() == 4 and p.shape[2:] == (1, 1) and v.shape == p.shape[:2]):
+            raise ValueError(f"adapter key {k!r}: shape {tuple(v.shape)}, parameter {name!r} has {tuple(p.shape)}")
+        v = v.reshape(p.shape)
+    return name, v
+
+
 @torch.no_grad()
 def materialise(base: nn.Module, delta: Mapping[str, torch.Tensor]) -> nn.Module:
     """A copy of the bare ``base`` with every ΔW added to its weight and the head replaced.
 
-    Serving uses this: inference then costs exactly the bare backbone's forward pass.
+    Serving uses this: inference then costs exactly the bare backbone's forward pass. Linear and conv
+    targets alike: a conv's ΔW has the conv weight's shape (out, in, 1, 1).
 
     Raises:
         KeyError: if a delta names a module the backbone does not have.
+        ValueError: if a tensor's shape does not fit its parameter.
     """
     model = copy.deepcopy(base)
     params = dict(model.named_parameters())
     for k, v in delta.items():
-        name = k[: -len(".delta")] + ".weight" if k.endswith(".delta") else k
-        if name not in params:
-            raise KeyError(f"adapter key {k!r} has no parameter {name!r} in the backbone")
+        name, v = _target(params, k, v)
         p = params[name]
         p.copy_(p + v.to(p.dtype) if k.endswith(".delta") else v.to(p.dtype))
     return model.eval()
 
 
 def functional_forward(base: nn.Module, delta: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``base`` with ``delta`` applied, differentiably w.r.t. the delta (for learning merge coefficients)."""
+    """``base`` with ``delta`` applied, differentiably w.r.t. the delta (for learning merge coefficients).
+
+    Raises:
+        KeyError: if a delta names a module the backbone does not have.
+        ValueError: if a tensor's shape does not fit its parameter.
+    """
     params = dict(base.named_parameters())
     over = {}
     for k, v in delta.items():
-        if k.endswith(".delta"):
-            name = k[: -len(".delta")] + ".weight"
-            over[name] = params[name] + v
-        else:
-            over[k] = v
+        name, v = _target(params, k, v)
+        over[name] = params[name] + v if k.endswith(".delta") else v
     return torch.func.functional_call(base, over, (x,))

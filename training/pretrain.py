@@ -1,17 +1,21 @@
 """``mergeserve pretrain``: reproducibly pretrain the offline default backbone (``vit_tiny_offline``).
 
 Run: ``mergeserve pretrain`` (≈4 min on 2 CPU cores). Expected: held-out accuracy 0.551 on the 36-class
-letters+shapes task (chance 0.028). The default configuration calls this on first use and caches the result at
-``~/.cache/mergeserve/backbones/vit_tiny_offline.safetensors`` with its provenance in the file's metadata
-and a JSON sidecar. Deterministic for a given seed and torch version (torch threads pinned, see PretrainConfig).
+letters+shapes task (chance 0.028). The result ships with the package (``training/assets/``, made with
+``mergeserve pretrain --out training/assets/vit_tiny_offline.safetensors``); by default this writes
+``~/.cache/mergeserve/backbones/vit_tiny_offline.safetensors``, which then overrides the shipped file. Provenance
+(command, config, accuracy, torch version) goes into the file's metadata and a JSON sidecar that also holds the
+file's sha256. Deterministic for a given seed and torch version (torch threads pinned, see PretrainConfig).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
+import shlex
 import time
 from dataclasses import asdict, dataclass
 
@@ -34,16 +38,19 @@ class PretrainConfig:
     threads: int = 2  # torch threads during pretraining (results depend on it)
 
 
-def pretrain(out: str, cfg: PretrainConfig | None = None, progress: bool = True) -> dict:
+def pretrain(out: str, cfg: PretrainConfig | None = None, progress: bool = True, command: str | None = None) -> dict:
     """Train ``vit_tiny_offline`` from scratch on letters+shapes and save it atomically.
 
     Args:
         out: Destination ``.safetensors`` path (a ``.json`` sidecar is written next to it).
         cfg: Recipe; default :class:`PretrainConfig`.
         progress: Show a progress bar.
+        command: Command line that regenerates the file, recorded in the provenance (default: the
+            ``mergeserve pretrain`` call with this recipe's flags).
 
     Returns:
-        The provenance record (also stored in the file's metadata).
+        The provenance record: the file's metadata, plus the file's ``sha256`` in the sidecar only (a
+        file cannot hold its own checksum).
     """
     cfg = cfg or PretrainConfig()
     t0 = time.time()
@@ -52,12 +59,25 @@ def pretrain(out: str, cfg: PretrainConfig | None = None, progress: bool = True)
     # server's first-use build gives the same backbone as `mergeserve pretrain` (0.571 vs 0.551 unpinned).
     torch.set_num_threads(cfg.threads)
     try:
-        return _pretrain(out, cfg, progress, t0)
+        return _pretrain(out, cfg, progress, t0, command or _command(out, cfg))
     finally:
         torch.set_num_threads(threads)
 
 
-def _pretrain(out: str, cfg: PretrainConfig, progress: bool, t0: float) -> dict:
+def _command(out: str, cfg: PretrainConfig) -> str:
+    return shlex.join(["mergeserve", "pretrain", "--out", out, "--steps", str(cfg.steps), "--seed", str(cfg.seed)])
+
+
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pretrain(out: str, cfg: PretrainConfig, progress: bool, t0: float, command: str) -> dict:
     from .backbones import get_spec, preprocess
     from .data.shapes import CLASSES, make_shapes
 
@@ -96,6 +116,7 @@ def _pretrain(out: str, cfg: PretrainConfig, progress: bool, t0: float) -> dict:
         )
     prov = {
         "backbone": "vit_tiny_offline",
+        "command": command,
         "data": "procedural letters+shapes (training/data/shapes.py)",
         "classes": len(CLASSES),
         "config": asdict(cfg),
@@ -110,9 +131,12 @@ def _pretrain(out: str, cfg: PretrainConfig, progress: bool, t0: float) -> dict:
     save_file(
         {k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata={"provenance": json.dumps(prov)}
     )
+    os.chmod(tmp, 0o644)  # safetensors writes 0600; the file is a shared (and shipped) asset
     os.replace(tmp, out)  # atomic: a crash never leaves a half-written backbone under the real name
+    prov = {**prov, "sha256": sha256_file(out)}
     with open(out[: -len(".safetensors")] + ".json", "w") as f:
         json.dump(prov, f, indent=2)
+        f.write("\n")
     if progress:
         print(f"saved {out}: held-out acc {acc:.3f} in {prov['wall_s']} s")
     return prov
@@ -130,5 +154,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``mergeserve pretrain``."""
-    pretrain(args.out, PretrainConfig(steps=args.steps, seed=args.seed))
+    cfg = PretrainConfig(steps=args.steps, seed=args.seed)
+    pretrain(args.out, cfg, command=_command(args.out, cfg))
     return 0
