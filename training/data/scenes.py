@@ -1,0 +1,296 @@
+"""``scenes_vqa``: Sort-of-CLEVR-style visual question answering, one question family per domain.
+
+Each 64×64 scene holds 2–6 coloured shapes (circle, square, triangle) in distinct cells of a 3×3 grid,
+every colour at most once, so "the red object" always names one object. Seven question families play the
+part of CoIN's datasets (Chen et al., 2024), each with its own question template and answer subset:
+
+==========  ==========================================================  ===========================
+family      question (example)                                          answers
+==========  ==========================================================  ===========================
+color       what color is the triangle?  (that shape occurs once)       6 colours
+shape       what shape is the blue object?                              3 shapes
+count       how many circles are there?                                 0 … 6
+where       where is the green object?                                  9 grid cells (top-left …)
+relation    what color is the object left of the red object?            6 colours (left/right/above/below:
+                                                                        nearest in the same row/column)
+text        which letter is on the yellow object?  (letters drawn on    8 letters
+            every object, matplotlib's bundled TTF fonts)
+exist       is there a purple square?  (balanced yes/no)                yes, no
+==========  ==========================================================  ===========================
+
+All families share one fixed answer vocabulary, :data:`ANSWERS` (answer ids index it). Generation is
+seeded per (seed, family, stream), so train, held-out and pretraining streams never share a generator.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from . import Benchmark, Domain, register_benchmark
+from .digits import _font, _fonts
+from .images import to_chw
+
+CANVAS = 64  # px, square
+GRID = 3  # GRID × GRID cells, at most one object per cell
+CELL = CANVAS / GRID
+COLORS = {  # name -> RGB; jittered by ±20 per channel when drawn
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (150, 60, 190),
+    "orange": (245, 130, 30),
+}
+SHAPES = ["circle", "square", "triangle"]
+CELLS = ["top-left", "top", "top-right", "left", "center", "right", "bottom-left", "bottom", "bottom-right"]
+LETTERS = ["A", "E", "H", "K", "M", "R", "T", "X"]  # shapes distinct at ~11 px
+RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}  # (drow, dcol)
+MAX_OBJECTS = len(COLORS)
+ANSWERS: list[str] = list(COLORS) + SHAPES + [str(i) for i in range(MAX_OBJECTS + 1)] + CELLS + LETTERS + ["yes", "no"]
+ANSWER_ID = {a: i for i, a in enumerate(ANSWERS)}
+FAMILIES = ["color", "shape", "count", "where", "relation", "text", "exist"]  # the domain order
+
+
+@dataclass(frozen=True)
+class Obj:
+    """One object of a scene."""
+
+    color: str
+    shape: str
+    cell: int  # 0..8, row-major
+    letter: str | None = None  # drawn on the object in ``text`` scenes
+
+
+@dataclass
+class VqaSamples:
+    """Stored VQA examples: what a task turns into batches."""
+
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    questions: list[str]  # N questions
+    answers: torch.Tensor  # (N,) int64 indices into the benchmark's answer list
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def subset(self, idx: torch.Tensor | list[int] | slice) -> VqaSamples:
+        """The examples at ``idx`` (a slice, index list or 1-D index tensor)."""
+        if isinstance(idx, slice):
+            return VqaSamples(self.images[idx], self.questions[idx], self.answers[idx])
+        ids = torch.as_tensor(idx, dtype=torch.int64)
+        return VqaSamples(self.images[ids], [self.questions[i] for i in ids.tolist()], self.answers[ids])
+
+
+@dataclass
+class VqaDomain(Domain):
+    """A :class:`Domain` whose examples also carry questions (``y_*`` are answer ids).
+
+    Code that only reads ``x_*`` / ``y_*`` still runs; VQA code reads :attr:`train` / :attr:`test`.
+    """
+
+    q_train: list[str] = field(default_factory=list)  # questions aligned with x_train
+    q_test: list[str] = field(default_factory=list)  # questions aligned with x_test
+
+    @property
+    def train(self) -> VqaSamples:
+        """The training split."""
+        return VqaSamples(self.x_train, self.q_train, self.y_train)
+
+    @property
+    def test(self) -> VqaSamples:
+        """The held-out split."""
+        return VqaSamples(self.x_test, self.q_test, self.y_test)
+
+
+# --- scenes -------------------------------------------------------------------------------------------
+
+
+def random_scene(
+    rng: np.random.RandomState, letters: bool = False, objects: tuple[int, int] = (2, MAX_OBJECTS)
+) -> list[Obj]:
+    """``objects`` = (min, max) objects with distinct colours in distinct cells; a letter on each when ``letters``."""
+    n = int(rng.randint(objects[0], objects[1] + 1))
+    colors = rng.choice(list(COLORS), size=n, replace=False)
+    cells = rng.choice(GRID * GRID, size=n, replace=False)
+    return [
+        Obj(str(c), SHAPES[rng.randint(len(SHAPES))], int(k), LETTERS[rng.randint(len(LETTERS))] if letters else None)
+        for c, k in zip(colors, cells)
+    ]
+
+
+@functools.lru_cache(maxsize=1)
+def _letter_fonts() -> tuple[str, ...]:
+    """matplotlib's bundled TTFs that draw every letter of :data:`LETTERS` (some draw blank glyphs)."""
+
+    def draws(path: str) -> bool:
+        for ch in LETTERS:
+            im = Image.new("L", (24, 24), 0)
+            ImageDraw.Draw(im).text((12, 12), ch, fill=255, font=_font(path, 14), anchor="mm")
+            if not np.asarray(im).any():
+                return False
+        return True
+
+    return tuple(f for f in _fonts() if draws(f))
+
+
+def render(scene: list[Obj], rng: np.random.RandomState) -> np.ndarray:
+    """Draw a scene: (CANVAS, CANVAS, 3) uint8, light noisy background, positions and colours jittered."""
+    bg = int(rng.randint(215, 245))
+    im = Image.new("RGB", (CANVAS, CANVAS), (bg, bg, bg))
+    d = ImageDraw.Draw(im)
+    fonts = _letter_fonts()
+    for o in scene:
+        r = rng.uniform(8.0, 9.5) if o.letter else rng.uniform(6.0, 8.5)  # radius; letters need room
+        row, col = divmod(o.cell, GRID)
+        cx = (col + 0.5) * CELL + rng.uniform(-1.5, 1.5)
+        cy = (row + 0.5) * CELL + rng.uniform(-1.5, 1.5)
+        rgb = tuple(min(255, max(0, v + int(j))) for v, j in zip(COLORS[o.color], rng.randint(-20, 21, size=3)))
+        box = [cx - r, cy - r, cx + r, cy + r]
+        if o.shape == "circle":
+            d.ellipse(box, fill=rgb)
+        elif o.shape == "square":
+            d.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=rgb)
+        else:  # triangle, pointing up
+            d.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=rgb)
+        if o.letter:
+            ink = (0, 0, 0) if sum(rgb) > 420 else (255, 255, 255)  # dark ink on yellow/orange
+            font = _font(fonts[rng.randint(len(fonts))], int(rng.randint(11, 14)))
+            d.text((cx, cy + (2 if o.shape == "triangle" else 0)), o.letter, fill=ink, font=font, anchor="mm")
+    img = np.asarray(im).astype(np.int16) + rng.randint(-6, 7, size=(CANVAS, CANVAS, 1))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+# --- question families: scene -> (question, answer) or None to draw another scene ---------------------
+
+QuestionFn = Callable[[list[Obj], np.random.RandomState], tuple[str, str] | None]
+
+
+def _q_color(s: list[Obj], rng: np.random.RandomState) -> tuple[str, str] | None:
+    unique = [o for o in s if sum(p.shape == o.shape for p in s) == 1]
+    if not unique:
+        return None
+    o = unique[rng.randint(len(unique))]
+    return f"what color is the {o.shape}?", o.color
+
+
+def _q_shape(s: list[Obj], rng: np.random.RandomState) -> tuple[str, str]:
+    o = s[rng.randint(len(s))]
+    return f"what shape is the {o.color} object?", o.shape
+
+
+def _q_count(s: list[Obj], rng: np.random.RandomState) -> tuple[str, str]:
+    shape = SHAPES[rng.randint(len(SHAPES))]
+    return f"how many {shape}s are there?", str(sum(o.shape == shape for o in s))
+
+
+def _q_where(s: list[Obj], rng: np.random.RandomState) -> tuple[str, str]:
+    o = s[rng.randint(len(s))]
+    return f"where is the {o.color} object?", CELLS[o.cell]
+
+
+def _neighbour(s: list[Obj], ref: Obj, step: tuple[int, int]) -> Obj | None:
+    """The nearest object from ``ref`` in direction ``step`` along its row or column."""
+    row, col = divmod(ref.cell, GRID)
+    by_cell = {o.cell: o for o in s}
+    for k in range(1, GRID):
+        r, c = row + k * step[0], col + k * step[1]
+        if not (0 <= r < GRID and 0 <= c < GRID):
+            return None
+        if r * GRID + c in by_cell:
+            return by_cell[r * GRID + c]
+    return None
+
+
+def _q_relation(s: list[Obj], rng: np.random.RandomState) -> tuple[str, str] | None:
+    options = [(rel, o, n) for rel, st in RELATIONS.items() for o in s if (n := _neighbour(s, o, st))]
+    if not options:
+        return None
+    rel, o, n = options[rng.randint(len(options))]
+    return f"what color is the object {rel} the {o.color} object?", n.color
+
+
+def _q_text(s: list[Obj], rng: np.random.RandomState) -> tuple[str, str]:
+    o = s[rng.randint(len(s))]
+    return f"which letter is on the {o.color} object?", str(o.letter)
+
+
+def _q_exist(s: list[Obj], rng: np.random.RandomState) -> tuple[str, str]:
+    present = {(o.color, o.shape) for o in s}
+    if rng.rand() < 0.5:
+        c, sh = sorted(present)[rng.randint(len(present))]
+        answer = "yes"
+    else:
+        absent = sorted({(c, sh) for c in COLORS for sh in SHAPES} - present)
+        c, sh = absent[rng.randint(len(absent))]
+        answer = "no"
+    return f"is there {'an' if c[0] in 'aeiou' else 'a'} {c} {sh}?", answer
+
+
+#: family -> (question function, whether its scenes carry letters)
+QUESTIONS: dict[str, tuple[QuestionFn, bool]] = {
+    "color": (_q_color, False),
+    "shape": (_q_shape, False),
+    "count": (_q_count, False),
+    "where": (_q_where, False),
+    "relation": (_q_relation, False),
+    "text": (_q_text, True),
+    "exist": (_q_exist, False),
+}
+
+
+def make_family(
+    family: str, n: int, seed: int = 0, stream: int = 0, objects: tuple[int, int] = (2, MAX_OBJECTS)
+) -> VqaSamples:
+    """``n`` deterministic examples of one question family.
+
+    Args:
+        family: One of :data:`FAMILIES`.
+        n: Number of examples.
+        seed: Benchmark seed.
+        stream: Independent generator per use (0: benchmark splits, 1: pretraining), so streams never overlap.
+        objects: (min, max) objects per scene; fewer make easier scenes (the pretraining warm-up uses 1–3).
+
+    Raises:
+        KeyError: for an unknown family, listing the known ones.
+    """
+    if family not in QUESTIONS:
+        raise KeyError(f"unknown question family {family!r}; known: {FAMILIES}")
+    ask, letters = QUESTIONS[family]
+    rng = np.random.RandomState([seed, FAMILIES.index(family), stream])
+    imgs, qs, ans = [], [], []
+    while len(qs) < n:
+        scene = random_scene(rng, letters, objects)
+        qa = ask(scene, rng)
+        if qa is None:  # the family cannot ask about this scene: draw another
+            continue
+        imgs.append(render(scene, rng))
+        qs.append(qa[0])
+        ans.append(ANSWER_ID[qa[1]])
+    return VqaSamples(to_chw(imgs), qs, torch.tensor(ans, dtype=torch.int64))
+
+
+@register_benchmark("scenes_vqa")
+def scenes_vqa(
+    domains: list[str] | None = None, n_train: int = 2000, n_test: int = 300, seed: int = 0, **_: object
+) -> Benchmark:
+    """The Sort-of-CLEVR VQA benchmark: one :class:`VqaDomain` per question family, fixed splits.
+
+    Args:
+        domains: Families in order (default :data:`FAMILIES`).
+        n_train: Training examples per family.
+        n_test: Held-out examples per family (generated together with the training ones, then split).
+        seed: Generation seed.
+    """
+    out = []
+    for fam in domains or FAMILIES:
+        s = make_family(fam, n_train + n_test, seed, stream=0)
+        tr, te = s.subset(slice(0, n_train)), s.subset(slice(n_train, None))
+        out.append(
+            VqaDomain(fam, tr.images, tr.answers, te.images, te.answers, q_train=tr.questions, q_test=te.questions)
+        )
+    return Benchmark("scenes_vqa", list(ANSWERS), out)

@@ -1,0 +1,175 @@
+"""Tasks: what differs between an image classifier and a VQA model, behind one small interface.
+
+A :class:`Task` owns its base model, which modules LoRA adapts (and what else is trained), how stored
+samples become a batch, the loss, the score and the response body. Everything else — the training loop,
+merging, the store, versions, the hot swap — is shared and only talks to a task through this protocol
+(torchtune's recipe/model split, in miniature). Answers are strings everywhere (class names, answer
+words, generated text), so scoring and responses need no task-specific types.
+
+======================  ==================================================================================
+task                    model
+======================  ==================================================================================
+``vqa``                 offline ViLT (``ViltForQuestionAnswering``, 0.65 M params) pretrained on ``scenes_vqa``;
+                        answer = classification over a fixed answer vocabulary (:mod:`.vqa`, :mod:`.vilt`)
+``vlm``                 any hub image-text-to-text model (PaliGemma, LLaVA, …): answer = generated text
+                        (:mod:`.vlm`); needs weights from a hub or local directory
+======================  ==================================================================================
+
+Use::
+
+    task = get_task("vqa")
+    model = task.build_base(seed=0)                       # frozen base, pretrained
+    pm = attach_lora(task, model, LoraSettings(rank=8))  # peft model; targets derived from the model
+    batch = task.make_batch(domain.train.subset(idx))
+    task.loss(pm, batch).backward()
+    acc = evaluate(task, pm, domain.test)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from ..lora import LoraSettings
+
+
+@dataclass
+class Batch:
+    """One model-ready batch.
+
+    ``inputs`` are keyword arguments of the model's forward; ``labels`` are what the loss compares with
+    (answer ids, or token ids with the prompt masked by -100); ``targets`` are the reference answers as
+    strings, for :meth:`Task.score`.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor | None = None
+    targets: list[str] = field(default_factory=list)
+    # Generative tasks: the prompt-only inputs that ``generate`` continues (left-padded).
+    prompt_inputs: dict[str, torch.Tensor] | None = None
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch with every tensor on ``device``."""
+
+        def mv(d: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+            return None if d is None else {k: v.to(device) for k, v in d.items()}
+
+        labels = None if self.labels is None else self.labels.to(device)
+        return Batch(mv(self.inputs) or {}, labels, list(self.targets), mv(self.prompt_inputs))
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What one kind of model needs from the shared loop, store and server.
+
+    ``Samples`` is the task's stored-example type (e.g. :class:`training.data.scenes.VqaSamples`: images,
+    questions, answer ids; for classification: images and int labels); it must support ``len()``.
+    """
+
+    name: str  # registry name
+    answers: list[str]  # the fixed answer vocabulary (classes); [] for open-ended generation
+    modules_to_save: tuple[str, ...]  # non-LoRA modules trained and saved with the adapter; () for VQA
+
+    def build_base(self, seed: int = 0) -> nn.Module:
+        """The pretrained base model in eval mode, every parameter frozen (identical for equal seeds)."""
+        ...
+
+    def lora_targets(self, model: nn.Module) -> list[str]:
+        """Full names of the ``nn.Linear`` modules LoRA adapts, derived from ``model`` (never hard-coded)."""
+        ...
+
+    def make_batch(self, samples: Any) -> Batch:
+        """Stored samples → a model-ready :class:`Batch` on the CPU."""
+        ...
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Scalar training loss of ``model`` (bare or peft-wrapped) on ``batch``."""
+        ...
+
+    def forward(self, model: nn.Module, batch: Batch) -> Any:
+        """Raw inference outputs (logits, or generated token ids) for :meth:`respond`; no grad."""
+        ...
+
+    def respond(self, outputs: Any, top_k: int = 1) -> list[dict]:
+        """Outputs → one JSON-able response body per example: ``{"answer": str, "score": float | None,
+        "top_k": [{"answer": str, "score": float}, …]}``."""
+        ...
+
+    def score(self, preds: Sequence[str], targets: Sequence[str]) -> float:
+        """Accuracy of predicted against reference answers (the task's own matching rule)."""
+        ...
+
+
+TaskFactory = Callable[..., Task]
+TASKS: dict[str, TaskFactory] = {}
+
+
+def register_task(name: str) -> Callable[[TaskFactory], TaskFactory]:
+    """Decorator adding a task factory to :data:`TASKS` (timm's ``@register_model`` pattern)."""
+
+    def deco(fn: TaskFactory) -> TaskFactory:
+        TASKS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_task(name: str, **kwargs: Any) -> Task:
+    """Build the task called ``name``.
+
+    Raises:
+        KeyError: for an unknown name, listing the registered ones.
+    """
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; registered: {sorted(TASKS)}")
+    return TASKS[name](**kwargs)
+
+
+def lora_config(task: Task, model: nn.Module, settings: LoraSettings) -> LoraConfig:
+    """peft config: the task's derived targets and ``modules_to_save``, rank/alpha/dropout from ``settings``."""
+    return LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=task.lora_targets(model),
+        modules_to_save=list(task.modules_to_save) or None,
+    )
+
+
+def attach_lora(task: Task, model: nn.Module, settings: LoraSettings, seed: int = 0) -> PeftModel:
+    """Wrap ``model`` (in place) with the task's LoRA; A factors seeded so every run starts alike."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return get_peft_model(model, lora_config(task, model, settings))
+
+
+def predict(task: Task, model: nn.Module, batch: Batch) -> list[str]:
+    """Top-1 answers of ``model`` on ``batch``."""
+    return [r["answer"] for r in task.respond(task.forward(model, batch), top_k=1)]
+
+
+@torch.inference_mode()
+def evaluate(task: Task, model: nn.Module, samples: Any, batch_size: int = 256) -> float:
+    """``task.score`` of ``model`` over all ``samples`` (a type with ``len`` and ``subset(slice)``)."""
+    model.eval()
+    preds: list[str] = []
+    targets: list[str] = []
+    for i in range(0, len(samples), batch_size):
+        b = task.make_batch(samples.subset(slice(i, i + batch_size)))
+        preds += predict(task, model, b)
+        targets += b.targets
+    return task.score(preds, targets)
+
+
+def linear_targets(module: nn.Module, prefix: str = "") -> list[str]:
+    """Full names (``prefix`` + local name) of every ``nn.Linear`` inside ``module``."""
+    p = f"{prefix}." if prefix else ""
+    return [p + n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+
+
+from . import vlm, vqa  # noqa: E402,F401  (register the built-in tasks)

@@ -1,0 +1,272 @@
+"""The offline VQA model: a tiny ViLT, its tokenizer, and reproducible pretraining on ``scenes_vqa``.
+
+``ViltForQuestionAnswering`` built from a config object (no download): 64 px images in 8 px patches and
+the question share one 4-layer transformer; the answer is a classification over a fixed answer vocabulary
+(:data:`training.data.scenes.ANSWERS`). Every projection is a plain ``nn.Linear``, so LoRA's ΔW = s·B·A
+folds into the weights. The tokenizer is ``BertTokenizerFast`` over the project's own
+``vqa_vocab/vocab.txt`` (161 word pieces).
+
+Pretraining covers *all* question families with the whole answer vocabulary, so the answer head is trained
+once and then frozen and shared by every domain's LoRA (training a head per domain is the known trap: a
+head tuned on counting answers numbers to colour questions). Run ``python -m training.tasks.vilt``; the
+``vqa`` task also builds it on first use. Cached under ``cache_dir()/backbones/``: ``vilt_scenes.safetensors``
+(provenance in its metadata), ``vilt_scenes.json`` (the same provenance plus the file's sha256) and
+``vilt_scenes.tokenizer/``. The same three files under ``training/assets/`` (shipped with the package) are used
+when no cached file exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import BertTokenizerFast, ViltConfig, ViltForQuestionAnswering
+
+VOCAB_DIR = Path(__file__).with_name("vqa_vocab")  # holds the project's vocab.txt
+SHIPPED = Path(__file__).parents[1] / "assets" / "vilt_scenes.safetensors"  # package data, if shipped
+
+
+@dataclass
+class VqaModelConfig:
+    """Architecture of the offline ViLT (defaults: the published model, 0.65 M parameters)."""
+
+    hidden: int = 128  # width of the shared text+image transformer
+    layers: int = 4
+    heads: int = 4
+    mlp: int = 256  # intermediate size (ratio 2, like vit_tiny_offline)
+    image_size: int = 64  # input resolution; images are resized to it
+    patch: int = 8  # 64 px / 8 = 8×8 = 64 image tokens
+    max_text_len: int = 32  # question tokens incl. [CLS]/[SEP]; longer questions are truncated
+
+    def vilt(self, vocab_size: int, answers: list[str]) -> ViltConfig:
+        """The transformers config (dropout off, all patches kept: no random patch sampling)."""
+        return ViltConfig(
+            vocab_size=vocab_size,
+            hidden_size=self.hidden,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            intermediate_size=self.mlp,
+            image_size=self.image_size,
+            patch_size=self.patch,
+            max_position_embeddings=self.max_text_len,
+            max_image_length=-1,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            num_labels=len(answers),
+            id2label=dict(enumerate(answers)),
+            label2id={a: i for i, a in enumerate(answers)},
+        )
+
+
+@dataclass
+class VqaPretrainConfig:
+    """Pretraining recipe; the defaults are the published ``vilt_scenes`` model."""
+
+    model: VqaModelConfig = field(default_factory=VqaModelConfig)
+    steps: int = 1500  # optimizer steps (see docs/vqa.md for time and accuracy)
+    batch_size: int = 64
+    lr: float = 1e-3  # AdamW peak; linear warm-up then cosine to 0
+    warmup: int = 100
+    weight_decay: float = 0.05
+    n_per_family: int = 4000  # pretraining examples per family (generator stream 1: disjoint from the benchmark)
+    n_test: int = 300  # held-out examples per family to report (the scenes_vqa test splits)
+    seed: int = 0
+    threads: int = 2  # torch threads while pretraining (float reductions, hence results, depend on it)
+
+
+def tokenizer_from_vocab(path: str | os.PathLike = VOCAB_DIR) -> BertTokenizerFast:
+    """``BertTokenizerFast`` from a directory holding ``vocab.txt`` (or a saved tokenizer), offline only."""
+    return BertTokenizerFast.from_pretrained(str(path), local_files_only=True)
+
+
+def build_vilt(cfg: VqaModelConfig, vocab_size: int, answers: list[str], seed: int = 0) -> ViltForQuestionAnswering:
+    """A randomly initialised ViLT (identical for equal seeds), in eval mode."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return ViltForQuestionAnswering(cfg.vilt(vocab_size, answers)).eval()
+
+
+def weights_path() -> str:
+    """Where the pretrained ``vilt_scenes`` weights are cached (may not exist yet)."""
+    from ..backbones import cache_dir
+
+    return os.path.join(cache_dir(), "backbones", "vilt_scenes.safetensors")
+
+
+def default_weights() -> str:
+    """The cached file if it exists, else the shipped one if it exists, else the cache path (to be built)."""
+    cached = weights_path()
+    return cached if os.path.exists(cached) or not SHIPPED.exists() else str(SHIPPED)
+
+
+def _sidecar(path: str, suffix: str) -> str:
+    return path[: -len(".safetensors")] + suffix
+
+
+def read_provenance(path: str) -> dict:
+    """The provenance stored in a ``vilt_scenes`` safetensors file's metadata."""
+    with safe_open(path, framework="pt") as f:
+        return json.loads(f.metadata()["provenance"])
+
+
+def load_vilt(
+    path: str | None = None, ensure_pretrained: bool = True
+) -> tuple[ViltForQuestionAnswering, BertTokenizerFast, dict]:
+    """The pretrained ViLT (eval mode, frozen), its tokenizer and provenance.
+
+    The architecture and answer list are read from the file's provenance, so a cached model keeps working
+    when the defaults change.
+
+    Args:
+        path: safetensors file; default :func:`default_weights` (cache, else shipped).
+        ensure_pretrained: Pretrain into the cache (minutes, default recipe) when no default file exists.
+
+    Raises:
+        FileNotFoundError: the weights are missing and not buildable.
+    """
+    path = path or default_weights()
+    if not os.path.exists(path):
+        if path != weights_path() or not ensure_pretrained:
+            raise FileNotFoundError(f"VQA weights not found: {path} (run: python -m training.tasks.vilt)")
+        pretrain_vqa(path)
+    prov = read_provenance(path)
+    tok = tokenizer_from_vocab(_sidecar(path, ".tokenizer"))
+    model = build_vilt(VqaModelConfig(**prov["model"]), len(tok), prov["answers"])
+    model.load_state_dict(load_file(path), strict=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok, prov
+
+
+def pretrain_vqa(out: str, cfg: VqaPretrainConfig | None = None, progress: bool = True) -> dict:
+    """Pretrain the ViLT on every ``scenes_vqa`` family and save it atomically with its tokenizer.
+
+    Args:
+        out: Destination ``.safetensors`` (``.json`` provenance and ``.tokenizer/`` are written next to it).
+        cfg: Recipe; default :class:`VqaPretrainConfig`.
+        progress: Print progress and the per-family result.
+
+    Returns:
+        The provenance, with held-out accuracy per family and the wall time.
+    """
+    cfg = cfg or VqaPretrainConfig()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)  # pinned: the server's first-use build equals the CLI's
+    try:
+        return _pretrain(out, cfg, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(out: str, cfg: VqaPretrainConfig, progress: bool) -> dict:
+    from ..data.scenes import ANSWERS, FAMILIES, VqaSamples, make_family, scenes_vqa
+    from .vqa import VqaTask
+
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    parts = [make_family(f, cfg.n_per_family, cfg.seed, stream=1) for f in FAMILIES]
+    train = VqaSamples(
+        torch.cat([p.images for p in parts]),
+        sum((p.questions for p in parts), []),
+        torch.cat([p.answers for p in parts]),
+    )
+    heldout = scenes_vqa(n_train=0, n_test=cfg.n_test, seed=cfg.seed)
+    tok = tokenizer_from_vocab()
+    model = build_vilt(cfg.model, len(tok), ANSWERS, cfg.seed).train()
+    task = VqaTask(model=model, tokenizer=tok, answers=ANSWERS)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * _cosine(s, cfg.steps))
+    g = torch.Generator().manual_seed(cfg.seed)
+    t_data = time.time() - t0
+    for step in range(cfg.steps):
+        idx = torch.randint(len(train), (cfg.batch_size,), generator=g)
+        b = task.make_batch(train.subset(idx))
+        loss = F.cross_entropy(model(**b.inputs).logits, b.labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress and (step % 100 == 0 or step == cfg.steps - 1):
+            print(f"step {step:5d}  loss {loss.item():.3f}  {time.time() - t0:.0f} s", flush=True)
+    model.eval()
+    from . import evaluate
+
+    acc = {d.name: round(evaluate(task, model, d.test), 4) for d in heldout.domains}
+    prov = {
+        "model_name": "vilt_scenes",
+        "data": "scenes_vqa pretraining stream (training/data/scenes.py, stream 1), all families",
+        "answers": list(ANSWERS),
+        "model": asdict(cfg.model),
+        "config": {k: v for k, v in asdict(cfg).items() if k != "model"},
+        "params": sum(p.numel() for p in model.parameters()),
+        "heldout_acc": acc,
+        "heldout_mean": round(sum(acc.values()) / len(acc), 4),
+        "wall_s": round(time.time() - t0, 1),
+        "data_s": round(t_data, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),  # == cfg.threads
+        "machine": platform.machine(),
+    }
+    _save(out, model, tok, prov)
+    if progress:
+        print(f"saved {out} in {prov['wall_s']} s; held-out accuracy {acc}")
+    return prov
+
+
+def _cosine(step: int, total: int) -> float:
+    import math
+
+    return 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
+
+
+def _save(out: str, model: ViltForQuestionAnswering, tok: BertTokenizerFast, prov: dict) -> None:
+    """Tokenizer and JSON first, the safetensors last and atomically: its presence means complete.
+
+    Adds ``sha256`` (of the safetensors file) to ``prov``.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tok_dir = _sidecar(out, ".tokenizer")
+    shutil.rmtree(tok_dir + ".tmp", ignore_errors=True)
+    tok.save_pretrained(tok_dir + ".tmp")
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    os.replace(tok_dir + ".tmp", tok_dir)
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, out + ".tmp", metadata={"provenance": json.dumps(prov)})
+    with open(out + ".tmp", "rb") as f:
+        prov["sha256"] = hashlib.sha256(f.read()).hexdigest()  # JSON only: a file cannot hash itself
+    with open(_sidecar(out, ".json"), "w") as f:
+        json.dump(prov, f, indent=2)
+    os.replace(out + ".tmp", out)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """CLI flags (``python -m training.tasks.vilt``; a ``mergeserve pretrain-vqa`` entry can reuse them)."""
+    d = VqaPretrainConfig()
+    p.add_argument("--out", default=None, help="destination safetensors (default: the cache)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed})")
+    p.add_argument("--threads", type=int, default=d.threads, help=f"torch threads (default {d.threads})")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Pretrain with the parsed flags."""
+    cfg = VqaPretrainConfig(steps=args.steps, seed=args.seed, threads=args.threads)
+    pretrain_vqa(args.out or weights_path(), cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="pretrain the offline VQA model (vilt_scenes) on scenes_vqa")
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))
