@@ -828,8 +828,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("peer comparison (any of these replaces the default run)")
     g.add_argument("--peers", action="store_true",
                    help="mergeserve vs a plain Ray Serve app vs FastAPI+uvicorn on the same model and requests")
-    g.add_argument("--seconds", type=float, default=30.0, help="--peers: measured seconds per cell and peer")
-    g.add_argument("--warmup", type=float, default=3.0, help="--peers: warm-up seconds before each cell")
+    g.add_argument("--seconds", type=float, default=30.0,
+                   help="--peers: measured seconds per cell and peer (default 30)")
+    g.add_argument("--warmup", type=float, default=3.0,
+                   help="--peers: warm-up seconds before each cell and peer (default 3)")
     g.add_argument("--cells", type=_cells, default=list(CELLS),
                    help="--peers: images×clients list (default 1x1,1x4,1x16,16x1,16x16)")
     g.add_argument("--rss", action="store_true", help="summed RSS of every process of a default `mergeserve serve`")

@@ -1,0 +1,99 @@
+"""Smoke test of ``mergeserve bench-serve --peers``' load generator and tables (no timing assertions).
+
+A tiny FastAPI app on uvicorn in a thread stands in for a peer: it decodes the images with the bench's
+own decoder and answers in the peers' response shape, so the whole client path runs in a second or two.
+"""
+
+import threading
+import time
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI
+
+from serving.bench import (
+    PeerRequest,
+    _body,
+    _cells,
+    _compare,
+    _free_port,
+    _png_b64,
+    check_targets,
+    decode_b64,
+    format_cpu_table,
+    format_peers_table,
+    loadgen,
+    respond,
+)
+
+
+def _tiny_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v1/classify")
+    def classify(req: PeerRequest) -> dict:
+        raws = [req.image] if req.image is not None else req.images
+        x = decode_b64(raws, 32)
+        probs = np.full((len(x), 10), 0.1, dtype=np.float32)
+        probs[:, 3] = 0.5
+        return respond(probs, [str(i) for i in range(10)], req.top_k, req.image is not None, 0)
+
+    return app
+
+
+def test_loadgen_against_tiny_app():
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(_tiny_app(), host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        assert server.started
+        edges = []
+        for n_img in (1, 4):
+            r = loadgen(f"http://127.0.0.1:{port}/v1/classify", _body(_png_b64(n_img)), clients=2, warmup=0.2,
+                        seconds=0.8, on_window=edges.append)
+            assert r["requests"] > 0 and r["errors"] == 0 and r["warmup_errors"] == 0, r
+            assert r["p50_ms"] <= r["p99_ms"]
+        assert edges == ["go", "stop", "go", "stop"]
+        bad = loadgen(f"http://127.0.0.1:{port}/nope", b"{}", clients=1, warmup=0.0, seconds=0.3)
+        assert bad["requests"] == 0 and bad["errors"] > 0 and "404" in bad["last_error"]
+    finally:
+        server.should_exit = True
+        t.join(10)
+
+
+def _cell(rps: float, n_img: int, p99: float) -> dict:
+    return {"rps": rps, "images_per_s": rps * n_img, "p50_ms": p99 / 2, "p99_ms": p99, "requests": int(rps * 10),
+            "errors": 0, "warmup_errors": 0, "loadgen_cpu_s": 0.1,
+            "server_cpu_s": {"proxy": 1.0, "replica:mergeserve": 2.0, "replica:plain": 2.0, "gcs": 0.1}}
+
+
+def test_tables_and_targets():
+    res = {"cells": {}, "inprocess": {"b16_t1": 400.0, "b32_t1": 500.0}, "inprocess_threads": 1,
+           "rss_mb": 2000.0, "ready_s": 100.0}
+    for (n_img, clients), base in {(1, 4): 50.0, (1, 16): 60.0, (16, 16): 16.0}.items():
+        res["cells"][(n_img, clients)] = {p: _cell(base * f, n_img, 100.0 * clients / 4)
+                                          for p, f in (("mergeserve", 1.1), ("plain", 1.0), ("fastapi", 1.5))}
+    table = format_peers_table(res)
+    assert "plain Ray Serve" in table and "1.10×" in table and " 16 × 16" in table
+    assert "mergeserve" in format_cpu_table(res)
+    got = {name: ok for name, ok, _ in check_targets(res)}
+    assert got["mergeserve ≥ 1.0× plain Ray Serve in every cell"] is True
+    assert got["mergeserve p99 at 16 clients ≤ 2× p99 at 4 (1 img)"] is False  # 400 ms vs 2 × 100 ms
+    assert got["16 img × 16 clients images/s ≥ 50 % of in-process"] is True  # 281.6 vs 500
+    assert got["RSS of the default server ≤ 3 GB"] is True
+    assert got["mergeserve serve → first 200 /readyz ≤ 90 s"] is False
+    assert _cells("1x1,16X16") == [(1, 1), (16, 16)]
+
+
+def test_compare_answers():
+    a = {"predictions": [{"label": "3", "score": 0.5}, {"label": "1", "score": 0.1}]}
+    b = {"predictions": [{"label": "3", "score": 0.5000004}, {"label": "1", "score": 0.1}]}
+    same, diff = _compare({"mergeserve": [a], "plain": [b]})
+    assert same and 0 < diff < 1e-6
+    same, _ = _compare({"mergeserve": [a], "plain": [{"type": "problem"}]})
+    assert not same
