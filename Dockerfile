@@ -9,9 +9,8 @@ COPY training ./training
 COPY serving ./serving
 COPY mergeserve ./mergeserve
 COPY deploy ./deploy
+# The offline backbone's weights ship inside the package (training/assets), so nothing pretrains here
+# or at start-up.
 RUN pip install .
-# Bake the offline pretrained backbone into the image (deterministic, ~4 min on 2 cores) so a container
-# never pretrains at start-up.
-RUN mergeserve pretrain
 EXPOSE 8000 8080
 CMD ["mergeserve", "serve", "--host", "0.0.0.0", "--port", "8000", "--metrics-export-port", "8080"]

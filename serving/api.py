@@ -145,8 +145,12 @@ class Model:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _batched(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+        # The forward runs on the event loop, as in a plain Serve app: @serve.batch cuts the next batch
+        # before the previous one finishes, so a forward in a thread left batches of ~2 requests under
+        # load (0.73× the plain app at 16 clients); inline, requests pile up and the next batch takes them
+        # all. The loop is held for one forward (~20 ms at 1 image, ~110 ms at 16×16 on 2 cores).
         sizes = np.cumsum([len(x) for x in images])[:-1]
-        probs, version = await asyncio.to_thread(self.engine.forward, np.concatenate(images))
+        probs, version = self.engine.forward(np.concatenate(images))
         return [(p, version) for p in np.split(probs, sizes)]
 
     # --- routes --------------------------------------------------------------------------------
