@@ -5,24 +5,16 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+from _util import server_config
 
 from serving.config import ServerConfig
 from serving.pipeline import Pipeline, Submission
 from serving.worker import IngestWorker
 
-CLASSES = ["a", "b", "c"]
-
 
 def config(data_dir: str, **over) -> ServerConfig:
-    base = {
-        "data_dir": data_dir,
-        "backbone": "vit_test",
-        "class_names": CLASSES,
-        "bootstrap": [],
-        "lora": {"rank": 2, "alpha": 4.0},
-        "train": {"steps": 20, "batch_size": 16, "lr": 0.05},
-        "gate": {"max_drop": 1.0, "require_gain": False},
-    }
+    """The HTTP tests' server config, with more training steps (domains here are larger) and no token."""
+    base = {**server_config(data_dir), "train": {"steps": 20, "batch_size": 16, "lr": 0.05}, "auth_token": None}
     return ServerConfig.model_validate({**base, **over})
 
 
