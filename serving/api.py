@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from fastapi import FastAPI, Path, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
@@ -21,7 +21,7 @@ from ray import serve
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from .archive import Limits, decode_images, read_domain, read_source
+from .archive import Limits, decode_images, read_domain, read_source, read_vqa_domain
 from .config import ServerConfig
 from .controller import NAME, NAMESPACE
 from .errors import FRAMEWORK_CODES, PROBLEM_TYPE, Problem, unwrap
@@ -39,6 +39,10 @@ from .schemas import (
     FeedbackResult,
     IngestSource,
     Job,
+    TaskName,
+    Tasks,
+    VqaRequest,
+    VqaResponse,
 )
 
 api = FastAPI(
@@ -123,10 +127,12 @@ async def _call(ref: ray.ObjectRef) -> Any:
 class Model:
     """One replica: the HTTP API, the decoder and the model; ``num_replicas`` / autoscaling from config."""
 
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: dict, vqa: Any = None) -> None:
         from .engine import Engine  # torch is imported in replicas only, never in the driver
 
         self.cfg = ServerConfig.model_validate(cfg)
+        self.vqa = vqa  # the VqaModel deployment's handle (None when the task is disabled)
+        self._labels: dict[str, list[str]] = {}
         self.limits = Limits(max_image_pixels=self.cfg.max_image_pixels, max_images=self.cfg.max_images)
         self.controller = ray.get_actor(NAME, namespace=NAMESPACE)
         self.engine = Engine(self.cfg, self.controller)
@@ -216,7 +222,7 @@ class Model:
             archive = form.get("archive")
             if not isinstance(archive, UploadFile):
                 raise Problem(422, "no-archive", "multipart upload needs a file field 'archive'")
-            keys = ("name", "method", "hyper", "heldout_fraction")
+            keys = ("name", "method", "hyper", "heldout_fraction", "task")
             fields = {k: v for k in keys if isinstance(v := form.get(k), str)}
             try:
                 fields["hyper"] = json.loads(fields.get("hyper") or "{}")
@@ -227,28 +233,89 @@ class Model:
             meta = _parse(IngestSource, json.dumps({"name": "", **fields, "source": "upload"}).encode())
             self._check_hyper(meta)
             data = await archive.read()
-            x, y = await asyncio.to_thread(read_domain, data, self.cfg.class_names, self.size, self._upload_limits())
         else:
             meta = _parse(IngestSource, await request.body())
             self._check_hyper(meta)
+            data = None
+        questions = None
+        if meta.task == "vqa":
+            answers, size = await self._task_labels("vqa"), self.cfg.vqa.image_size
+            if data is None:  # a file:// source: a VQA archive file under the source roots
+                data = await asyncio.to_thread(self._source_archive, meta.source)
+            x, questions, y = await asyncio.to_thread(read_vqa_domain, data, answers, size, self._upload_limits())
+        elif data is not None:
+            x, y = await asyncio.to_thread(read_domain, data, self.cfg.class_names, self.size, self._upload_limits())
+        else:
             x, y = await asyncio.to_thread(read_source, meta.source, self.cfg.class_names, self.size,
                                            self.cfg.roots(), self._upload_limits(), self.cfg.max_upload_bytes)
         sub = Submission(meta.name, meta.method, meta.hyper, request.headers.get("idempotency-key"), x, y,
-                         meta.heldout_fraction)
+                         meta.heldout_fraction, questions=questions, task=meta.task)
         res = await _call(self.controller.submit.remote(sub))
         job = res["job"]
         return JSONResponse(
-            {"job_id": job["id"], "status": job["status"], "domain": job["domain"], "replayed": res["replayed"]},
+            {"job_id": job["id"], "status": job["status"], "domain": job["domain"], "task": meta.task,
+             "replayed": res["replayed"]},
             status_code=202,
             headers={"Location": f"/v1/jobs/{job['id']}"},
         )
 
     def _check_hyper(self, meta: IngestSource) -> None:
-        """Method and hyper-parameters before any decoding (the controller checks again, with state)."""
-        check_hyper(meta.method or self.cfg.default_method, meta.hyper, self.cfg.max_steps)
+        """Task, method and hyper-parameters before any decoding (the controller checks again, with state)."""
+        self._task(meta.task)
+        check_hyper(meta.method or self.cfg.for_task(meta.task).default_method, meta.hyper, self.cfg.max_steps)
+
+    async def _task_labels(self, task: str) -> list[str]:
+        """A task's labels (answer vocabulary), asked of the controller once per replica."""
+        if task not in self._labels:
+            self._labels[task] = await _call(self.controller.labels.remote(task))
+        return self._labels[task]
+
+    def _source_archive(self, uri: str) -> bytes:
+        from .archive import source_members
+
+        got = source_members(uri, self.cfg.roots(), self._upload_limits(), self.cfg.max_upload_bytes)
+        if not isinstance(got, bytes):
+            raise Problem(422, "bad-source", "a vqa source must be an archive file (zip / tar) holding questions.jsonl")
+        return got
 
     def _upload_limits(self) -> Limits:
         return Limits(max_image_pixels=self.cfg.max_image_pixels)
+
+    @api.post("/v1/vqa", response_model=VqaResponse, responses=ERRORS,
+              openapi_extra={"requestBody": {"content": {"application/json": {
+                  "schema": VqaRequest.model_json_schema()}}}})
+    async def vqa_route(self, request: Request) -> JSONResponse:
+        """Answer questions about images (the ``vqa`` task's model, its own deployment and adapter lineage)."""
+        rid = request.state.request_id
+        if self.vqa is None:
+            raise Problem(404, "unknown-task", "the vqa task is not enabled on this server")
+        req = _parse(VqaRequest, await request.body())
+        answers = await self._task_labels("vqa")
+        if req.top_k > len(answers):
+            raise Problem(422, "bad-top-k", f"top_k must be an integer in [1, {len(answers)}]")
+        if req.items is not None and (req.image is not None or req.question is not None):
+            raise Problem(422, "invalid-request", "send image + question, or items, not both")
+        if req.items is not None:
+            if len(req.items) > self.cfg.vqa.max_questions:
+                raise Problem(413, "too-many-questions", f"at most {self.cfg.vqa.max_questions} items per request")
+            raws = [_b64(it.image, f"items[{i}].image") for i, it in enumerate(req.items)]
+            questions = [it.question for it in req.items]
+        elif req.image is not None and req.question is not None:
+            raws, questions = [_b64(req.image, "image")], [req.question]
+        else:
+            raise Problem(422, "no-question", "send {'image': base64, 'question': str} or {'items': [...]}")
+        try:
+            results, version = await self.vqa.answer.remote(raws, questions, req.top_k)
+        except Exception as e:
+            raise unwrap(e) from None
+        ids = [rid] if len(results) == 1 else [f"{rid}:{j}" for j in range(len(results))]
+        self.recorder.predicted([(i, req.domain, r["answer"], "vqa") for i, r in zip(ids, results)])
+        return JSONResponse({"request_id": rid, "adapter_version": version, "answers": results})
+
+    @api.get("/v1/tasks", response_model=Tasks, responses=ERRORS)
+    async def tasks(self) -> dict:
+        """Every task this server holds: its model, labels or answer vocabulary, active version, domains."""
+        return {"tasks": await _call(self.controller.tasks.remote())}
 
     @api.get("/v1/jobs/{job_id}", response_model=Job, responses=ERRORS)
     async def job(self, job_id: str = Path(max_length=64)) -> dict:
@@ -259,18 +326,25 @@ class Model:
                 "adapter_version": j["version"]}
 
     @api.get("/v1/domains", response_model=Domains, responses=ERRORS)
-    async def domains(self) -> dict:
-        return {"domains": await _call(self.controller.domains.remote())}
+    async def domains(self, task: TaskName = Query("classify")) -> dict:
+        return {"domains": await _call(self.controller.domains.remote(self._task(task)))}
 
     @api.get("/v1/adapters", response_model=Adapters, responses=ERRORS)
-    async def adapters(self) -> dict:
-        return await _call(self.controller.adapters.remote())
+    async def adapters(self, task: TaskName = Query("classify")) -> dict:
+        return await _call(self.controller.adapters.remote(self._task(task)))
 
     @api.post("/v1/adapters/{version}/activate", response_model=Activated, responses=ERRORS)
-    async def activate(self, request: Request, version: int = Path(ge=0, le=2**31 - 1)) -> dict:
+    async def activate(
+        self, request: Request, version: int = Path(ge=0, le=2**31 - 1), task: TaskName = Query("classify")
+    ) -> dict:
         """Roll back or forward to a stored version (also one the activation gate rejected)."""
         self._auth(request)
-        return await _call(self.controller.activate.remote(version))
+        return await _call(self.controller.activate.remote(version, self._task(task)))
+
+    def _task(self, task: str) -> str:
+        if task not in self.cfg.tasks():
+            raise Problem(422, "unknown-task", f"task {task!r} is not enabled; this server holds {self.cfg.tasks()}")
+        return task
 
     @api.post("/v1/feedback", response_model=FeedbackResult, responses=ERRORS,
               openapi_extra={"requestBody": {"content": {"application/json": {
@@ -284,7 +358,7 @@ class Model:
             await self.controller.record.remote(req, pred)
         except Exception:  # noqa: BLE001 - controller restarting: keep them for the next flush
             self.recorder.give_back(req, pred)
-        return await _call(self.controller.feedback.remote(fb.request_id, fb.domain, fb.label, fb.prediction))
+        return await _call(self.controller.feedback.remote(fb.request_id, fb.domain, fb.label, fb.prediction, fb.task))
 
     @api.get("/metrics")
     async def metrics(self) -> Response:
@@ -295,3 +369,34 @@ class Model:
         """Only batching knobs; adapter swaps never go through here (reconfigure is not zero-downtime)."""
         self._batched.set_max_batch_size(int(user_config.get("max_batch_size", 32)))
         self._batched.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", 0.005)))
+
+
+@serve.deployment(name="VqaModel", health_check_period_s=5)
+class VqaModel:
+    """The ``vqa`` task's model replicas (ViLT + the task's global adapter), called by ``Model``'s
+    ``/v1/vqa`` route: decoding at the model's size, dynamic batching and the same hot swap as classification."""
+
+    def __init__(self, cfg: dict) -> None:
+        from .engine import TaskEngine
+
+        self.cfg = ServerConfig.model_validate(cfg)
+        self.limits = Limits(max_image_pixels=self.cfg.max_image_pixels, max_images=self.cfg.vqa.max_questions)
+        controller = ray.get_actor(NAME, namespace=NAMESPACE)
+        self.engine = TaskEngine(self.cfg.for_task("vqa"), controller)
+        self.size = self.engine.task.image_size
+
+    async def answer(self, raws: list[bytes], questions: list[str], top_k: int) -> tuple[list[dict], int]:
+        """Decode (off the loop), then answer in a dynamic batch with other requests' questions."""
+        x = await asyncio.to_thread(decode_images, raws, self.size, self.limits)
+        results, version = await self._batched((x, questions))
+        return [{**r, "top_k": r["top_k"][:top_k]} for r in results], version
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _batched(self, reqs: list[tuple[np.ndarray, list[str]]]) -> list[tuple[list[dict], int]]:
+        sizes = np.cumsum([len(q) for _, q in reqs])[:-1]
+        k = len(self.engine.task.answers)  # full ranking once; each request keeps its own top_k
+        out, version = self.engine.answer(np.concatenate([x for x, _ in reqs]), sum((q for _, q in reqs), []), k)
+        return [(list(part), version) for part in np.split(np.array(out, dtype=object), sizes)]
+
+    def ready(self) -> bool:
+        return True

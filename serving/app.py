@@ -10,7 +10,7 @@ import time
 import ray
 from ray import serve
 
-from .api import Model
+from .api import Model, VqaModel
 from .config import ServerConfig
 from .controller import get_or_create_controller
 from .pipeline import Submission
@@ -19,8 +19,10 @@ from .pipeline import Submission
 def build_app(args: dict | None = None) -> serve.Application:
     """Application builder (``import_path: serving.app:build_app`` in deploy/serve.yaml).
 
-    Creates (or reattaches to) the detached controller, then binds the one ``Model`` deployment (HTTP
-    API + model). The driver imports no torch: only replicas and the worker do.
+    Creates (or reattaches to) the detached controller, then binds the ``Model`` deployment (HTTP API +
+    the classifier) and, when the task is enabled, the ``VqaModel`` deployment it calls for ``/v1/vqa``:
+    one model deployment per task (they differ in type and size). The driver imports no torch: only
+    replicas and the worker do.
     """
     cfg = ServerConfig.model_validate(args or {})
     controller = get_or_create_controller(cfg)
@@ -35,21 +37,37 @@ def build_app(args: dict | None = None) -> serve.Application:
         opts["autoscaling_config"] = cfg.autoscaling
     else:
         opts["num_replicas"] = int(cfg.num_replicas)
-    return Model.options(**opts).bind(cfg.model_dump(mode="json"))
+    vqa = None
+    if cfg.vqa.enabled:
+        ray.get(controller.ready.remote("vqa"))  # the vqa v0 exists before its replicas start
+        vqa = VqaModel.options(
+            num_replicas=cfg.vqa.num_replicas, max_ongoing_requests=cfg.max_ongoing_requests,
+            ray_actor_options={"num_cpus": 0.25, "num_gpus": cfg.replica_num_gpus},
+        ).bind(cfg.model_dump(mode="json"))
+    return Model.options(**opts).bind(cfg.model_dump(mode="json"), vqa)
 
 
 def bootstrap(cfg: ServerConfig) -> list[str]:
-    """On a fresh data dir, queue the configured ``digits5`` domains as ordinary ingest jobs.
+    """On a fresh data dir, queue each task's configured bootstrap domains as ordinary ingest jobs:
+    ``digits5`` domains for classification, ``scenes_vqa`` question families for vqa.
 
     The data is a built-in source the worker materialises (with the benchmark's own held-out split).
-    Idempotent (fixed ``Idempotency-Key`` per domain; nothing once any domain is learned), so every
+    Idempotent (fixed ``Idempotency-Key`` per domain; nothing once a task has a domain), so every
     start path can call it. Returns the ids of the bootstrap jobs.
     """
     controller = get_or_create_controller(cfg)
-    if not cfg.bootstrap or ray.get(controller.domains.remote()):
-        return []
-    subs = [Submission(d, None, {}, f"bootstrap-{d}", None, None, source=f"builtin:digits5/{d}") for d in cfg.bootstrap]
-    return [ray.get(controller.submit.remote(s))["job"]["id"] for s in subs]
+    ids = []
+    for task, bench in (("classify", "digits5"), ("vqa", "scenes_vqa")):
+        if task not in cfg.tasks():
+            continue
+        names = cfg.for_task(task).bootstrap
+        if not names or ray.get(controller.domains.remote(task)):
+            continue
+        for d in names:
+            key = f"bootstrap-{d}" if task == "classify" else f"bootstrap-{task}-{d}"  # classify: as before
+            s = Submission(d, None, {}, key, None, None, source=f"builtin:{bench}/{d}", task=task)
+            ids.append(ray.get(controller.submit.remote(s))["job"]["id"])
+    return ids
 
 
 def start(
@@ -82,7 +100,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help="port of Ray's metrics agent (in-process Ray only; with --address use `ray start --metrics-export-port`)",
     )
-    p.add_argument("--no-bootstrap", action="store_true", help="do not learn the digits5 'mnist' domain on first start")
+    p.add_argument("--no-bootstrap", action="store_true",
+                   help="learn nothing on first start (default: digits5 'mnist' and the vqa 'color' family)")
+    p.add_argument("--no-vqa", action="store_true", help="serve image classification only (no /v1/vqa)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,12 +114,15 @@ def run(args: argparse.Namespace) -> int:
         upd["num_replicas"] = args.replicas if args.replicas == "auto" else int(args.replicas)
     if args.no_bootstrap:
         upd["bootstrap"] = []
+        upd["vqa"] = {"bootstrap": []}
+    if getattr(args, "no_vqa", False):
+        upd["vqa"] = {**upd.get("vqa", {}), "enabled": False}
     cfg = ServerConfig.model_validate(upd)
     print(f"mergeserve: data in {cfg.data_dir}; starting Ray Serve on http://{args.host}:{args.port}", flush=True)
     start(cfg, args.port, args.host, args.address, args.metrics_export_port)
     jobs = bootstrap(cfg)
     if jobs:
-        print(f"mergeserve: bootstrapping domains {cfg.bootstrap} (jobs {jobs}); follow GET /v1/jobs/<id>", flush=True)
+        print(f"mergeserve: bootstrapping domains (jobs {jobs}); follow GET /v1/jobs/<id>", flush=True)
     print(f"mergeserve: ready on http://{args.host}:{args.port} (docs at /docs); Ctrl-C to stop", flush=True)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))

@@ -276,3 +276,82 @@ def read_source(
     if isinstance(got, bytes):
         return read_domain(got, classes, size, limits)
     return _classes_layout(got, classes, size, limits)
+
+
+# --- vqa archives --------------------------------------------------------------------------------
+QUESTIONS_FILE = "questions.jsonl"
+MAX_QUESTION_CHARS = 512
+
+
+def read_vqa_domain(
+    data: bytes, answers: list[str], size: int, limits: Limits = Limits()
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Decode a VQA archive: images plus ``questions.jsonl`` (optionally under one top-level folder), one
+    ``{"image": "relative/path.png", "question": "...", "answer": "..."}`` per line.
+
+    An image may serve several questions (it is decoded once per line, like the model sees it).
+
+    Returns:
+        uint8 images (N, 3, size, size), N questions and int64 answer ids indexing ``answers``.
+
+    Raises:
+        Problem: every archive check, plus ``bad-questions`` (a malformed line, naming it), ``unknown-answer``
+            (naming answers outside the vocabulary), ``missing-image`` (naming referenced images not in the
+            archive) and ``empty-domain``.
+    """
+    members = archive_members(data, limits)
+    files = {"/".join(p): b for p, b in members}
+    qfiles = [k for k in files if k == QUESTIONS_FILE or k.endswith("/" + QUESTIONS_FILE)]
+    if len(qfiles) != 1 or qfiles[0].count("/") > 1:
+        raise bad("bad-layout", f"a vqa archive holds exactly one {QUESTIONS_FILE} (at the top or in one folder)")
+    root = qfiles[0][: -len(QUESTIONS_FILE)]
+    rows = _question_rows(files[qfiles[0]])
+    unknown = sorted({r["answer"] for r in rows} - set(answers))
+    if unknown:
+        raise bad("unknown-answer", f"{len(unknown)} answers are not in the model's {len(answers)}-answer "
+                  f"vocabulary (the answer head is fixed): {unknown[:10]}")
+    missing = sorted({r["image"] for r in rows if root + posixpath.normpath(r["image"]) not in files})
+    if missing:
+        raise bad("missing-image", f"{len(missing)} images named in {QUESTIONS_FILE} are not in the archive: "
+                  f"{missing[:10]}")
+    decoded: dict[str, np.ndarray] = {}
+    for r in rows:
+        key = root + posixpath.normpath(r["image"])
+        if key not in decoded:
+            decoded[key] = decode_image(files[key], size, r["image"], limits.max_image_pixels)
+    x = np.stack([decoded[root + posixpath.normpath(r["image"])] for r in rows]).transpose(0, 3, 1, 2)
+    y = np.array([answers.index(r["answer"]) for r in rows], dtype=np.int64)
+    return np.ascontiguousarray(x), [r["question"] for r in rows], y
+
+
+def _question_rows(raw: bytes) -> list[dict[str, str]]:
+    import json
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad("bad-questions", f"{QUESTIONS_FILE} is not UTF-8") from e
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError:
+            raise bad("bad-questions", f"{QUESTIONS_FILE} line {n}: not a JSON object") from None
+        ok = isinstance(r, dict) and all(isinstance(r.get(k), str) and r[k] for k in ("image", "question", "answer"))
+        if not ok:
+            raise bad("bad-questions", f"{QUESTIONS_FILE} line {n}: needs non-empty strings image, question, answer")
+        if len(r["question"]) > MAX_QUESTION_CHARS:
+            raise bad("bad-questions", f"{QUESTIONS_FILE} line {n}: question longer than {MAX_QUESTION_CHARS}")
+        img = posixpath.normpath(r["image"])
+        if img.startswith(("/", "../")) or img == "..":
+            raise bad("path-traversal", f"{QUESTIONS_FILE} line {n}: image path {r['image']!r} leaves the archive")
+        try:
+            r["question"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad("bad-questions", f"{QUESTIONS_FILE} line {n}: question is not valid UTF-8") from None
+        rows.append(r)
+    if not rows:
+        raise bad("empty-domain", f"{QUESTIONS_FILE} has no questions")
+    return rows

@@ -20,6 +20,25 @@ class GateSettings(BaseModel):
     require_gain: bool = True  # the new domain must beat the active version's zero-shot accuracy on it
 
 
+class VqaServing(BaseModel):
+    """The ``vqa`` task: its own model deployment, adapter lineage and data under ``<data_dir>/vqa``."""
+
+    enabled: bool = True  # serve POST /v1/vqa and accept task=vqa domains
+    weights: str | None = None  # ViLT safetensors; None = the cached, else shipped, ``vilt_scenes``
+    bootstrap: list[str] = Field(default_factory=lambda: ["color"])  # scenes_vqa families learned on first start
+    lora: LoraSettings = Field(default_factory=LoraSettings)  # rank 8 on every encoder linear (answer head frozen)
+    train: TrainSettings = Field(  # measured in docs/vqa.md: 200 steps lift a family well above zero-shot
+        default_factory=lambda: TrainSettings(steps=200, batch_size=64, lr=1e-3, eval_batch=256)
+    )
+    num_replicas: int = 1  # VqaModel replicas
+    max_questions: int = 64  # image-question pairs per /v1/vqa request
+    image_size: int = 64  # uploaded domain images are stored at this size (the model resizes to its own)
+
+
+#: the tasks a server can hold; "classify" keeps today's paths (data at the data_dir root)
+TASKS = ("classify", "vqa")
+
+
 class ServerConfig(BaseModel):
     """Everything ``mergeserve serve`` and ``deploy/serve.yaml`` can set."""
 
@@ -56,7 +75,32 @@ class ServerConfig(BaseModel):
     prediction_ttl_s: float = 7 * 24 * 3600.0  # ... and none older than this
     poll_timeout_s: float = 2.0  # replicas' long-poll for a new version; a replica silent longer is not waited for
     swap_timeout_s: float = 60.0  # how long a job waits for every live replica to acknowledge a new version
+    vqa: VqaServing = Field(default_factory=VqaServing)
+    task: str = "classify"  # which task this (derived) config is for; set by for_task(), not by users
     seed: int = 0
+
+    def tasks(self) -> list[str]:
+        """The tasks this server holds, the default first."""
+        return ["classify"] + (["vqa"] if self.vqa.enabled else [])
+
+    def for_task(self, task: str) -> ServerConfig:
+        """The config one task's pipeline, worker and model see: its own data directory (so its own
+        SQLite file, adapter store and domains), backbone, labels, bootstrap and recipe.
+
+        Raises:
+            KeyError: a task this server does not hold.
+        """
+        if task not in self.tasks():
+            raise KeyError(f"unknown task {task!r}; this server holds {self.tasks()}")
+        if task == "classify":
+            return self
+        state = None if self.state_path is None else os.path.splitext(self.state_path)[0] + f"-{task}.sqlite"
+        return self.model_copy(update={
+            "task": task, "data_dir": self.path(task), "state_path": state, "backbone": "vilt_scenes",
+            "class_names": [],  # the model's answer vocabulary: recorded from global@v0's manifest
+            "bootstrap": self.vqa.bootstrap, "lora": self.vqa.lora, "train": self.vqa.train,
+            "default_method": "pam" if self.default_method == "adaptive" else self.default_method,
+        })
 
     def path(self, *parts: str) -> str:
         """A path under the data directory."""

@@ -25,38 +25,75 @@ NAME, NAMESPACE, WORKER = "mergeserve-controller", "mergeserve", "mergeserve-wor
 log = logging.getLogger("ray")
 
 
-def _report(controller: ray.actor.ActorHandle, job_id: str, step: int, total: int, loss: float) -> None:
-    controller.progress.remote(job_id, step, total, loss)
+def _report(controller: ray.actor.ActorHandle, task: str, job_id: str, step: int, total: int, loss: float) -> None:
+    controller.progress.remote(task, job_id, step, total, loss)
+
+
+class _Slot:
+    """The worker actor's handle and last error, shared by every task's :class:`RemoteWorker`."""
+
+    def __init__(self) -> None:
+        self.handle: ray.actor.ActorHandle | None = None
+        self.last_error: str | None = None
 
 
 @ray.remote
 class Worker:
-    """The worker's Ray actor: a shell that imports torch in its own process only (the controller never does)."""
+    """The worker's Ray actor: a shell that imports torch in its own process only (the controller never does).
+
+    One process for every task (one job runs at a time anyway; a second process would cost ~1 GB of
+    memory): each task's :class:`~serving.worker.IngestWorker` is built on its first call.
+    """
 
     def __init__(self, cfg: dict) -> None:
-        from .worker import IngestWorker
+        self.cfg = ServerConfig.model_validate(cfg)
+        self.w: dict[str, object] = {}
 
-        self.w = IngestWorker(cfg)
+    def _get(self, task: str) -> object:
+        if task not in self.w:
+            from .worker import IngestWorker
+
+            self.w[task] = IngestWorker(self.cfg.for_task(task))
+        return self.w[task]
 
     def ping(self) -> bool:
         return True
 
-    def initial(self) -> dict:
-        return self.w.initial()
+    def initial(self, task: str) -> dict:
+        return self._get(task).initial()
 
-    def train(self, job: dict, parent: dict, progress: object) -> tuple[dict, dict]:
-        return self.w.train(job, parent, progress)
+    def train(self, task: str, job: dict, parent: dict, progress: object) -> tuple[dict, dict]:
+        return self._get(task).train(job, parent, progress)
 
-    def merge(self, job: dict, parent: dict, temp: dict, version: int) -> dict:
-        return self.w.merge(job, parent, temp, version)
+    def merge(self, task: str, job: dict, parent: dict, temp: dict, version: int) -> dict:
+        return self._get(task).merge(job, parent, temp, version)
 
 
 class RemoteWorker:
-    """The pipeline's worker interface over the Ray actor; recreates the actor after it died."""
+    """One task's worker interface over the shared Ray actor; recreates the actor after it died.
 
-    def __init__(self, cfg: ServerConfig) -> None:
-        self.cfg, self.handle = cfg, None
-        self.last_error: str | None = None
+    Every task's interface holds the same :class:`_Slot`, so a handle replaced after a death is the one
+    all tasks use next (a stale handle would fail the other task's next job for nothing).
+    """
+
+    def __init__(self, cfg: ServerConfig, task: str = "classify", slot: _Slot | None = None) -> None:
+        self.cfg, self.task, self.slot = cfg, task, slot or _Slot()
+
+    @property
+    def handle(self) -> ray.actor.ActorHandle | None:
+        return self.slot.handle
+
+    @handle.setter
+    def handle(self, h: ray.actor.ActorHandle | None) -> None:
+        self.slot.handle = h
+
+    @property
+    def last_error(self) -> str | None:
+        return self.slot.last_error
+
+    @last_error.setter
+    def last_error(self, e: str | None) -> None:
+        self.slot.last_error = e
 
     def get(self) -> ray.actor.ActorHandle:
         if self.handle is None:
@@ -68,7 +105,7 @@ class RemoteWorker:
 
     async def _call(self, what: str, method: str, *args: object) -> object:
         try:
-            return await getattr(self.get(), method).remote(*args)
+            return await getattr(self.get(), method).remote(self.task, *args)
         except RayActorError as e:
             self.handle, self.last_error = None, f"training worker died during {what}: {type(e).__name__}"
             raise RuntimeError(self.last_error) from e
@@ -93,104 +130,148 @@ class RemoteWorker:
             return {"worker": "restarting", "last_error": self.last_error}
 
 
+class Lineage:
+    """One task's pipeline, worker interface, replicas and swap signal (the controller holds one per task)."""
+
+    def __init__(self, cfg: ServerConfig, slot: _Slot) -> None:
+        self.cfg = cfg
+        self.pipe = Pipeline(cfg)
+        self.worker = RemoteWorker(cfg, cfg.task, slot)
+        self.replicas: dict[str, tuple[int, float]] = {}  # replica id -> (version it serves, last seen)
+        self.changed: asyncio.Event | None = None
+        self.work: asyncio.Event | None = None
+        self.runner: asyncio.Task | None = None
+
+
 @ray.remote(num_cpus=0)
 class Controller:
-    """Owns domains, jobs, adapter versions, the accuracy matrix and the worker."""
+    """Owns domains, jobs, adapter versions, the accuracy matrix and the worker, per task.
+
+    Every method takes ``task`` (default ``classify``, so clients of the single-task API keep working);
+    each task has its own lineage under its own data directory (:meth:`ServerConfig.for_task`).
+    """
 
     def __init__(self, cfg: dict) -> None:
         self.cfg = ServerConfig.model_validate(cfg)
-        self.pipe = Pipeline(self.cfg)
         self.metrics = ServerMetrics()
-        recovered = self.pipe.recover()
-        self.metrics.jobs.labels("retried").inc(len(recovered["requeued"]))
-        self.metrics.jobs.labels("failed").inc(len(recovered["gave_up"]))
-        if any(recovered.values()):
-            log.warning("mergeserve: recovered after a restart: %s", recovered)
-        self.worker = RemoteWorker(self.cfg)
-        self.replicas: dict[str, tuple[int, float]] = {}
+        self.lines: dict[str, Lineage] = {}
+        slot = _Slot()  # one worker actor for every task
+        for task in self.cfg.tasks():
+            line = self.lines[task] = Lineage(self.cfg.for_task(task), slot)
+            recovered = line.pipe.recover()
+            self.metrics.jobs.labels("retried").inc(len(recovered["requeued"]))
+            self.metrics.jobs.labels("failed").inc(len(recovered["gave_up"]))
+            if any(recovered.values()):
+                log.warning("mergeserve: %s recovered after a restart: %s", task, recovered)
         self.healthy = True
-        self._changed: asyncio.Event | None = None
-        self._work: asyncio.Event | None = None
-        self._runner: asyncio.Task | None = None
         self._accepting = asyncio.Lock()
 
-    async def _start(self) -> None:
-        if self._runner is None:
-            self._changed, self._work = asyncio.Event(), asyncio.Event()
-            await self.pipe.ensure_initial(self.worker)
-            self._runner = asyncio.get_running_loop().create_task(self._run_jobs())
+    def _line(self, task: str) -> Lineage:
+        if task not in self.lines:
+            raise Problem(422, "unknown-task", f"unknown task {task!r}; this server holds {list(self.lines)}")
+        return self.lines[task]
+
+    async def _start(self, task: str = "classify") -> Lineage:
+        line = self._line(task)
+        if line.runner is None:
+            line.changed, line.work = asyncio.Event(), asyncio.Event()
+            await line.pipe.ensure_initial(line.worker)
+            line.runner = asyncio.get_running_loop().create_task(self._run_jobs(task))
+        return line
 
     # --- queries -------------------------------------------------------------------------------
-    async def ready(self) -> dict:
+    async def ready(self, task: str = "classify") -> dict:
         """Start-up barrier for replicas and ``/readyz``: v0 exists and the job runner is up."""
-        await self._start()
-        return {"active": self.pipe.active, "ingest": await self.ingest_health()}
+        line = await self._start(task)
+        return {"active": line.pipe.active, "ingest": await self.ingest_health(task)}
 
-    async def ingest_health(self) -> dict:
-        h = await self.worker.health()
+    async def ingest_health(self, task: str = "classify") -> dict:
+        line = self._line(task)
+        h = await line.worker.health()
         self.healthy = h["worker"] == "ok"
-        queued = len(self.pipe.db.jobs(("queued",)))
-        return {**h, "runner": "ok" if self._runner and not self._runner.done() else "stopped", "queued": queued}
+        queued = len(line.pipe.db.jobs(("queued",)))
+        return {**h, "runner": "ok" if line.runner and not line.runner.done() else "stopped", "queued": queued}
 
     def job(self, job_id: str) -> dict | None:
-        return self.pipe.db.job(job_id)
+        """A job of any task (ids are unique across tasks); its row says which task."""
+        for task, line in self.lines.items():
+            if (j := line.pipe.db.job(job_id)) is not None:
+                return {**j, "task": task}
+        return None
 
-    def domains(self) -> list[dict]:
-        return self.pipe.domains_view()
+    def domains(self, task: str = "classify") -> list[dict]:
+        return self._line(task).pipe.domains_view()
 
-    def adapters(self) -> dict:
-        return self.pipe.adapters_view()
+    def adapters(self, task: str = "classify") -> dict:
+        return self._line(task).pipe.adapters_view()
+
+    async def labels(self, task: str = "classify") -> list[str]:
+        """The task's class names or answer vocabulary (recorded with its v0)."""
+        return (await self._start(task)).pipe.labels
+
+    async def tasks(self) -> list[dict]:
+        """Every task: its model, labels, active version and domains (``GET /v1/tasks``)."""
+        out = []
+        for task, line in self.lines.items():
+            await self._start(task)
+            p = line.pipe
+            out.append({"name": task, "model": line.cfg.backbone, "labels": p.labels, "active_version": p.active,
+                        "domains": p.db.domain_names(), "default_method": line.cfg.default_method})
+        return out
 
     # --- ingestion -----------------------------------------------------------------------------
     async def submit(self, s: Submission) -> dict:
         """Validate and persist a domain and its job, then queue it. Raises :class:`Problem`."""
-        await self._start()
+        line = await self._start(s.task)
         async with self._accepting:  # one acceptance at a time: name checks and writes don't interleave
-            job, replayed = await asyncio.to_thread(self.pipe.accept, s)  # hashing + fsync off the loop
+            job, replayed = await asyncio.to_thread(line.pipe.accept, s)  # hashing + fsync off the loop
         if not replayed:
             self.metrics.jobs.labels("accepted").inc()
-            self._work.set()
-        return {"job": job, "replayed": replayed}
+            line.work.set()
+        return {"job": {**job, "task": s.task}, "replayed": replayed}
 
-    def progress(self, job_id: str, step: int, total: int, loss: float) -> None:
-        self.pipe.db.update_job(job_id, step=step, total=total, loss=loss)
+    def progress(self, task: str, job_id: str, step: int, total: int, loss: float) -> None:
+        self._line(task).pipe.db.update_job(job_id, step=step, total=total, loss=loss)
 
-    async def _run_jobs(self) -> None:
-        report = functools.partial(_report, ray.get_runtime_context().current_actor)
+    async def _run_jobs(self, task: str) -> None:
+        line = self.lines[task]
+        report = functools.partial(_report, ray.get_runtime_context().current_actor, task)
         while True:
-            pending = self.pipe.db.jobs(("queued", "swapping"))
+            pending = line.pipe.db.jobs(("queued", "swapping"))
             if not pending:
-                self._work.clear()
-                await self._work.wait()
+                line.work.clear()
+                await line.work.wait()
                 continue
             job = pending[0]
             t0 = time.time()
-            done = await self.pipe.run(job, self.worker, self._activate, functools.partial(report, job["id"]))
+            activate = functools.partial(self._activate, task)
+            done = await line.pipe.run(job, line.worker, activate, functools.partial(report, job["id"]))
             self.metrics.jobs.labels(done["status"]).inc()
             if done["status"] != "failed" and "training" in (done["timings"] or {}):
                 self.metrics.train.observe(done["timings"]["training"])
-            log.info("mergeserve: job %s %s in %.1fs", job["id"], done["status"], time.time() - t0)
+            log.info("mergeserve: %s job %s %s in %.1fs", task, job["id"], done["status"], time.time() - t0)
 
     # --- versions and hot swap -----------------------------------------------------------------
-    async def activate(self, version: int) -> dict:
+    async def activate(self, version: int, task: str = "classify") -> dict:
         """Roll back or forward to a stored version through the same swap path. Raises :class:`Problem`."""
-        await self._start()
-        row = self.pipe.db.version(version)
+        line = await self._start(task)
+        row = line.pipe.db.version(version)
         if row is None:
-            raise Problem(404, "unknown-version", f"no adapter version {version}")
+            raise Problem(404, "unknown-version", f"no {task} adapter version {version}")
         try:
-            await asyncio.to_thread(self.pipe.store.verify, row["name"], self.cfg.backbone)
+            await asyncio.to_thread(line.pipe.store.verify, row["name"], line.cfg.backbone)
         except ValueError as e:
             raise Problem(409, "corrupt-adapter", str(e)) from e
-        return {"active": version, "swap_seconds": await self._activate(version)}
+        return {"active": version, "swap_seconds": await self._activate(task, version)}
 
-    async def _activate(self, version: int) -> float:
+    async def _activate(self, task: str, version: int) -> float:
+        line = self.lines[task]
         t0 = time.time()
-        self.pipe.set_active(version)
-        self._changed.set()
-        self._changed = asyncio.Event()
+        line.pipe.set_active(version)
+        line.changed.set()
+        line.changed = asyncio.Event()
         while time.time() - t0 < self.cfg.swap_timeout_s:
-            live = [v for v, seen in self.replicas.values() if time.time() - seen < self.cfg.poll_timeout_s + 1]
+            live = [v for v, seen in line.replicas.values() if time.time() - seen < self.cfg.poll_timeout_s + 1]
             if all(v == version for v in live):
                 break
             await asyncio.sleep(0.02)
@@ -198,37 +279,54 @@ class Controller:
         self.metrics.swap.observe(dt)
         return dt
 
-    async def wait_version(self, replica_id: str, known: int, timeout: float | None = None) -> dict:
+    async def wait_version(self, replica_id: str, known: int, timeout: float | None = None,
+                           task: str = "classify") -> dict:
         """Long-poll: returns as soon as the active version differs from ``known`` (or after ``timeout``)."""
-        await self._start()
-        self.replicas[replica_id] = (known, time.time())
-        if self.pipe.active == known:
+        line = await self._start(task)
+        line.replicas[replica_id] = (known, time.time())
+        if line.pipe.active == known:
             try:
-                await asyncio.wait_for(self._changed.wait(), self.cfg.poll_timeout_s if timeout is None else timeout)
+                await asyncio.wait_for(line.changed.wait(), self.cfg.poll_timeout_s if timeout is None else timeout)
             except asyncio.TimeoutError:
                 pass
-        self.replicas[replica_id] = (known, time.time())
-        row = self.pipe.db.version(self.pipe.active)
+        line.replicas[replica_id] = (known, time.time())
+        row = line.pipe.db.version(line.pipe.active)
         return {"version": row["version"], "name": row["name"]}
 
-    def ack(self, replica_id: str, version: int) -> None:
-        self.replicas[replica_id] = (version, time.time())
+    def ack(self, replica_id: str, version: int, task: str = "classify") -> None:
+        self._line(task).replicas[replica_id] = (version, time.time())
 
     # --- feedback and metrics ------------------------------------------------------------------
-    def record(self, requests: list[tuple[str, str, float]], predictions: list[tuple[str, str | None, str]]) -> int:
-        """Request samples and predictions from the replicas (flushed every second); returns rows dropped."""
+    def record(self, requests: list[tuple[str, str, float]], predictions: list[tuple]) -> int:
+        """Request samples and predictions ``(request_id, domain, label[, task])`` from the replicas (flushed
+        every second); returns rows dropped."""
         self.metrics.observe_requests(requests)
-        if not predictions:
-            return 0
-        return self.pipe.db.remember_predictions(predictions, self.cfg.prediction_retention, self.cfg.prediction_ttl_s)
+        by_task: dict[str, list] = {}
+        for p in predictions:
+            by_task.setdefault(p[3] if len(p) > 3 else "classify", []).append(tuple(p[:3]))
+        dropped = 0
+        for task, rows in by_task.items():
+            if task in self.lines:
+                dropped += self.lines[task].pipe.db.remember_predictions(
+                    rows, self.cfg.prediction_retention, self.cfg.prediction_ttl_s)
+        return dropped
 
-    def feedback(self, request_id: str | None, domain: str | None, label: str, prediction: str | None) -> dict:
-        return self.pipe.feedback(request_id, domain, label, prediction)
+    def feedback(self, request_id: str | None, domain: str | None, label: str, prediction: str | None,
+                 task: str | None = None) -> dict:
+        """Feedback for a prediction; with a ``request_id`` and no ``task`` the task that served it is found."""
+        if task is None and request_id:
+            task = next((t for t, line in self.lines.items() if line.pipe.db.prediction(request_id)), "classify")
+        return {**self._line(task or "classify").pipe.feedback(request_id, domain, label, prediction),
+                "task": task or "classify"}
 
     def metrics_text(self) -> bytes:
-        db, active = self.pipe.db, self.pipe.active
-        row = db.version(active)
-        return self.metrics.render(active, db.accuracy(active), db.feedback(), row["coefficients"], self.healthy)
+        states = {}
+        for task, line in self.lines.items():
+            db, active = line.pipe.db, line.pipe.active
+            row = db.version(active)
+            if row is not None:
+                states[task] = (active, db.accuracy(active), db.feedback(), row["coefficients"])
+        return self.metrics.render(states, self.healthy)
 
 
 def get_or_create_controller(cfg: ServerConfig) -> ray.actor.ActorHandle:

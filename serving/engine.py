@@ -28,20 +28,23 @@ log = logging.getLogger("ray.serve")
 
 
 class Engine:
-    """One replica's model and its swap thread."""
+    """One replica's model and its swap thread (``cfg.task``'s lineage: classification or a task's model)."""
 
     def __init__(self, cfg: ServerConfig, controller: ray.actor.ActorHandle) -> None:
-        self.cfg, self.controller = cfg, controller
-        self.spec = get_spec(cfg.backbone)
+        self.cfg, self.controller, self.task_name = cfg, controller, cfg.task
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.base = create_backbone(cfg.backbone, len(cfg.class_names), seed=cfg.seed).eval()
+        self.base = self._base().eval()
         self.store = AdapterStore(cfg.path("adapters"))
         self.replica_id = uuid.uuid4().hex[:8]
-        info = ray.get(controller.wait_version.remote(self.replica_id, -1, 0.0))
+        info = ray.get(controller.wait_version.remote(self.replica_id, -1, 0.0, self.task_name))
         self.current = (info["version"], self._build(info["name"]))
-        ray.get(controller.ack.remote(self.replica_id, info["version"]))
+        ray.get(controller.ack.remote(self.replica_id, info["version"], self.task_name))
         self.swaps: list[float] = []
         threading.Thread(target=self._poll, daemon=True, name="adapter-poller").start()
+
+    def _base(self) -> torch.nn.Module:
+        self.spec = get_spec(self.cfg.backbone)
+        return create_backbone(self.cfg.backbone, len(self.cfg.class_names), seed=self.cfg.seed)
 
     def _build(self, name: str) -> torch.nn.Module:
         tensors, man = self.store.load(name, backbone=self.cfg.backbone)
@@ -51,14 +54,14 @@ class Engine:
         while True:
             version = self.current[0]
             try:
-                info = ray.get(self.controller.wait_version.remote(self.replica_id, version))
+                info = ray.get(self.controller.wait_version.remote(self.replica_id, version, None, self.task_name))
                 if info["version"] != version:
                     t0 = time.perf_counter()
                     standby = self._build(info["name"])  # fully built before anyone can see it
                     self.current = (info["version"], standby)  # the swap: one reference assignment
                     self.swaps.append(time.perf_counter() - t0)
-                    log.info("replica %s swapped to adapter v%s", self.replica_id, info["version"])
-                self.controller.ack.remote(self.replica_id, self.current[0])
+                    log.info("%s replica %s swapped to adapter v%s", self.task_name, self.replica_id, info["version"])
+                self.controller.ack.remote(self.replica_id, self.current[0], self.task_name)
             except Exception:  # noqa: BLE001 - controller restarting or adapter unreadable: keep serving, retry
                 log.exception("adapter poll failed; serving v%s and retrying", version)
                 time.sleep(1.0)
@@ -70,3 +73,23 @@ class Engine:
         x = preprocess(self.spec, torch.from_numpy(images).to(self.device))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             return model(x).float().softmax(-1).cpu().numpy(), version
+
+
+class TaskEngine(Engine):
+    """A replica of a ``training.tasks`` model (``vqa``): same swap, the task's batching and responses."""
+
+    def _base(self) -> torch.nn.Module:
+        from .worker import build_task
+
+        self.task = build_task(self.cfg)
+        return self.task.build_base(self.cfg.seed)
+
+    @torch.inference_mode()
+    def answer(self, images: np.ndarray, questions: list[str], top_k: int) -> tuple[list[dict], int]:
+        """uint8 (N, 3, H, W) images with one question each → the task's responses and the adapter version."""
+        from training.data.scenes import VqaSamples
+
+        version, model = self.current
+        samples = VqaSamples(torch.from_numpy(images), list(questions), torch.full((len(questions),), -1))
+        out = self.task.forward(model, self.task.make_batch(samples).to(self.device))
+        return self.task.respond(out.float().cpu(), top_k), version

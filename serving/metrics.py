@@ -29,10 +29,14 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         self.registry = reg = CollectorRegistry()
-        self.accuracy = Gauge("mergeserve_domain_accuracy", "Accuracy per domain", ["domain", "source"], registry=reg)
-        self.version = Gauge("mergeserve_adapter_version", "Active global adapter version", registry=reg)
+        # task: one of ServerConfig.tasks() (bounded); domain: at most max_domains per task
+        self.accuracy = Gauge(
+            "mergeserve_domain_accuracy", "Accuracy per domain", ["task", "domain", "source"], registry=reg
+        )
+        self.version = Gauge("mergeserve_adapter_version", "Active global adapter version", ["task"], registry=reg)
         self.coefficient = Gauge(
-            "mergeserve_merge_coefficient", "Learned merge coefficient per domain (adaptive)", ["domain"], registry=reg
+            "mergeserve_merge_coefficient", "Learned merge coefficient per domain (adaptive)", ["task", "domain"],
+            registry=reg,
         )
         self.jobs = Counter("mergeserve_ingest_jobs_total", "Ingest jobs by status", ["status"], registry=reg)
         self.ingest_healthy = Gauge(
@@ -63,23 +67,23 @@ class ServerMetrics:
             self.requests.labels(endpoint, status).inc()
             self.latency.labels(endpoint).observe(seconds)
 
-    def render(
-        self,
-        active: int,
-        holdout: dict[str, float],
-        feedback: dict[str, float],
-        coefficients: dict[str, float],
-        healthy: bool,
-    ) -> bytes:
-        """Refresh the state gauges and return the exposition text."""
-        self.version.set(active)
+    def render(self, states: dict[str, tuple[int, dict, dict, dict]], healthy: bool) -> bytes:
+        """Refresh the state gauges and return the exposition text.
+
+        Args:
+            states: Per task, ``(active version, held-out accuracy, feedback accuracy, coefficients)``,
+                each dict keyed by domain.
+            healthy: Whether the training worker answers.
+        """
         self.ingest_healthy.set(int(healthy))
-        for source, values in (("holdout", holdout), ("feedback", feedback)):
-            for d, a in values.items():
-                self.accuracy.labels(d, source).set(a)
         self.coefficient.clear()
-        for d, a in coefficients.items():
-            self.coefficient.labels(d).set(a)
+        for task, (active, holdout, feedback, coefficients) in states.items():
+            self.version.labels(task).set(active)
+            for source, values in (("holdout", holdout), ("feedback", feedback)):
+                for d, a in values.items():
+                    self.accuracy.labels(task, d, source).set(a)
+            for d, a in (coefficients or {}).items():
+                self.coefficient.labels(task, d).set(a)
         return generate_latest(self.registry)
 
 

@@ -58,6 +58,8 @@ class Submission:
     y: np.ndarray | None  # int64 (N,)
     heldout_fraction: float | None = None
     source: str | None = None  # "builtin:<benchmark>/<domain>": data made by the worker, reproducibly
+    questions: list[str] | None = None  # vqa: one question per image (``y`` holds answer ids)
+    task: str = "classify"  # whose lineage learns it
 
 
 class WorkerAPI(Protocol):
@@ -124,7 +126,9 @@ def split(n: int, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def request_hash(s: Submission, method: str, hyper: dict) -> str:
     """What an Idempotency-Key stands for: the same key must come with the same request."""
-    h = hashlib.sha256(json.dumps([s.name, method, hyper, s.heldout_fraction, s.source], sort_keys=True).encode())
+    h = hashlib.sha256(
+        json.dumps([s.name, method, hyper, s.heldout_fraction, s.source, s.task, s.questions], sort_keys=True).encode()
+    )
     for a in (s.x, s.y):
         if a is not None:
             h.update(np.ascontiguousarray(a).data)
@@ -137,14 +141,19 @@ def domain_file(cfg: ServerConfig, name: str) -> str:
     return cfg.path("domains", f"{name}.safetensors")
 
 
-def save_domain(cfg: ServerConfig, name: str, arrays: dict[str, np.ndarray]) -> None:
-    """Persist a domain durably (fsynced, renamed into place) before its job is acknowledged."""
+def save_domain(
+    cfg: ServerConfig, name: str, arrays: dict[str, np.ndarray], meta: dict[str, str] | None = None
+) -> None:
+    """Persist a domain durably (fsynced, renamed into place) before its job is acknowledged.
+
+    ``meta`` holds what is not an array (a vqa domain's questions, JSON-encoded per split).
+    """
     from safetensors.numpy import save_file
 
     path = domain_file(cfg, name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp, metadata=meta)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -168,12 +177,18 @@ class Pipeline:
     def active(self) -> int:
         return self.db.get("active", self.db.max_version())
 
+    @property
+    def labels(self) -> list[str]:
+        """Class names, or the answer vocabulary recorded from ``global@v0`` (the model defines it)."""
+        return self.cfg.class_names or self.db.get("labels", [])
+
     async def ensure_initial(self, worker: WorkerAPI) -> None:
         """Record ``global@v0`` (made by the worker, which has the backbone) on a fresh data directory."""
         if self.db.versions():
             return
         man = await worker.initial()
         self.db.record_version(None, 0, man["name"], None, "init", [], {}, man["sha256"], {})
+        self.db.put("labels", man["class_names"])
         self.db.put("active", 0)
 
     def set_active(self, version: int) -> None:
@@ -192,6 +207,9 @@ class Pipeline:
             raise Problem(422, "invalid-domain-name", "domain name must match [a-z0-9][a-z0-9_-]{0,62}")
         method = s.method or self.cfg.default_method
         hyper = check_hyper(method, s.hyper, self.cfg.max_steps)
+        if self.cfg.task != "classify" and method in ALPHA_METHODS:
+            raise Problem(422, "unknown-method", f"method {method!r} is not offered for task {self.cfg.task!r} "
+                          f"(its buffer fit is image classification only); use one of the global-LoRA methods")
         active = self.db.version(self.active)
         if active and active["method"] in ALPHA_METHODS and method not in ALPHA_METHODS:
             raise Problem(409, "incompatible-method",
@@ -239,9 +257,13 @@ class Pipeline:
             if n_train < 1:
                 raise Problem(422, "empty-domain", f"{len(s.y)} images leave nothing to train on after the split")
             tr, te = split(len(s.y), n_test, self.cfg.seed)
+            meta = None
+            if s.questions is not None:
+                q = s.questions
+                meta = {"q_train": json.dumps([q[i] for i in tr]), "q_test": json.dumps([q[i] for i in te])}
             save_domain(
                 self.cfg, s.name,
-                {"x_train": s.x[tr], "y_train": s.y[tr], "x_test": s.x[te], "y_test": s.y[te]},
+                {"x_train": s.x[tr], "y_train": s.y[tr], "x_test": s.x[te], "y_test": s.y[te]}, meta,
             )
             crash_point("after-data-write")
         job_id = uuid.uuid4().hex[:16]
@@ -364,7 +386,7 @@ class Pipeline:
         Raises:
             Problem: unknown label or prediction (422), unknown request (404), unknown domain (422).
         """
-        labels = self.cfg.class_names
+        labels = self.labels
         if label not in labels:
             raise Problem(422, "unknown-label", f"label {label!r} is not one of {labels}")
         if request_id:

@@ -52,6 +52,56 @@ class ClassifyResponse(BaseModel):
     results: list[list[Prediction]] | None = Field(None, description="for a batch, in request order")
 
 
+# --- visual question answering -------------------------------------------------------------------
+TaskName = Literal["classify", "vqa"]
+Question = Annotated[str, AfterValidator(_utf8), StringConstraints(min_length=1, max_length=512)]
+
+
+class VqaItem(Strict):
+    image: str = Field(description="base64 image (a ``data:`` prefix is allowed)")
+    question: Question
+
+
+class VqaRequest(Strict):
+    """One question about one image (``image`` + ``question``), or a batch of them (``items``)."""
+
+    image: str | None = None
+    question: Question | None = None
+    items: list[VqaItem] | None = Field(None, min_length=1)
+    top_k: int = Field(1, ge=1, description="answers returned per question (at most the answer vocabulary)")
+    domain: Text | None = Field(None, description="which question family or source; monitoring only")
+
+
+class Answer(BaseModel):
+    answer: str
+    score: float
+
+
+class VqaResult(BaseModel):
+    answer: str = Field(description="the top answer")
+    score: float
+    top_k: list[Answer]
+
+
+class VqaResponse(BaseModel):
+    request_id: str
+    adapter_version: int
+    answers: list[VqaResult] = Field(description="one per question, in request order")
+
+
+class TaskInfo(BaseModel):
+    name: str
+    model: str = Field(description="backbone or model the task serves")
+    labels: list[str] = Field(description="class names (classify) or the answer vocabulary (vqa)")
+    active_version: int
+    domains: list[str]
+    default_method: str
+
+
+class Tasks(BaseModel):
+    tasks: list[TaskInfo]
+
+
 # --- ingestion -----------------------------------------------------------------------------------
 class IngestSource(Strict):
     """JSON ingestion from a ``file://`` source under one of the server's configured source roots."""
@@ -61,10 +111,12 @@ class IngestSource(Strict):
     method: str | None = Field(None, description="online merge method; the server default when omitted")
     hyper: dict[str, Any] = Field(default_factory=dict, description="method hyper-parameters (validated)")
     heldout_fraction: float | None = Field(None, gt=0, lt=1)
+    task: TaskName = Field("classify", description="whose adapter lineage learns the domain")
 
 
 class Accepted(BaseModel):
     job_id: str
+    task: str
     status: str
     domain: str
     replayed: bool = Field(description="true when an Idempotency-Key replayed an earlier identical request")
@@ -78,6 +130,7 @@ class Progress(BaseModel):
 
 class Job(BaseModel):
     id: str
+    task: str
     domain: str
     method: str
     hyper: dict[str, Any]
@@ -139,9 +192,11 @@ class FeedbackRequest(Strict):
     request_id: Text | None = None
     domain: Text | None = None
     prediction: Text | None = None
+    task: TaskName | None = Field(None, description="found from request_id when omitted; else classify")
 
 
 class FeedbackResult(BaseModel):
+    task: str
     domain: str
     correct: bool
     feedback_accuracy: float

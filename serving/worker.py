@@ -7,11 +7,13 @@ without losing accepted work: the controller owns the job record.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from collections.abc import Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file
 
@@ -32,13 +34,30 @@ BUILTIN = "builtin:"
 
 
 def make_context(cfg: ServerConfig) -> LearnerContext:
-    """Backbone (pretrained trunk, seeded head) and settings for training and evaluation."""
+    """The base model and settings for training and evaluation: the image backbone (pretrained trunk,
+    seeded head) for ``classify``, the task's pretrained model otherwise (``cfg.task``)."""
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # leave cores to the serving replicas
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.task != "classify":
+        task = build_task(cfg)
+        base = task.build_base(cfg.seed)
+        return LearnerContext(None, base.to(device), cfg.lora, cfg.train, cfg.seed, device, task=task)
     base = create_backbone(cfg.backbone, len(cfg.class_names), seed=cfg.seed)
     for p in base.parameters():
         p.requires_grad_(False)
     return LearnerContext(get_spec(cfg.backbone), base.to(device), cfg.lora, cfg.train, cfg.seed, device)
+
+
+def build_task(cfg: ServerConfig) -> object:
+    """The ``training.tasks`` entry for a non-classification config (its model loaded once)."""
+    from training.tasks import get_task
+
+    return get_task(cfg.task, weights=cfg.vqa.weights)
+
+
+def labels_of(ctx: LearnerContext, cfg: ServerConfig) -> list[str]:
+    """What the adapters' manifests record as labels: class names, or the task's answer vocabulary."""
+    return list(ctx.task.answers) if ctx.task is not None else cfg.class_names
 
 
 class IngestWorker:
@@ -48,12 +67,18 @@ class IngestWorker:
         self.cfg = ServerConfig.model_validate(cfg)
         self.ctx = make_context(self.cfg)
         self.store = AdapterStore(self.cfg.path("adapters"))
+        self.labels = labels_of(self.ctx, self.cfg)
 
     def initial(self) -> dict:
         """Persist ``global@v0``: the backbone's seeded head and LoRA at its initialisation (ΔW = 0)."""
-        model = attach_lora(copy.deepcopy(self.ctx.base), self.cfg.lora, self.cfg.seed)
+        if self.ctx.task is not None:
+            from training.tasks import attach_lora as attach_task_lora
+
+            model = attach_task_lora(self.ctx.task, copy.deepcopy(self.ctx.base), self.cfg.lora, self.cfg.seed)
+        else:
+            model = attach_lora(copy.deepcopy(self.ctx.base), self.cfg.lora, self.cfg.seed)
         man = AdapterManifest(name="global@v0", backbone=self.cfg.backbone, format="lora", lora=self.cfg.lora,
-                              class_names=self.cfg.class_names, method="init")
+                              class_names=self.labels, method="init")
         return self.store.save(get_adapter(model), man).model_dump(mode="json")
 
     # --- data ----------------------------------------------------------------------------------
@@ -67,17 +92,31 @@ class IngestWorker:
             d = load_benchmark(bench, domains=[dom]).domain(dom)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             arrays = {"x_train": d.x_train, "y_train": d.y_train, "x_test": d.x_test, "y_test": d.y_test}
-            save_numpy({k: v.numpy() for k, v in arrays.items()}, path + ".tmp")
+            meta = {"q_train": json.dumps(d.q_train), "q_test": json.dumps(d.q_test)} if hasattr(d, "q_train") else None
+            save_numpy({k: v.numpy() for k, v in arrays.items()}, path + ".tmp", metadata=meta)
             os.replace(path + ".tmp", path)
         t = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        if "q_train" in meta:  # a vqa domain: images, questions, answer ids
+            from training.data.scenes import VqaDomain
+
+            return VqaDomain(name, t["x_train"], t["y_train"].long(), t["x_test"], t["y_test"].long(),
+                             q_train=json.loads(meta["q_train"]), q_test=json.loads(meta["q_test"]))
         return Domain(name, t["x_train"], t["y_train"].long(), t["x_test"], t["y_test"].long())
 
     def _accuracy(self, adapter: dict[str, torch.Tensor], domains: list[Domain]) -> dict[str, float]:
         model = materialise(self.ctx.base, to_delta(adapter, self.ctx.lora)).to(self.ctx.device)
-        return {d.name: accuracy(model, self.ctx.spec, d, self.ctx.device, self.ctx.train.eval_batch) for d in domains}
+        return {d.name: accuracy(model, self.ctx.spec, d, self.ctx.device, self.ctx.train.eval_batch, self.ctx.task)
+                for d in domains}
 
     def _buffer(self, d: Domain) -> int:
-        """Add the domain to the class-balanced replay buffer (once); returns its sample count there."""
+        """Add the domain to the class-balanced replay buffer (once); returns its sample count there.
+
+        Only the adaptive methods read the buffer, and they are offered for image classification only.
+        """
+        if self.ctx.task is not None:
+            return 0
         path = self.cfg.path("buffer.safetensors")
         buf = ReplayBuffer.load(path) if os.path.exists(path) else ReplayBuffer(self.cfg.buffer_spc)
         if d.name not in buf.domains():
@@ -135,7 +174,7 @@ class IngestWorker:
             backbone=self.cfg.backbone,
             format="delta" if job["method"] in ALPHA_METHODS else "lora",
             lora=self.cfg.lora,
-            class_names=self.cfg.class_names,
+            class_names=self.labels,
             parent=parent["name"],
             method=job["method"],
             domains=domains,
@@ -160,7 +199,7 @@ class IngestWorker:
             comps = [parent["name"]]
         own = self.store.save(temp, AdapterManifest(
             name=f"domain@{job['domain']}@v{version}", backbone=self.cfg.backbone, format="lora",
-            lora=self.cfg.lora, class_names=self.cfg.class_names, method=job["method"], domains=[job["domain"]]))
+            lora=self.cfg.lora, class_names=self.labels, method=job["method"], domains=[job["domain"]]))
         comps.append(own.name)
         adapters = [self.store.load(n, backbone=self.cfg.backbone)[0] for n in comps]
         buf = ReplayBuffer.load(self.cfg.path("buffer.safetensors"))

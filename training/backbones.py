@@ -162,7 +162,7 @@ def get_spec(name: str) -> BackboneSpec:
 def create_backbone(
     name: str, num_classes: int, weights: str | None = None, seed: int = 0, ensure_pretrained: bool = True
 ) -> nn.Module:
-    """Build a backbone with its pretrained trunk and a fresh ``num_classes`` head.
+    """Build a backbone with its pretrained trunk, a fresh ``num_classes`` head and frozen BatchNorm.
 
     Args:
         name: Registered backbone name.
@@ -201,7 +201,19 @@ def create_backbone(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model.reset_classifier(num_classes)
-    return model
+    return freeze_batch_norm(model)
+
+
+def freeze_batch_norm(model: nn.Module) -> nn.Module:
+    """Make every BatchNorm use its stored statistics, in ``train()`` mode too (a no-op for ViTs).
+
+    The trunk is frozen and only the adapter (LoRA factors + head) is trained, merged and served. A
+    BatchNorm in train mode would normalise with batch statistics and update its running buffers, a
+    change of the model that no adapter carries: the trained model would differ from the served one.
+    """
+    from timm.layers import freeze_batch_norm_2d
+
+    return freeze_batch_norm_2d(model)
 
 
 def preprocess(spec: BackboneSpec, x: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ def run_one(
         loss = None
         for _ in range(s.begin_domain(d)):
             idx = torch.randint(len(d.y_train), (ctx.train.batch_size,), generator=gen)
-            loss = s.train_step(d.x_train[idx], d.y_train[idx])
+            loss = s.train_step(*d.batch(idx))
         pre.append(s.evaluate(d))
         s.end_domain()
         a.append([s.evaluate(x) for x in doms])

@@ -55,7 +55,7 @@ def _run(
     gen = torch.Generator().manual_seed(learner.ctx.seed)
     for i in range(1, total + 1):
         idx = torch.randint(len(domain.y_train), (learner.ctx.train.batch_size,), generator=gen)
-        loss = step(domain.x_train[idx], domain.y_train[idx])
+        loss = step(*domain.batch(idx))
         if progress is not None and (i % log_every == 0 or i == total):
             progress(i, total, float(loss))
 

@@ -58,7 +58,8 @@ def test_dashboard_expressions_are_valid_promql(tmp_path):
     queries = dashboard_queries()
     assert len(queries) >= 10
     rules = [
-        {"record": f"dashboard:q{i}", "expr": substitute(expr, {"domain": ".*"})} for i, (_, expr) in enumerate(queries)
+        {"record": f"dashboard:q{i}", "expr": substitute(expr, {"domain": ".*", "task": ".*"})}
+        for i, (_, expr) in enumerate(queries)
     ]
     f = tmp_path / "dashboard_rules.yml"
     f.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))

@@ -1,4 +1,5 @@
 import io
+import os
 import socket
 import tarfile
 import time
@@ -38,6 +39,21 @@ def make_archive(n_per_class: int = 8, shift: int = 0, classes=CLASSES, extra: d
     return buf.getvalue()
 
 
+def tiny_vilt() -> str:
+    """A tiny pretrained ViLT for the vqa task (3 steps, seconds), shared by every test in this machine's
+    temp directory (deterministic bytes, written atomically)."""
+    import tempfile
+
+    from training.tasks.vilt import VqaModelConfig, VqaPretrainConfig, pretrain_vqa
+
+    path = os.path.join(tempfile.gettempdir(), "mergeserve-tests", "tiny_vilt_v1.safetensors")
+    if not os.path.exists(path):
+        model = VqaModelConfig(hidden=32, layers=2, heads=2, mlp=64, image_size=32, patch=8)
+        pretrain_vqa(path, VqaPretrainConfig(model=model, steps=3, batch_size=8, n_per_family=6, n_test=4, threads=1),
+                     progress=False)
+    return path
+
+
 def server_config(data_dir: str) -> dict:
     return {
         "data_dir": data_dir,
@@ -53,6 +69,7 @@ def server_config(data_dir: str) -> dict:
         "source_roots": [data_dir],
         # 5 held-out images per domain make accuracy too coarse to gate on; test_pipeline.py tests the gate
         "gate": {"max_drop": 1.0, "require_gain": False},
+        "vqa": {"weights": tiny_vilt(), "bootstrap": [], "train": {"steps": 6, "batch_size": 8, "lr": 1e-3}},
     }
 
 

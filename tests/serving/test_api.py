@@ -16,7 +16,7 @@ B64 = base64.b64encode(png(0, 1)).decode()
 
 
 def _metric(text: str, name: str, **labels) -> float | None:
-    lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    lab = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))  # the exposition sorts label names
     m = re.search(rf"^{name}{{{lab}}} (\S+)$" if lab else rf"^{name} (\S+)$", text, re.M)
     return float(m.group(1)) if m else None
 
@@ -49,8 +49,8 @@ def test_ingest_two_domains_then_accuracy_everywhere(server):
     assert 0 < doms["dom1"]["buffer_size"] <= 5 * len(CLASSES)
     m = server.http.get("/metrics").text
     for d in ("dom1", "dom2"):
-        assert _metric(m, "mergeserve_domain_accuracy", domain=d, source="holdout") is not None
-    assert _metric(m, "mergeserve_adapter_version") == j2["adapter_version"]
+        assert _metric(m, "mergeserve_domain_accuracy", task="classify", domain=d, source="holdout") is not None
+    assert _metric(m, "mergeserve_adapter_version", task="classify") == j2["adapter_version"]
     assert _metric(m, "mergeserve_ingest_jobs_total", status="succeeded") >= 2
     v = server.http.get("/v1/adapters").json()
     assert v["active"] == j2["adapter_version"] and v["versions"][-1]["parent"] == j1["adapter_version"]
@@ -71,7 +71,7 @@ def test_classify_forms_and_feedback(server):
     fb = server.http.post("/v1/feedback", json={"request_id": "req-fixed-1", "label": "a"}, headers=server.auth)
     assert fb.status_code == 200 and fb.json()["domain"] == "dom1"
     m = server.http.get("/metrics").text
-    assert _metric(m, "mergeserve_domain_accuracy", domain="dom1", source="feedback") is not None
+    assert _metric(m, "mergeserve_domain_accuracy", task="classify", domain="dom1", source="feedback") is not None
 
 
 def test_no_failed_request_during_ingest_and_swap(server):
@@ -294,6 +294,7 @@ def test_adaptive_over_http_with_alpha_visible(server):
     assert v["active"] and v["method"] == "adaptive" and "domada" in v["coefficients"]
     assert server.http.post("/v1/classify", json={"image": B64}).json()["adapter_version"] == v["version"]
     m = server.http.get("/metrics").text
-    assert _metric(m, "mergeserve_merge_coefficient", domain="domada") == pytest.approx(v["coefficients"]["domada"])
+    coef = _metric(m, "mergeserve_merge_coefficient", task="classify", domain="domada")
+    assert coef == pytest.approx(v["coefficients"]["domada"])
     # back to the LoRA lineage, so later ingests may use any method again
     assert server.http.post(f"/v1/adapters/{before}/activate", headers=server.auth).status_code == 200

@@ -104,6 +104,24 @@ def test_materialised_delta_equals_peft_forward_and_merge(name):
         torch.testing.assert_close(p, merged[k], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", OFFLINE)
+def test_training_changes_nothing_but_the_adapter(name):
+    """No batch statistics: train mode computes what eval mode does, and a step moves only the adapter."""
+    spec = get_spec(name)
+    pm = attach_lora(create_backbone(name, 3), LoraSettings(rank=2), spec=spec)
+    x, y = _images(spec, n=4), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(pm.train()(x), pm.eval()(x))
+    before = {k: v.clone() for k, v in pm.state_dict().items()}
+    adapter = {k.replace(".default", "") for k in before if "lora_" in k or ".modules_to_save." in k}
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.1)
+    pm.train()
+    torch.nn.functional.cross_entropy(pm(x), y).backward()
+    opt.step()
+    changed = {k.replace(".default", "") for k, v in pm.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and changed <= adapter
+
+
 def test_delta_shape_must_fit_its_parameter():
     base = create_backbone("efficientnet_lite0_offline", 3)
     flat = {"conv_head.delta": torch.ones(1280, 320)}  # (out, in) is accepted for a 1×1 conv

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -21,6 +22,10 @@ class Domain:
     y_train: torch.Tensor  # (N,) int64
     x_test: torch.Tensor  # (M, 3, H, W) uint8, held out
     y_test: torch.Tensor  # (M,) int64
+
+    def batch(self, idx: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """Training examples ``idx`` as ``(model input, labels)``: what ``Strategy.train_step`` takes."""
+        return self.x_train[idx], self.y_train[idx]
 
 
 @dataclass

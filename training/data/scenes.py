@@ -96,6 +96,10 @@ class VqaDomain(Domain):
     q_train: list[str] = field(default_factory=list)  # questions aligned with x_train
     q_test: list[str] = field(default_factory=list)  # questions aligned with x_test
 
+    def batch(self, idx: torch.Tensor) -> tuple[VqaSamples, torch.Tensor]:
+        """Training examples ``idx`` with their questions (the ``vqa`` task's samples) and answer ids."""
+        return self.train.subset(idx), self.y_train[idx]
+
     @property
     def train(self) -> VqaSamples:
         """The training split."""

@@ -154,13 +154,16 @@ def predict(task: Task, model: nn.Module, batch: Batch) -> list[str]:
 
 
 @torch.inference_mode()
-def evaluate(task: Task, model: nn.Module, samples: Any, batch_size: int = 256) -> float:
+def evaluate(
+    task: Task, model: nn.Module, samples: Any, batch_size: int = 256, device: torch.device | str | None = None
+) -> float:
     """``task.score`` of ``model`` over all ``samples`` (a type with ``len`` and ``subset(slice)``)."""
     model.eval()
     preds: list[str] = []
     targets: list[str] = []
     for i in range(0, len(samples), batch_size):
         b = task.make_batch(samples.subset(slice(i, i + batch_size)))
+        b = b if device is None else b.to(device)
         preds += predict(task, model, b)
         targets += b.targets
     return task.score(preds, targets)

@@ -33,6 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import BertTokenizerFast, ViltConfig, ViltForQuestionAnswering
 
+from ..data.scenes import ANSWERS, FAMILIES, VqaSamples, make_family, scenes_vqa
+
 VOCAB_DIR = Path(__file__).with_name("vqa_vocab")  # holds the project's vocab.txt
 SHIPPED = Path(__file__).parents[1] / "assets" / "vilt_scenes.safetensors"  # package data, if shipped
 
@@ -79,7 +81,11 @@ class VqaPretrainConfig:
     lr: float = 1e-3  # AdamW peak; linear warm-up then cosine to 0
     warmup: int = 100
     weight_decay: float = 0.05
-    n_per_family: int = 4000  # pretraining examples per family (generator stream 1: disjoint from the benchmark)
+    # Curriculum: the most objects per scene in each stage; the steps are split evenly between stages.
+    # From scratch, binding a colour word to its object among 2–6 distractors never starts (1,500 steps
+    # on 2–6 objects stayed at the answer prior of every family); scenes with 1–2 objects teach it first.
+    stages: tuple[int, ...] = (2, 3, 4, 6)
+    n_per_family: int = 1500  # pretraining examples per family and stage (generator streams 1, 2, …)
     n_test: int = 300  # held-out examples per family to report (the scenes_vqa test splits)
     seed: int = 0
     threads: int = 2  # torch threads while pretraining (float reductions, hence results, depend on it)
@@ -90,11 +96,36 @@ def tokenizer_from_vocab(path: str | os.PathLike = VOCAB_DIR) -> BertTokenizerFa
     return BertTokenizerFast.from_pretrained(str(path), local_files_only=True)
 
 
+def sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    """(grid², dim) fixed 2-D sin-cos position embeddings (MAE), unit scale, row-major like the patches."""
+    y, x = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+    )
+    q = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float32) / q)
+    parts = []
+    for c in (x.flatten(), y.flatten()):
+        a = c[:, None] * omega[None]  # (grid², q)
+        parts += [a.sin(), a.cos()]
+    return torch.cat(parts, dim=1)  # (grid², 4q)
+
+
 def build_vilt(cfg: VqaModelConfig, vocab_size: int, answers: list[str], seed: int = 0) -> ViltForQuestionAnswering:
-    """A randomly initialised ViLT (identical for equal seeds), in eval mode."""
+    """A randomly initialised ViLT (identical for equal seeds), in eval mode.
+
+    transformers leaves ViLT's image position embeddings and image [CLS] at zero (the original recipe
+    loads them from a ViT); from scratch they start as 2-D sin-cos embeddings and N(0, 0.02), so patches
+    know where they are from step one.
+    """
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return ViltForQuestionAnswering(cfg.vilt(vocab_size, answers)).eval()
+        model = ViltForQuestionAnswering(cfg.vilt(vocab_size, answers)).eval()
+        emb = model.vilt.embeddings
+        with torch.no_grad():
+            grid = cfg.image_size // cfg.patch
+            emb.position_embeddings[0, 1:, : 4 * (cfg.hidden // 4)] = sincos_2d(cfg.hidden, grid)
+            torch.nn.init.trunc_normal_(emb.cls_token, std=0.02)
+    return model
 
 
 def weights_path() -> str:
@@ -170,17 +201,14 @@ def pretrain_vqa(out: str, cfg: VqaPretrainConfig | None = None, progress: bool 
 
 
 def _pretrain(out: str, cfg: VqaPretrainConfig, progress: bool) -> dict:
-    from ..data.scenes import ANSWERS, FAMILIES, VqaSamples, make_family, scenes_vqa
     from .vqa import VqaTask
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    parts = [make_family(f, cfg.n_per_family, cfg.seed, stream=1) for f in FAMILIES]
-    train = VqaSamples(
-        torch.cat([p.images for p in parts]),
-        sum((p.questions for p in parts), []),
-        torch.cat([p.answers for p in parts]),
-    )
+    pools = [  # one pool per curriculum stage, every family; stream 1 + stage: never the benchmark's stream 0
+        _concat([make_family(f, cfg.n_per_family, cfg.seed, 1 + i, (1, most)) for f in FAMILIES])
+        for i, most in enumerate(cfg.stages)
+    ]
     heldout = scenes_vqa(n_train=0, n_test=cfg.n_test, seed=cfg.seed)
     tok = tokenizer_from_vocab()
     model = build_vilt(cfg.model, len(tok), ANSWERS, cfg.seed).train()
@@ -190,6 +218,7 @@ def _pretrain(out: str, cfg: VqaPretrainConfig, progress: bool) -> dict:
     g = torch.Generator().manual_seed(cfg.seed)
     t_data = time.time() - t0
     for step in range(cfg.steps):
+        train = pools[min(len(pools) - 1, step * len(pools) // max(1, cfg.steps))]
         idx = torch.randint(len(train), (cfg.batch_size,), generator=g)
         b = task.make_batch(train.subset(idx))
         loss = F.cross_entropy(model(**b.inputs).logits, b.labels)
@@ -205,7 +234,7 @@ def _pretrain(out: str, cfg: VqaPretrainConfig, progress: bool) -> dict:
     acc = {d.name: round(evaluate(task, model, d.test), 4) for d in heldout.domains}
     prov = {
         "model_name": "vilt_scenes",
-        "data": "scenes_vqa pretraining stream (training/data/scenes.py, stream 1), all families",
+        "data": "scenes_vqa pretraining streams (training/data/scenes.py, streams 1..stages), all families",
         "answers": list(ANSWERS),
         "model": asdict(cfg.model),
         "config": {k: v for k, v in asdict(cfg).items() if k != "model"},
@@ -218,10 +247,19 @@ def _pretrain(out: str, cfg: VqaPretrainConfig, progress: bool) -> dict:
         "threads": torch.get_num_threads(),  # == cfg.threads
         "machine": platform.machine(),
     }
+    prov = json.loads(json.dumps(prov))  # tuples -> lists: the record equals what the JSON file holds
     _save(out, model, tok, prov)
     if progress:
         print(f"saved {out} in {prov['wall_s']} s; held-out accuracy {acc}")
     return prov
+
+
+def _concat(parts: list[VqaSamples]) -> VqaSamples:
+    return VqaSamples(
+        torch.cat([p.images for p in parts]),
+        sum((p.questions for p in parts), []),
+        torch.cat([p.answers for p in parts]),
+    )
 
 
 def _cosine(step: int, total: int) -> float:
