@@ -90,12 +90,19 @@ def run_dil(cfg: BenchConfig, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     bench = load_benchmark(cfg.benchmark, **cfg.benchmark_args)
-    spec = get_spec(cfg.backbone)
-    base = create_backbone(cfg.backbone, len(bench.classes), seed=cfg.seed)
+    task = spec = None
+    if cfg.task is not None:
+        from .tasks import get_task
+
+        task = get_task(cfg.task, **cfg.task_args)
+        base = task.build_base(cfg.seed)
+    else:
+        spec = get_spec(cfg.backbone)
+        base = create_backbone(cfg.backbone, len(bench.classes), seed=cfg.seed)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     for p in base.parameters():
         p.requires_grad_(False)
-    ctx = LearnerContext(spec, base.to(device), cfg.lora, cfg.train, cfg.seed, device)
+    ctx = LearnerContext(spec, base.to(device), cfg.lora, cfg.train, cfg.seed, device, task=task)
     orders = domain_orders([d.name for d in bench.domains], cfg.orders, cfg.seed)
     bar = tqdm(total=len(cfg.methods) * len(orders) * len(bench.domains), desc="bench dil", disable=not progress)
     results = {}

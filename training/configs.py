@@ -28,6 +28,8 @@ class BenchConfig(BaseModel):
     benchmark: str = "digits5"  # registered benchmark (training.data.BENCHMARKS)
     benchmark_args: dict = Field(default_factory=dict)  # e.g. {"root": ..., "domains": [...]}
     backbone: str = "vit_tiny_offline"  # registered backbone (training.backbones.BACKBONES)
+    task: str | None = None  # a training.tasks name (vqa): its model replaces the backbone; None = classify
+    task_args: dict = Field(default_factory=dict)  # e.g. {"weights": "path/to/vilt.safetensors"}
     methods: list[str] = Field(default_factory=lambda: list(ALL_METHODS))  # strategies to compare
     hyper: dict[str, dict] = Field(default_factory=dict)  # per-method hyper-parameters
     orders: int = Field(3, ge=1)  # task orders; mean ± std is over these
@@ -71,4 +73,19 @@ Run: ``mergeserve bench dil --fast --out /tmp/fast.json``
 Expected: a full table, all 10 methods; about 1 minute on 2 CPU cores.
 """
 
-CONFIGS: dict[str, BenchConfig] = {"digits5": DIGITS5, "fast": FAST}
+SCENES_VQA = BenchConfig(
+    benchmark="scenes_vqa",
+    benchmark_args={"domains": ["color", "shape", "count", "where"], "n_train": 1000, "n_test": 200},
+    task="vqa",  # the offline ViLT (training/assets/vilt_scenes.safetensors); its answer head stays frozen
+    methods=["finetune", "average", "ties", "tall", "magmax", "pam", "joint"],  # adaptive: classify only
+    orders=2,
+    train=TrainSettings(steps=100, batch_size=32, lr=1e-3, eval_batch=200),
+)
+"""Continual VQA on the scenes question families (CoIN-style: a family per domain), the PAM paper's
+Table 1 protocol at CPU scale: 4 families, 100 LoRA steps each, 2 orders.
+
+Run: ``mergeserve bench dil --config scenes_vqa --out vqa.json --plot docs/scenes_vqa.png``
+Expected (docs/results.md, 2 CPU cores): the committed table; about 25 minutes.
+"""
+
+CONFIGS: dict[str, BenchConfig] = {"digits5": DIGITS5, "fast": FAST, "scenes_vqa": SCENES_VQA}

@@ -68,3 +68,14 @@ def run_all(pipe: Pipeline, worker) -> list[dict]:
         return done
 
     return asyncio.run(go())
+
+
+def task_submission(task: str, name: str, seed: int = 0, method: str = "pam", **kw) -> Submission:
+    """A small domain for ``task``: separable images (classify) or scenes of one question family (vqa)."""
+    if task == "classify":
+        return submission(name, seed, method, **kw)
+    from training.data.scenes import make_family
+
+    s = make_family(kw.pop("family", "count"), 30, seed=seed)
+    return Submission(name, method, kw.pop("hyper", {}), kw.pop("key", None), s.images.numpy(), s.answers.numpy(),
+                      questions=list(s.questions), task=task)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from _util import CLASSES, make_archive, png
 
-from serving.archive import Limits, decode_image, read_domain, read_source
+from serving.archive import Limits, decode_image, read_domain, read_source, read_vqa_domain
 from serving.errors import Problem
 from training.data.export import export_domain
 
@@ -134,6 +134,18 @@ def test_exported_domain_reads_back(tmp_path):
     n = export_domain("digits5", "sklearn", str(out), limit=30)
     x, y = read_source(f"file://{out}", [str(i) for i in range(10)], 32, [str(tmp_path)])
     assert n == 30 and x.shape == (30, 3, 32, 32)
+
+
+def test_exported_vqa_domain_reads_back(tmp_path):
+    from training.data import load_benchmark
+    from training.data.scenes import ANSWERS
+
+    out = tmp_path / "count.tar.gz"
+    n = export_domain("scenes_vqa", "count", str(out), limit=12)
+    x, questions, y = read_vqa_domain(out.read_bytes(), ANSWERS, 64)
+    d = load_benchmark("scenes_vqa", domains=["count"]).domains[0]
+    assert n == 12 and x.shape == (12, 3, 64, 64) and questions == d.q_train[:12]
+    assert np.array_equal(x, d.x_train[:12].numpy()) and np.array_equal(y, d.y_train[:12].numpy())  # lossless PNG
 
 
 def test_fuzzed_images_only_ever_raise_problem():

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from _pipeline_util import LocalWorker, activate_fn, config, run_all, submission
+from _pipeline_util import LocalWorker, activate_fn, config, run_all, submission, task_submission
 
 from serving.errors import Problem
 from serving.pipeline import Pipeline, gate
@@ -165,3 +165,32 @@ def test_adaptive_online_learns_alpha_per_domain(tmp_path):
     with pytest.raises(Problem) as e:
         pipe.accept(submission("d4", seed=3, method="pam_adaptive"))
     assert e.value.code == "unknown-method"
+
+
+@pytest.mark.parametrize("task", ["classify", "vqa"])
+def test_each_task_has_its_own_lineage(tmp_path, task):
+    """The same pipeline for every task: accept, train, merge, evaluate, record, activate; the data,
+    versions and accuracy live in the task's own directory; the labels come from the task's model."""
+    root = config(str(tmp_path))
+    cfg = root.for_task(task)
+    pipe, worker = Pipeline(cfg), LocalWorker(cfg)
+    pipe.accept(task_submission(task, "d1"))
+    pipe.accept(task_submission(task, "d2", seed=1, method="average", family="shape"))
+    done = run_all(pipe, worker)
+    assert [j["status"] for j in done] == ["succeeded", "succeeded"], [j["error"] for j in done]
+    assert pipe.active == 2 and set(pipe.db.accuracy(2)) == {"d1", "d2"}
+    assert pipe.labels == (root.class_names if task == "classify" else worker.w.labels) and pipe.labels
+    where = str(tmp_path) if task == "classify" else str(tmp_path / task)
+    assert os.path.exists(os.path.join(where, "domains", "d1.safetensors"))
+    assert pipe.store.manifest("global@v2").backbone == cfg.backbone
+    with pytest.raises(Problem) as e:  # the other lineage is untouched by this one's names
+        pipe.accept(task_submission(task, "d1"))
+    assert e.value.code == "domain-exists"
+
+
+def test_vqa_rejects_classification_only_methods(tmp_path):
+    pipe = Pipeline(config(str(tmp_path)).for_task("vqa"))
+    with pytest.raises(Problem) as e:
+        pipe.accept(task_submission("vqa", "d1", method="adaptive"))
+    assert e.value.code == "unknown-method" and "vqa" in e.value.detail
+    assert pipe.db.jobs() == []

@@ -3,8 +3,8 @@ import torch
 
 import merge
 from training.bench import domain_orders, format_table, run_one
-from training.lora import get_adapter
-from training.strategies import STRATEGIES, create_strategy
+from training.lora import LoraSettings, get_adapter
+from training.strategies import STRATEGIES, TrainSettings, create_strategy
 
 
 @pytest.mark.parametrize("method", sorted(STRATEGIES))
@@ -141,3 +141,54 @@ def test_fast_preset(tmp_path, monkeypatch, capsys):
     assert custom.train.steps == 3 and custom.hyper == {"ties": {"density": 0.2}}
     assert bench.run(p.parse_args(["dil", "--fast", "--hyper", "ties.density=2", *out])) == 2
     assert "ties.density=2" in capsys.readouterr().err and len(seen) == 2  # rejected before running
+
+
+VQA_METHODS = ["finetune", "average", "ties", "tall", "magmax", "pam", "joint", "independent"]
+
+
+@pytest.fixture(scope="module")
+def vqa_task():
+    from training.data.scenes import ANSWERS
+    from training.tasks.vilt import VqaModelConfig, build_vilt, tokenizer_from_vocab
+    from training.tasks.vqa import VqaTask
+
+    tok = tokenizer_from_vocab()
+    model = build_vilt(VqaModelConfig(hidden=32, layers=2, heads=2, mlp=64, image_size=32, patch=8), len(tok), ANSWERS)
+    return VqaTask(model=model, tokenizer=tok)
+
+
+@pytest.mark.parametrize("method", VQA_METHODS)
+def test_each_method_runs_on_the_vqa_task(method, vqa_task):
+    """The same strategies, loop and merges on the second task: batches are the task's samples (with
+    questions), loss and accuracy come from the task, LoRA targets from the model."""
+    from training.data import load_benchmark
+    from training.strategies import LearnerContext
+
+    bench = load_benchmark("scenes_vqa", domains=["color", "count"], n_train=24, n_test=8)
+    ctx = LearnerContext(None, vqa_task.build_base(), LoraSettings(rank=2, alpha=4.0),
+                         TrainSettings(steps=3, batch_size=8, lr=1e-2), seed=0, task=vqa_task)
+    run = run_one(method, ctx, bench, ["color", "count"], {})
+    assert len(run["A"]) == 2 and all(0.0 <= v <= 1.0 for r in run["A"] for v in r)
+    s = create_strategy(method, ctx)
+    tensors, fmt = s.adapter()
+    assert fmt == "lora" and tensors and all(".encoder." in k for k in tensors)  # the answer head is not adapted
+
+
+def test_run_dil_with_a_task(tmp_path):
+    """``bench dil`` builds the task's model when the config names a task (the scenes_vqa preset, shrunk)."""
+    from training.bench import run_dil
+    from training.configs import CONFIGS
+    from training.tasks.vilt import VqaModelConfig, VqaPretrainConfig, pretrain_vqa
+
+    w = str(tmp_path / "vilt.safetensors")
+    pretrain_vqa(w, VqaPretrainConfig(model=VqaModelConfig(hidden=32, layers=2, heads=2, mlp=64, image_size=32,
+                                                           patch=8), steps=2, batch_size=8, n_per_family=4, n_test=4,
+                                      threads=1), progress=False)
+    cfg = CONFIGS["scenes_vqa"].model_copy(update={
+        "task_args": {"weights": w}, "methods": ["pam", "joint"], "orders": 1,
+        "benchmark_args": {"domains": ["shape", "exist"], "n_train": 16, "n_test": 8},
+        "train": TrainSettings(steps=2, batch_size=8, lr=1e-3),
+    })
+    res = run_dil(cfg, progress=False)
+    assert set(res["results"]) == {"pam", "joint"}
+    assert res["results"]["pam"]["runs"][0]["order"] == ["shape", "exist"]

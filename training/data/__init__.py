@@ -27,6 +27,12 @@ class Domain:
         """Training examples ``idx`` as ``(model input, labels)``: what ``Strategy.train_step`` takes."""
         return self.x_train[idx], self.y_train[idx]
 
+    @classmethod
+    def pooled(cls, name: str, domains: list[Domain]) -> Domain:
+        """One domain holding the training data of ``domains`` (for joint training)."""
+        empty = torch.empty(0)
+        return cls(name, torch.cat([d.x_train for d in domains]), torch.cat([d.y_train for d in domains]), empty, empty)
+
 
 @dataclass
 class Benchmark:
@@ -72,4 +78,4 @@ def load_benchmark(name: str, **kwargs: object) -> Benchmark:
     return BENCHMARKS[name](**kwargs)
 
 
-from . import digits, folder  # noqa: E402,F401  (register the built-in benchmarks)
+from . import digits, folder, scenes  # noqa: E402,F401  (register the built-in benchmarks)

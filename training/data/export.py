@@ -1,13 +1,17 @@
-"""``mergeserve export``: write a benchmark domain as a ``class_name/image.png`` archive (zip or tar.gz).
+"""``mergeserve export``: write a benchmark domain as an upload archive (zip or tar.gz).
 
-Useful to try ``POST /v1/domains`` with real data and no network, e.g.
-``mergeserve export --domain sklearn --out sklearn.tar.gz``.
+A classification domain becomes ``class_name/image.png``; a VQA domain (``scenes_vqa``) becomes
+``images/i.png`` + ``questions.jsonl`` (one ``{"image", "question", "answer"}`` per line), the layouts
+``POST /v1/domains`` reads. Useful to try ingestion with real data and no network, e.g.
+``mergeserve export --domain sklearn --out sklearn.tar.gz`` or
+``mergeserve export --benchmark scenes_vqa --domain count --out count.tar.gz``.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import tarfile
 import zipfile
 
@@ -26,11 +30,19 @@ def export_domain(benchmark: str, domain: str, out: str, limit: int | None = Non
     d = b.domains[0]
     x, y = (d.x_train, d.y_train) if split == "train" else (d.x_test, d.y_test)
     n = len(y) if limit is None else min(limit, len(y))
-    files = []
+    questions = getattr(d, "q_train" if split == "train" else "q_test", None)
+    files, rows = [], []
     for i in range(n):
         buf = io.BytesIO()
         Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(buf, format="PNG")
-        files.append((f"{b.classes[int(y[i])]}/{domain}_{i:05d}.png", buf.getvalue()))
+        answer = b.classes[int(y[i])]
+        if questions is None:
+            files.append((f"{answer}/{domain}_{i:05d}.png", buf.getvalue()))
+        else:
+            files.append((f"images/{i:05d}.png", buf.getvalue()))
+            rows.append({"image": f"images/{i:05d}.png", "question": questions[i], "answer": answer})
+    if rows:
+        files.append(("questions.jsonl", "\n".join(json.dumps(r) for r in rows).encode()))
     if out.endswith(".zip"):
         with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
             for name, data in files:
@@ -58,5 +70,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``mergeserve export``."""
     n = export_domain(args.benchmark, args.domain, args.out, args.limit, args.split)
-    print(f"wrote {n} images of {args.benchmark}/{args.domain} to {args.out}")
+    print(f"wrote {n} examples of {args.benchmark}/{args.domain} to {args.out}")
     return 0

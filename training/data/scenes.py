@@ -96,6 +96,12 @@ class VqaDomain(Domain):
     q_train: list[str] = field(default_factory=list)  # questions aligned with x_train
     q_test: list[str] = field(default_factory=list)  # questions aligned with x_test
 
+    @classmethod
+    def pooled(cls, name: str, domains: list[Domain]) -> VqaDomain:
+        """One domain holding the training data (questions included) of ``domains``."""
+        d = super().pooled(name, domains)
+        return cls(name, d.x_train, d.y_train, d.x_test, d.y_test, q_train=sum((x.q_train for x in domains), []))
+
     def batch(self, idx: torch.Tensor) -> tuple[VqaSamples, torch.Tensor]:
         """Training examples ``idx`` with their questions (the ``vqa`` task's samples) and answer ids."""
         return self.train.subset(idx), self.y_train[idx]

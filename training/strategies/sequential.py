@@ -96,19 +96,17 @@ class Joint(FineTune):
 
     def __init__(self, ctx: LearnerContext, hyper: TrainHyper | None = None) -> None:
         super().__init__(ctx, hyper)
-        self.pool_x: list[torch.Tensor] = []
-        self.pool_y: list[torch.Tensor] = []
+        self.seen: list[Domain] = []
         self.gen = torch.Generator().manual_seed(ctx.seed + 7)
 
     def begin_domain(self, domain: Domain) -> int:
-        self.pool_x.append(domain.x_train)
-        self.pool_y.append(domain.y_train)
-        self.x, self.y = torch.cat(self.pool_x), torch.cat(self.pool_y)
+        self.seen.append(domain)
+        self.pool = type(domain).pooled("joint", self.seen)  # a VQA pool keeps its questions
         return super().begin_domain(domain)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        idx = torch.randint(len(self.y), (len(y),), generator=self.gen)  # replace the batch by a pooled one
-        return self.learner.train_step(self.x[idx], self.y[idx])
+    def train_step(self, x: object, y: torch.Tensor) -> torch.Tensor:
+        idx = torch.randint(len(self.pool.y_train), (len(y),), generator=self.gen)  # a pooled batch instead
+        return self.learner.train_step(*self.pool.batch(idx))
 
 
 def train_independent(ctx: LearnerContext, learner: LoraLearner, domain: Domain) -> int:
