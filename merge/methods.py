@@ -16,11 +16,16 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
-from peft.utils import merge_utils as pmu
 
 from ._checks import TaskVector, Weights, as_weights, check_density, check_task_vectors
 
 MajoritySign = Literal["total", "frequency"]
+
+
+def _pmu():  # noqa: ANN202 - peft's merge_utils, imported on first use: importing peft costs ~80 MB and seconds
+    from peft.utils import merge_utils
+
+    return merge_utils
 
 
 def _per_key(
@@ -60,7 +65,7 @@ def linear(tvs: Sequence[TaskVector], weights: Weights) -> dict[str, torch.Tenso
     Raises:
         ValueError: on mismatched keys/shapes or a wrong number of weights.
     """
-    return _per_key(tvs, weights, pmu.task_arithmetic)
+    return _per_key(tvs, weights, _pmu().task_arithmetic)
 
 
 def average(tvs: Sequence[TaskVector]) -> dict[str, torch.Tensor]:
@@ -89,14 +94,14 @@ def ties(
         ValueError: on mismatched keys/shapes, wrong number of weights, or density outside [0, 1].
     """
     check_density(density)
-    f = _quiet(pmu.ties)
+    f = _quiet(_pmu().ties)
     return _per_key(tvs, weights, lambda ts, w: f(ts, w, density, majority_sign))
 
 
 def magnitude_prune(tvs: Sequence[TaskVector], weights: Weights, density: float) -> dict[str, torch.Tensor]:
     """Per-tensor magnitude pruning to ``density`` followed by task arithmetic (peft's ``magnitude_prune``)."""
     check_density(density)
-    f = _quiet(pmu.magnitude_prune)
+    f = _quiet(_pmu().magnitude_prune)
     return _per_key(tvs, weights, lambda ts, w: f(ts, w, density))
 
 
@@ -122,11 +127,11 @@ def dare_linear(
     """
     check_density(density)
     if generator is None:
-        f = _quiet(pmu.dare_linear)
+        f = _quiet(_pmu().dare_linear)
         return _per_key(tvs, weights, lambda ts, w: f(ts, w, density))
 
     def fn(ts: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-        return pmu.task_arithmetic([_dare_prune(t, density, generator) for t in ts], w)
+        return _pmu().task_arithmetic([_dare_prune(t, density, generator) for t in ts], w)
 
     return _per_key(tvs, weights, fn)
 
@@ -147,13 +152,13 @@ def dare_ties(
     """
     check_density(density)
     if generator is None:
-        f = _quiet(pmu.dare_ties)
+        f = _quiet(_pmu().dare_ties)
         return _per_key(tvs, weights, lambda ts, w: f(ts, w, density, majority_sign))
 
     def fn(ts: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
         stacked = torch.stack([_dare_prune(t, density, generator) for t in ts])
-        sign_mask = pmu.calculate_majority_sign_mask(stacked, method=majority_sign)
-        return pmu.disjoint_merge(stacked * pmu.reshape_weight_task_tensors(stacked, w), sign_mask)
+        sign_mask = _pmu().calculate_majority_sign_mask(stacked, method=majority_sign)
+        return _pmu().disjoint_merge(stacked * _pmu().reshape_weight_task_tensors(stacked, w), sign_mask)
 
     return _per_key(tvs, weights, fn)
 

@@ -19,12 +19,19 @@ import ray
 import torch
 
 from training.backbones import create_backbone, get_spec, preprocess
-from training.lora import materialise, to_delta
+from training.fold import materialise, to_delta
 from training.store import AdapterStore
 
 from .config import ServerConfig
 
 log = logging.getLogger("ray.serve")
+
+
+def build_task(cfg: ServerConfig) -> object:
+    """The ``training.tasks`` entry for a non-classification config (its model loaded once)."""
+    from training.tasks import get_task
+
+    return get_task(cfg.task, weights=cfg.vqa.weights)
 
 
 class Engine:
@@ -79,8 +86,6 @@ class TaskEngine(Engine):
     """A replica of a ``training.tasks`` model (``vqa``): same swap, the task's batching and responses."""
 
     def _base(self) -> torch.nn.Module:
-        from .worker import build_task
-
         self.task = build_task(self.cfg)
         return self.task.build_base(self.cfg.seed)
 

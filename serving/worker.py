@@ -28,6 +28,7 @@ from training.strategies import LearnerContext
 from training.strategies.base import accuracy
 
 from .config import ServerConfig
+from .engine import build_task
 from .pipeline import crash_point, domain_file
 
 BUILTIN = "builtin:"
@@ -46,13 +47,6 @@ def make_context(cfg: ServerConfig) -> LearnerContext:
     for p in base.parameters():
         p.requires_grad_(False)
     return LearnerContext(get_spec(cfg.backbone), base.to(device), cfg.lora, cfg.train, cfg.seed, device)
-
-
-def build_task(cfg: ServerConfig) -> object:
-    """The ``training.tasks`` entry for a non-classification config (its model loaded once)."""
-    from training.tasks import get_task
-
-    return get_task(cfg.task, weights=cfg.vqa.weights)
 
 
 def labels_of(ctx: LearnerContext, cfg: ServerConfig) -> list[str]:

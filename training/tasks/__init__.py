@@ -29,13 +29,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from ..lora import LoraSettings
+from ..settings import LoraSettings
+
+if TYPE_CHECKING:  # peft is imported where LoRA is attached: serving replicas never need it
+    from peft import LoraConfig, PeftModel
 
 
 @dataclass
@@ -132,6 +134,8 @@ def get_task(name: str, **kwargs: Any) -> Task:
 
 def lora_config(task: Task, model: nn.Module, settings: LoraSettings) -> LoraConfig:
     """peft config: the task's derived targets and ``modules_to_save``, rank/alpha/dropout from ``settings``."""
+    from peft import LoraConfig
+
     return LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
@@ -143,6 +147,8 @@ def lora_config(task: Task, model: nn.Module, settings: LoraSettings) -> LoraCon
 
 def attach_lora(task: Task, model: nn.Module, settings: LoraSettings, seed: int = 0) -> PeftModel:
     """Wrap ``model`` (in place) with the task's LoRA; A factors seeded so every run starts alike."""
+    from peft import get_peft_model
+
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return get_peft_model(model, lora_config(task, model, settings))
