@@ -778,6 +778,9 @@ def serve_process_bench(rss: bool, ready: bool, log: Callable[[str], None] = pri
                 for _ in range(20):
                     h.post(f"http://127.0.0.1:{port}/v1/classify", content=body,
                            headers={"content-type": "application/json"}).raise_for_status()
+                    h.post(f"http://127.0.0.1:{port}/v1/vqa",  # the default serves both tasks
+                           json={"image": _png_b64(1, seed=4, size=64)[0], "question": "how many circles are there?"},
+                           ).raise_for_status()
             time.sleep(2.0)
             family = process_tree(proc.pid, also=os.environ["RAY_TMPDIR"])
             rows, total, pss = rss_table(family)

@@ -97,4 +97,4 @@ class TaskEngine(Engine):
         version, model = self.current
         samples = VqaSamples(torch.from_numpy(images), list(questions), torch.full((len(questions),), -1))
         out = self.task.forward(model, self.task.make_batch(samples).to(self.device))
-        return self.task.respond(out.float().cpu(), top_k), version
+        return self.task.respond(out.cpu(), top_k), version
