@@ -101,7 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="port of Ray's metrics agent (in-process Ray only; with --address use `ray start --metrics-export-port`)",
     )
     p.add_argument("--no-bootstrap", action="store_true",
-                   help="learn nothing on first start (default: digits5 'mnist' and the vqa 'color' family)")
+                   help="learn nothing on first start (default: the digits5 'mnist' domain; vqa.bootstrap is empty)")
     p.add_argument("--no-vqa", action="store_true", help="serve image classification only (no /v1/vqa)")
 
 

@@ -25,10 +25,12 @@ class VqaServing(BaseModel):
 
     enabled: bool = True  # serve POST /v1/vqa and accept task=vqa domains
     weights: str | None = None  # ViLT safetensors; None = the cached, else shipped, ``vilt_scenes``
-    bootstrap: list[str] = Field(default_factory=lambda: ["color"])  # scenes_vqa families learned on first start
+    # scenes_vqa families learned on first start; none by default: v0 (the pretrained model) answers every
+    # family, and one family costs minutes of CPU (docs/vqa.md)
+    bootstrap: list[str] = Field(default_factory=list)
     lora: LoraSettings = Field(default_factory=LoraSettings)  # rank 8 on every encoder linear (answer head frozen)
-    train: TrainSettings = Field(  # measured in docs/vqa.md: 200 steps lift a family well above zero-shot
-        default_factory=lambda: TrainSettings(steps=200, batch_size=64, lr=1e-3, eval_batch=256)
+    train: TrainSettings = Field(  # 100 steps of 32 questions: ~2 min on 2 CPU cores (docs/vqa.md)
+        default_factory=lambda: TrainSettings(steps=100, batch_size=32, lr=1e-3, eval_batch=256)
     )
     num_replicas: int = 1  # VqaModel replicas
     max_questions: int = 64  # image-question pairs per /v1/vqa request
