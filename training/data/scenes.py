@@ -286,7 +286,12 @@ def make_family(
 
 @register_benchmark("scenes_vqa")
 def scenes_vqa(
-    domains: list[str] | None = None, n_train: int = 2000, n_test: int = 300, seed: int = 0, **_: object
+    domains: list[str] | None = None,
+    n_train: int = 2000,
+    n_test: int = 300,
+    seed: int = 0,
+    objects: tuple[int, int] = (2, MAX_OBJECTS),
+    **_: object,
 ) -> Benchmark:
     """The Sort-of-CLEVR VQA benchmark: one :class:`VqaDomain` per question family, fixed splits.
 
@@ -295,10 +300,11 @@ def scenes_vqa(
         n_train: Training examples per family.
         n_test: Held-out examples per family (generated together with the training ones, then split).
         seed: Generation seed.
+        objects: (min, max) objects per scene (fewer: easier scenes, for models trained at CPU scale).
     """
     out = []
     for fam in domains or FAMILIES:
-        s = make_family(fam, n_train + n_test, seed, stream=0)
+        s = make_family(fam, n_train + n_test, seed, stream=0, objects=tuple(objects))
         tr, te = s.subset(slice(0, n_train)), s.subset(slice(n_train, None))
         out.append(
             VqaDomain(fam, tr.images, tr.answers, te.images, te.answers, q_train=tr.questions, q_test=te.questions)
