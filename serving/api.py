@@ -21,7 +21,7 @@ from ray import serve
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from .archive import Limits, decode_images, read_domain, read_source, read_vqa_domain
+from .archive import Limits, cheap_to_decode, decode_images, read_domain, read_source, read_vqa_domain
 from .config import ServerConfig
 from .controller import NAME, NAMESPACE
 from .errors import FRAMEWORK_CODES, PROBLEM_TYPE, Problem, unwrap
@@ -199,7 +199,10 @@ class Model:
         n_labels = len(self.cfg.class_names)
         if req.top_k > n_labels:
             raise Problem(422, "bad-top-k", f"top_k must be an integer in [1, {n_labels}]")
-        x = await asyncio.to_thread(decode_images, raws, self.size, self.limits)
+        if cheap_to_decode(raws):  # one small image: no thread hop (docs/serving.md)
+            x = decode_images(raws, self.size, self.limits)
+        else:
+            x = await asyncio.to_thread(decode_images, raws, self.size, self.limits)
         probs, version = await self._batched(x)
         top = np.argsort(-probs, axis=1)[:, : req.top_k]
         names = self.cfg.class_names

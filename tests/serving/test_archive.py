@@ -161,3 +161,21 @@ def test_fuzzed_images_only_ever_raise_problem():
             assert e.status == 422
             rejected += 1
     assert decoded and rejected
+
+
+def test_only_small_images_are_decoded_on_the_event_loop():
+    from PIL import Image
+
+    from serving.archive import INLINE_BYTES, cheap_to_decode
+
+    def png(side: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (side, side)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    small, flat_huge = png(32), png(2048)  # a flat 2048² PNG compresses to a few KiB: pixels decide
+    assert len(flat_huge) < INLINE_BYTES
+    assert cheap_to_decode([small])
+    assert not cheap_to_decode([flat_huge])
+    assert not cheap_to_decode([small, small])  # batches go to the thread
+    assert not cheap_to_decode([b"junk"])  # decode_images reports it, off the loop
