@@ -100,7 +100,7 @@ def _vit_tiny_weights() -> str:
         return shipped
     sidecar = shipped[: -len(".safetensors")] + ".json"
     if os.path.exists(sidecar):
-        from .pretrain import sha256_file
+        from .store import sha256_file
 
         with open(sidecar) as f:
             want = json.load(f).get("sha256")

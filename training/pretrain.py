@@ -11,7 +11,6 @@ file's sha256. Deterministic for a given seed and torch version (torch threads p
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -23,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
+
+from .store import sha256_file
 
 
 @dataclass
@@ -66,15 +67,6 @@ def pretrain(out: str, cfg: PretrainConfig | None = None, progress: bool = True,
 
 def _command(out: str, cfg: PretrainConfig) -> str:
     return shlex.join(["mergeserve", "pretrain", "--out", out, "--steps", str(cfg.steps), "--seed", str(cfg.seed)])
-
-
-def sha256_file(path: str) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _pretrain(out: str, cfg: PretrainConfig, progress: bool, t0: float, command: str) -> dict:

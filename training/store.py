@@ -45,7 +45,8 @@ class AdapterManifest(BaseModel):
     sha256: str = ""  # of the .safetensors file; filled in by the store
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -90,7 +91,7 @@ class AdapterStore:
         if os.path.exists(m):
             raise AdapterError(f"adapter {manifest.name!r} already exists")
         _atomic_write(w, lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, p))
-        manifest = manifest.model_copy(update={"sha256": _sha256(w)})
+        manifest = manifest.model_copy(update={"sha256": sha256_file(w)})
         _atomic_write(m, lambda p: open(p, "w").write(manifest.model_dump_json(indent=2)))
         return manifest
 
@@ -117,7 +118,7 @@ class AdapterStore:
         """
         man = self.manifest(name)
         w, _ = self._paths(name)
-        if not os.path.exists(w) or _sha256(w) != man.sha256:
+        if not os.path.exists(w) or sha256_file(w) != man.sha256:
             raise AdapterError(f"adapter {name!r}: weights missing or checksum mismatch (corrupt file)")
         if backbone is not None and man.backbone != backbone:
             raise AdapterError(f"adapter {name!r} was trained on {man.backbone!r}, not {backbone!r}")

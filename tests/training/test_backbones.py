@@ -26,7 +26,8 @@ from training.lora import (
     target_module_names,
     to_delta,
 )
-from training.pretrain import PretrainConfig, sha256_file
+from training.pretrain import PretrainConfig
+from training.store import sha256_file
 
 OFFLINE = [n for n, s in BACKBONES.items() if s.offline]
 ROOT = Path(__file__).resolve().parents[2]

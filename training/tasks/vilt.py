@@ -18,7 +18,6 @@ when no cached file exists.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -34,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from transformers import BertTokenizerFast, ViltConfig, ViltForQuestionAnswering
 
 from ..data.scenes import ANSWERS, FAMILIES, VqaSamples, make_family, scenes_vqa
+from ..store import sha256_file
 
 VOCAB_DIR = Path(__file__).with_name("vqa_vocab")  # holds the project's vocab.txt
 SHIPPED = Path(__file__).parents[1] / "assets" / "vilt_scenes.safetensors"  # package data, if shipped
@@ -281,8 +281,7 @@ def _save(out: str, model: ViltForQuestionAnswering, tok: BertTokenizerFast, pro
     os.replace(tok_dir + ".tmp", tok_dir)
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(sd, out + ".tmp", metadata={"provenance": json.dumps(prov)})
-    with open(out + ".tmp", "rb") as f:
-        prov["sha256"] = hashlib.sha256(f.read()).hexdigest()  # JSON only: a file cannot hash itself
+    prov["sha256"] = sha256_file(out + ".tmp")  # JSON only: a file cannot hash itself
     with open(_sidecar(out, ".json"), "w") as f:
         json.dump(prov, f, indent=2)
     os.replace(out + ".tmp", out)
