@@ -142,12 +142,14 @@ def domain_file(cfg: ServerConfig, name: str) -> str:
 
 
 def save_domain(
-    cfg: ServerConfig, name: str, arrays: dict[str, np.ndarray], meta: dict[str, str] | None = None
+    cfg: ServerConfig, name: str, arrays: dict[str, np.ndarray], questions: dict[str, list[str]] | None = None
 ) -> None:
     """Persist a domain durably (fsynced, renamed into place) before its job is acknowledged.
 
-    ``meta`` holds what is not an array (a vqa domain's questions, JSON-encoded per split).
+    ``questions`` (a vqa domain's, ``{"q_train": [...], "q_test": [...]}``) go into the file's metadata,
+    JSON-encoded per split.
     """
+    meta = None if questions is None else {k: json.dumps(v) for k, v in questions.items()}
     from safetensors.numpy import save_file
 
     path = domain_file(cfg, name)
@@ -257,13 +259,11 @@ class Pipeline:
             if n_train < 1:
                 raise Problem(422, "empty-domain", f"{len(s.y)} images leave nothing to train on after the split")
             tr, te = split(len(s.y), n_test, self.cfg.seed)
-            meta = None
-            if s.questions is not None:
-                q = s.questions
-                meta = {"q_train": json.dumps([q[i] for i in tr]), "q_test": json.dumps([q[i] for i in te])}
+            q = s.questions
             save_domain(
                 self.cfg, s.name,
-                {"x_train": s.x[tr], "y_train": s.y[tr], "x_test": s.x[te], "y_test": s.y[te]}, meta,
+                {"x_train": s.x[tr], "y_train": s.y[tr], "x_test": s.x[te], "y_test": s.y[te]},
+                None if q is None else {"q_train": [q[i] for i in tr], "q_test": [q[i] for i in te]},
             )
             crash_point("after-data-write")
         job_id = uuid.uuid4().hex[:16]

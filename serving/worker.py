@@ -6,7 +6,6 @@ without losing accepted work: the controller owns the job record.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -14,22 +13,21 @@ from collections.abc import Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file
 
 from training.backbones import create_backbone, get_spec
 from training.buffer import ReplayBuffer
 from training.data import Domain
 from training.hyper import parse_hyper
-from training.lora import attach_lora, get_adapter, materialise, to_delta
+from training.lora import materialise, to_delta
 from training.online import ALPHA_METHODS, fit_adaptive, merge_into_global, train_domain_adapter, train_temporary
 from training.store import AdapterManifest, AdapterStore
 from training.strategies import LearnerContext
-from training.strategies.base import accuracy
+from training.strategies.base import LoraLearner, accuracy
 
 from .config import ServerConfig
 from .engine import build_task
-from .pipeline import crash_point, domain_file
+from .pipeline import crash_point, domain_file, save_domain
 
 BUILTIN = "builtin:"
 
@@ -65,15 +63,9 @@ class IngestWorker:
 
     def initial(self) -> dict:
         """Persist ``global@v0``: the backbone's seeded head and LoRA at its initialisation (ΔW = 0)."""
-        if self.ctx.task is not None:
-            from training.tasks import attach_lora as attach_task_lora
-
-            model = attach_task_lora(self.ctx.task, copy.deepcopy(self.ctx.base), self.cfg.lora, self.cfg.seed)
-        else:
-            model = attach_lora(copy.deepcopy(self.ctx.base), self.cfg.lora, self.cfg.seed)
         man = AdapterManifest(name="global@v0", backbone=self.cfg.backbone, format="lora", lora=self.cfg.lora,
                               class_names=self.labels, method="init")
-        return self.store.save(get_adapter(model), man).model_dump(mode="json")
+        return self.store.save(LoraLearner(self.ctx).init_adapter, man).model_dump(mode="json")
 
     # --- data ----------------------------------------------------------------------------------
     def domain(self, name: str, source: str | None = None) -> Domain:
@@ -84,11 +76,9 @@ class IngestWorker:
 
             bench, dom = source[len(BUILTIN) :].split("/", 1)
             d = load_benchmark(bench, domains=[dom]).domain(dom)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             arrays = {"x_train": d.x_train, "y_train": d.y_train, "x_test": d.x_test, "y_test": d.y_test}
-            meta = {"q_train": json.dumps(d.q_train), "q_test": json.dumps(d.q_test)} if hasattr(d, "q_train") else None
-            save_numpy({k: v.numpy() for k, v in arrays.items()}, path + ".tmp", metadata=meta)
-            os.replace(path + ".tmp", path)
+            questions = {"q_train": d.q_train, "q_test": d.q_test} if hasattr(d, "q_train") else None
+            save_domain(self.cfg, name, {k: v.numpy() for k, v in arrays.items()}, questions)
         t = load_file(path)
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
