@@ -208,7 +208,7 @@ class Model:
         names = self.cfg.class_names
         results = [[{"label": names[i], "score": round(float(p[i]), 6)} for i in t] for p, t in zip(probs, top)]
         ids = [rid] if single else [f"{rid}:{j}" for j in range(len(results))]
-        self.recorder.predicted([(i, req.domain, r[0]["label"]) for i, r in zip(ids, results)])
+        self.recorder.predicted([(i, req.domain, r[0]["label"], "classify") for i, r in zip(ids, results)])
         body = {"request_id": rid, "adapter_version": version}
         return JSONResponse({**body, "predictions": results[0]} if single else {**body, "results": results})
 

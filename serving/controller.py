@@ -297,13 +297,15 @@ class Controller:
         self._line(task).replicas[replica_id] = (version, time.time())
 
     # --- feedback and metrics ------------------------------------------------------------------
-    def record(self, requests: list[tuple[str, str, float]], predictions: list[tuple]) -> int:
-        """Request samples and predictions ``(request_id, domain, label[, task])`` from the replicas (flushed
+    def record(
+        self, requests: list[tuple[str, str, float]], predictions: list[tuple[str, str | None, str, str]]
+    ) -> int:
+        """Request samples and predictions ``(request_id, domain, label, task)`` from the replicas (flushed
         every second); returns rows dropped."""
         self.metrics.observe_requests(requests)
         by_task: dict[str, list] = {}
-        for p in predictions:
-            by_task.setdefault(p[3] if len(p) > 3 else "classify", []).append(tuple(p[:3]))
+        for rid, domain, label, task in predictions:
+            by_task.setdefault(task, []).append((rid, domain, label))
         dropped = 0
         for task, rows in by_task.items():
             if task in self.lines:
@@ -314,10 +316,10 @@ class Controller:
     def feedback(self, request_id: str | None, domain: str | None, label: str, prediction: str | None,
                  task: str | None = None) -> dict:
         """Feedback for a prediction; with a ``request_id`` and no ``task`` the task that served it is found."""
-        if task is None and request_id:
-            task = next((t for t, line in self.lines.items() if line.pipe.db.prediction(request_id)), "classify")
-        return {**self._line(task or "classify").pipe.feedback(request_id, domain, label, prediction),
-                "task": task or "classify"}
+        if task is None:
+            found = (t for t, line in self.lines.items() if request_id and line.pipe.db.prediction(request_id))
+            task = next(found, "classify")
+        return {**self._line(task).pipe.feedback(request_id, domain, label, prediction), "task": task}
 
     def metrics_text(self) -> bytes:
         states = {}

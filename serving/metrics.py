@@ -97,14 +97,15 @@ class Recorder:
     def __init__(self, send: Callable[[list, list], Any], interval: float = 1.0, max_pending: int = 100_000) -> None:
         self.send, self.lock, self.max_pending = send, threading.Lock(), max_pending
         self.requests: list[tuple[str, str, float]] = []
-        self.predictions: list[tuple[str, str | None, str]] = []
+        self.predictions: list[tuple[str, str | None, str, str]] = []
         threading.Thread(target=self._loop, args=(interval,), daemon=True, name="metrics-flush").start()
 
     def add(self, endpoint: str, status: int, seconds: float) -> None:
         with self.lock:
             self.requests.append((endpoint, str(status), seconds))
 
-    def predicted(self, rows: list[tuple[str, str | None, str]]) -> None:
+    def predicted(self, rows: list[tuple[str, str | None, str, str]]) -> None:
+        """``(request_id, domain, label, task)`` of served predictions, for delayed feedback."""
         with self.lock:
             self.predictions.extend(rows)
 
