@@ -400,6 +400,3 @@ class VqaModel:
         k = len(self.engine.task.answers)  # full ranking once; each request keeps its own top_k
         out, version = self.engine.answer(np.concatenate([x for x, _ in reqs]), sum((q for _, q in reqs), []), k)
         return [(list(part), version) for part in np.split(np.array(out, dtype=object), sizes)]
-
-    def ready(self) -> bool:
-        return True

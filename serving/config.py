@@ -37,10 +37,6 @@ class VqaServing(BaseModel):
     image_size: int = 64  # uploaded domain images are stored at this size (the model resizes to its own)
 
 
-#: the tasks a server can hold; "classify" keeps today's paths (data at the data_dir root)
-TASKS = ("classify", "vqa")
-
-
 class ServerConfig(BaseModel):
     """Everything ``mergeserve serve`` and ``deploy/serve.yaml`` can set."""
 
