@@ -102,6 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-bootstrap", action="store_true",
                    help="learn nothing on first start (default: the digits5 'mnist' domain; vqa.bootstrap is empty)")
+    p.add_argument("--worker-idle-s", type=float,
+                   help="seconds before an idle training worker process exits (default 120; 0: never)")
     p.add_argument("--no-vqa", action="store_true", help="serve image classification only (no /v1/vqa)")
 
 
@@ -112,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         upd["data_dir"] = os.path.abspath(args.data_dir)
     if args.replicas:
         upd["num_replicas"] = args.replicas if args.replicas == "auto" else int(args.replicas)
+    if getattr(args, "worker_idle_s", None) is not None:
+        upd["worker_idle_s"] = args.worker_idle_s
     if args.no_bootstrap:
         upd["bootstrap"] = []
         upd["vqa"] = {"bootstrap": []}

@@ -751,6 +751,9 @@ def check_targets(res: dict) -> list[tuple[str, bool | None, str]]:
     return out
 
 
+IDLE_S = 10.0  # --rss: the server's worker_idle_s, so the at-rest table comes after a short wait
+
+
 def serve_process_bench(rss: bool, ready: bool, log: Callable[[str], None] = print,
                         deadline_s: float = 600) -> dict:
     """``mergeserve serve --no-bootstrap`` as a subprocess (temp data dir, free port): readiness time, RSS."""
@@ -762,7 +765,8 @@ def serve_process_bench(rss: bool, ready: bool, log: Callable[[str], None] = pri
     exe = os.path.join(os.path.dirname(sys.executable), "mergeserve")
     cmd = [exe] if os.path.exists(exe) else [sys.executable, "-c", "import sys; from mergeserve.cli import main; "
                                                                     "sys.exit(main())"]
-    cmd += ["serve", "--data-dir", os.path.join(tmp, "data"), "--port", str(port), "--no-bootstrap"]
+    cmd += ["serve", "--data-dir", os.path.join(tmp, "data"), "--port", str(port), "--no-bootstrap",
+            "--worker-idle-s", str(IDLE_S)]
     logf = open(os.path.join(tmp, "serve.log"), "wb")  # closed in finally
     out: dict = {}
     family: list = []
@@ -781,6 +785,18 @@ def serve_process_bench(rss: bool, ready: bool, log: Callable[[str], None] = pri
                     h.post(f"http://127.0.0.1:{port}/v1/vqa",  # the default serves both tasks
                            json={"image": _png_b64(1, seed=4, size=64)[0], "question": "how many circles are there?"},
                            ).raise_for_status()
+            time.sleep(2.0)
+            family = process_tree(proc.pid, also=os.environ["RAY_TMPDIR"])
+            rows, total, pss = rss_table(family)
+            out.update(busy_rows=rows, busy_mb=total, busy_pss_mb=pss)  # the worker still up (it made v0)
+            t_idle = time.perf_counter()
+            while time.perf_counter() - t_idle < IDLE_S + 60:
+                with httpx.Client(timeout=30) as h:
+                    if h.get(f"http://127.0.0.1:{port}/readyz").json()["ingest"]["worker"] == "idle":
+                        break
+                time.sleep(1.0)
+            else:
+                raise RuntimeError("the training worker was not released when idle")
             time.sleep(2.0)
             family = process_tree(proc.pid, also=os.environ["RAY_TMPDIR"])
             rows, total, pss = rss_table(family)
@@ -803,13 +819,15 @@ def serve_process_bench(rss: bool, ready: bool, log: Callable[[str], None] = pri
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def format_rss(res: dict) -> str:
+def format_rss(res: dict, key: str = "rss") -> str:
+    """The process table of ``res[f"{key}_rows"]`` (``rss``: at rest; ``busy``: with the worker up)."""
+    rows = res[f"{key}_rows"]
+    total, pss = (res["rss_mb"], res["pss_mb"]) if key == "rss" else (res["busy_mb"], res["busy_pss_mb"])
     lines = [f"{'pid':>8}  {'process':<62}{'RSS MB':>9}{'PSS MB':>9}", "-" * 88]
-    for pid, cmd, rss, pss in res["rss_rows"]:
-        lines.append(f"{pid:>8}  {_short(cmd):<62}{rss:>9.0f}{(pss if pss is not None else float('nan')):>9.0f}")
-    pss, label = res["pss_mb"], f"total ({len(res['rss_rows'])} processes)"
-    lines.append(f"{'':>8}  {label:<62}{res['rss_mb']:>9.0f}"
-                 f"{(pss if pss is not None else float('nan')):>9.0f}")
+    for pid, cmd, r, p in rows:
+        lines.append(f"{pid:>8}  {_short(cmd):<62}{r:>9.0f}{(p if p is not None else float('nan')):>9.0f}")
+    label = f"total ({len(rows)} processes)"
+    lines.append(f"{'':>8}  {label:<62}{total:>9.0f}{(pss if pss is not None else float('nan')):>9.0f}")
     return "\n".join(lines)
 
 

@@ -63,6 +63,8 @@ class ServerConfig(BaseModel):
     max_batch_size: int = 32  # @serve.batch dynamic batching
     batch_wait_timeout_s: float = 0.005  # how long a batch waits to fill
     trainer_num_gpus: float = 0.0  # GPUs for the training/merge worker (0 on CPU)
+    worker_idle_s: float = Field(120.0, ge=0)  # the worker process (torch, ~1 GB) exits after this long
+    # with no job and starts again (a few seconds) on the next one; 0 keeps it up for good
     replica_num_gpus: float = 0.0  # GPUs per model replica
     auth_token: str | None = Field(default_factory=lambda: os.environ.get("MERGESERVE_TOKEN"))  # bearer token
     max_upload_bytes: int = 64 * 2**20  # request body limit, enforced while the body streams in

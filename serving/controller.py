@@ -30,11 +30,40 @@ def _report(controller: ray.actor.ActorHandle, task: str, job_id: str, step: int
 
 
 class _Slot:
-    """The worker actor's handle and last error, shared by every task's :class:`RemoteWorker`."""
+    """The worker actor's handle, last error and use, shared by every task's :class:`RemoteWorker`."""
 
     def __init__(self) -> None:
         self.handle: ray.actor.ActorHandle | None = None
         self.last_error: str | None = None
+        self.busy = 0  # calls in flight
+        self.last_used = time.monotonic()
+        self.released = False  # stopped for idleness (not dead): health says "idle", the next call starts it
+        self.free = asyncio.Event()  # cleared while a stopped worker's name is still taken
+        self.free.set()
+
+    async def release(self, idle_s: float) -> bool:
+        """Stop the worker process when nothing used it for ``idle_s`` seconds; returns whether it stopped.
+
+        The process holds torch and the models (~1 GB); between ingests it is only a cost. The new one
+        is created under the same name, so this waits until Ray has let go of the old one
+        (``get_if_exists`` would otherwise hand back the dying actor).
+        """
+        if self.handle is None or self.busy or time.monotonic() - self.last_used < idle_s:
+            return False
+        h, self.handle, self.released = self.handle, None, True
+        self.free.clear()
+        try:
+            ray.kill(h, no_restart=True)
+            for _ in range(100):
+                try:
+                    ray.get_actor(WORKER, namespace=NAMESPACE)
+                except ValueError:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            self.free.set()
+        log.info("mergeserve: training worker stopped after %.0f s idle", idle_s)
+        return True
 
 
 @ray.remote
@@ -97,6 +126,7 @@ class RemoteWorker:
 
     def get(self) -> ray.actor.ActorHandle:
         if self.handle is None:
+            self.slot.released = False
             opts = {"name": WORKER, "namespace": NAMESPACE, "max_restarts": -1, "get_if_exists": True}
             self.handle = Worker.options(num_cpus=0.5, num_gpus=self.cfg.trainer_num_gpus, **opts).remote(
                 self.cfg.model_dump(mode="json")
@@ -104,11 +134,16 @@ class RemoteWorker:
         return self.handle
 
     async def _call(self, what: str, method: str, *args: object) -> object:
+        self.slot.busy += 1
         try:
+            await self.slot.free.wait()
             return await getattr(self.get(), method).remote(self.task, *args)
         except RayActorError as e:
             self.handle, self.last_error = None, f"training worker died during {what}: {type(e).__name__}"
             raise RuntimeError(self.last_error) from e
+        finally:
+            self.slot.busy -= 1
+            self.slot.last_used = time.monotonic()
 
     async def train(self, job: dict, parent: dict, progress: object) -> tuple[dict, dict]:
         return await self._call("training", "train", job, parent, progress)
@@ -120,6 +155,8 @@ class RemoteWorker:
         return await self._call("start-up", "initial")
 
     async def health(self, timeout: float = 5.0) -> dict:
+        if self.handle is None and self.slot.released:
+            return {"worker": "idle", "last_error": self.last_error}  # stopped on purpose; starts on demand
         try:
             await asyncio.wait_for(self.get().ping.remote(), timeout)
             return {"worker": "ok", "last_error": self.last_error}
@@ -155,7 +192,8 @@ class Controller:
         self.cfg = ServerConfig.model_validate(cfg)
         self.metrics = ServerMetrics()
         self.lines: dict[str, Lineage] = {}
-        slot = _Slot()  # one worker actor for every task
+        self.slot = slot = _Slot()  # one worker actor for every task
+        self._reaper: asyncio.Task | None = None
         for task in self.cfg.tasks():
             line = self.lines[task] = Lineage(self.cfg.for_task(task), slot)
             recovered = line.pipe.recover()
@@ -173,6 +211,8 @@ class Controller:
 
     async def _start(self, task: str = "classify") -> Lineage:
         line = self._line(task)
+        if self._reaper is None and self.cfg.worker_idle_s > 0:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
         if line.runner is None:
             line.changed, line.work = asyncio.Event(), asyncio.Event()
             await line.pipe.ensure_initial(line.worker)
@@ -188,9 +228,21 @@ class Controller:
     async def ingest_health(self, task: str = "classify") -> dict:
         line = self._line(task)
         h = await line.worker.health()
-        self.healthy = h["worker"] == "ok"
+        self.healthy = h["worker"] in ("ok", "idle")
         queued = len(line.pipe.db.jobs(("queued",)))
         return {**h, "runner": "ok" if line.runner and not line.runner.done() else "stopped", "queued": queued}
+
+    async def release_idle_worker(self, idle_s: float | None = None) -> bool:
+        """Stop the training worker if it has been idle ``idle_s`` seconds (default ``worker_idle_s``)."""
+        return await self.slot.release(self.cfg.worker_idle_s if idle_s is None else idle_s)
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.cfg.worker_idle_s, 5.0))
+            try:
+                await self.release_idle_worker()
+            except Exception:  # a failed kill must not end the loop; the next tick tries again
+                log.exception("mergeserve: stopping the idle training worker failed")
 
     def job(self, job_id: str) -> dict | None:
         """A job of any task (ids are unique across tasks); its row says which task."""

@@ -285,6 +285,25 @@ def test_worker_death_heals(server):
     assert server.http.get("/readyz").json()["ingest"]["worker"] == "ok"
 
 
+def test_idle_worker_is_released_and_restarted_on_demand(server):
+    import ray
+
+    from serving.controller import NAME, NAMESPACE, WORKER
+
+    ctrl = ray.get_actor(NAME, namespace=NAMESPACE)
+    server.http.get("/readyz")  # the worker answers a ping first, so there is one to release
+    assert ray.get(ctrl.release_idle_worker.remote(3600.0)) is False  # used within the hour: kept
+    assert ray.get(ctrl.release_idle_worker.remote(0.0)) is True
+    with pytest.raises(ValueError):
+        ray.get_actor(WORKER, namespace=NAMESPACE)  # the process is gone, not just forgotten
+    ready = server.http.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["ingest"]["worker"] == "idle"  # idle is healthy, not an alert
+    assert _metric(server.http.get("/metrics").text, "mergeserve_ingest_healthy") == 1
+    job = server.wait(server.ingest("domidle", make_archive(shift=3)).json()["job_id"])
+    assert job["status"] == "succeeded", job
+    assert server.http.get("/readyz").json()["ingest"]["worker"] == "ok"
+
+
 def test_adaptive_over_http_with_alpha_visible(server):
     before = server.http.get("/v1/adapters").json()["active"]
     r = server.ingest("domada", make_archive(shift=2), method="adaptive", hyper=json.dumps({"fit_steps": 5}))

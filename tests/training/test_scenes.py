@@ -119,3 +119,8 @@ def test_subset():
 def test_unknown_family():
     with pytest.raises(KeyError, match="known"):
         make_family("ocr", 1)
+
+
+def test_a_family_that_cannot_be_asked_fails_instead_of_looping():
+    with pytest.raises(ValueError, match="relation"):
+        make_family("relation", 2, objects=(1, 1))  # left/right of the X needs a second object

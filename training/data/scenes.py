@@ -267,16 +267,21 @@ def make_family(
 
     Raises:
         KeyError: for an unknown family, listing the known ones.
+        ValueError: when the family cannot ask about scenes of that many objects (``relation`` needs two).
     """
     if family not in QUESTIONS:
         raise KeyError(f"unknown question family {family!r}; known: {FAMILIES}")
     ask, letters = QUESTIONS[family]
     rng = np.random.RandomState([seed, FAMILIES.index(family), stream])
     imgs, qs, ans = [], [], []
+    misses = 0
     while len(qs) < n:
         scene = random_scene(rng, letters, objects)
         qa = ask(scene, rng)
         if qa is None:  # the family cannot ask about this scene: draw another
+            misses += 1
+            if misses > 1000 and not qs:  # never askable at this size: fail instead of looping forever
+                raise ValueError(f"{family!r} cannot be asked about scenes of {objects[0]}-{objects[1]} objects")
             continue
         imgs.append(render(scene, rng))
         qs.append(qa[0])

@@ -94,11 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--weights", default=None, help="vqa: pretrained safetensors (default: the cache)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--families", help="scenes_vqa: comma-separated families to load (default all)")
     p.add_argument("--max-objects", type=int, help="scenes_vqa: scenes of 1..N objects (default 2..6)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     task = get_task(args.task, **({"weights": args.weights} if args.weights else {}))
-    bench = load_benchmark(args.benchmark, **({"objects": (1, args.max_objects)} if args.max_objects else {}))
+    kw = {"objects": (1, args.max_objects)} if args.max_objects else {}
+    bench = load_benchmark(args.benchmark, **kw, **({"domains": args.families.split(",")} if args.families else {}))
     r = probe(task, bench, args.family, args.steps, lr=args.lr, lora=LoraSettings(rank=args.rank, alpha=2 * args.rank))
     print(f"{'family':10s} {'before':>7s} {'after':>7s}")
     for k in r["before"]:
