@@ -11,7 +11,7 @@ import ray
 from ray import serve
 
 from .api import Model, VqaModel
-from .config import ServerConfig
+from .config import ServerConfig, VqaServing
 from .controller import get_or_create_controller
 from .pipeline import Submission
 
@@ -40,8 +40,10 @@ def build_app(args: dict | None = None) -> serve.Application:
     vqa = None
     if cfg.vqa.enabled:
         ray.get(controller.ready.remote("vqa"))  # the vqa v0 exists before its replicas start
+        scale = ({"autoscaling_config": cfg.vqa.autoscaling} if cfg.vqa.num_replicas == "auto"
+                 else {"num_replicas": cfg.vqa.num_replicas})
         vqa = VqaModel.options(
-            num_replicas=cfg.vqa.num_replicas, max_ongoing_requests=cfg.max_ongoing_requests,
+            **scale, max_ongoing_requests=cfg.max_ongoing_requests,
             ray_actor_options={"num_cpus": 0.25, "num_gpus": cfg.replica_num_gpus},
         ).bind(cfg.model_dump(mode="json"))
     return Model.options(**opts).bind(cfg.model_dump(mode="json"), vqa)
@@ -104,24 +106,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="learn nothing on first start (default: the digits5 'mnist' domain; vqa.bootstrap is empty)")
     p.add_argument("--worker-idle-s", type=float,
                    help="seconds before an idle training worker process exits (default 120; 0: never)")
+    p.add_argument("--vqa-replicas", help="VqaModel replicas: a number or 'auto' (scale to zero when idle)")
+    p.add_argument("--vqa-idle-s", type=float, help="with --vqa-replicas auto: idle seconds before scaling to zero")
     p.add_argument("--no-vqa", action="store_true", help="serve image classification only (no /v1/vqa)")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``mergeserve serve``: runs until interrupted."""
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The server config ``mergeserve serve``'s flags describe (defaults for every flag not given)."""
     upd: dict = {}
     if args.data_dir:
         upd["data_dir"] = os.path.abspath(args.data_dir)
     if args.replicas:
         upd["num_replicas"] = args.replicas if args.replicas == "auto" else int(args.replicas)
-    if getattr(args, "worker_idle_s", None) is not None:
+    if args.worker_idle_s is not None:
         upd["worker_idle_s"] = args.worker_idle_s
     if args.no_bootstrap:
         upd["bootstrap"] = []
         upd["vqa"] = {"bootstrap": []}
-    if getattr(args, "no_vqa", False):
+    if args.vqa_replicas:
+        n = args.vqa_replicas
+        upd["vqa"] = {**upd.get("vqa", {}), "num_replicas": n if n == "auto" else int(n)}
+    if args.vqa_idle_s is not None:
+        auto = {**VqaServing().autoscaling, "downscale_delay_s": args.vqa_idle_s,
+                "downscale_to_zero_delay_s": args.vqa_idle_s}
+        upd["vqa"] = {**upd.get("vqa", {}), "autoscaling": auto}
+    if args.no_vqa:
         upd["vqa"] = {**upd.get("vqa", {}), "enabled": False}
-    cfg = ServerConfig.model_validate(upd)
+    return ServerConfig.model_validate(upd)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``mergeserve serve``: runs until interrupted."""
+    cfg = config_from_args(args)
     print(f"mergeserve: data in {cfg.data_dir}; starting Ray Serve on http://{args.host}:{args.port}", flush=True)
     start(cfg, args.port, args.host, args.address, args.metrics_export_port)
     jobs = bootstrap(cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -32,7 +33,13 @@ class VqaServing(BaseModel):
     train: TrainSettings = Field(  # 100 steps of 32 questions: ~2 min on 2 CPU cores (docs/vqa.md)
         default_factory=lambda: TrainSettings(steps=100, batch_size=32, lr=1e-3, eval_batch=256)
     )
-    num_replicas: int = 1  # VqaModel replicas
+    # VqaModel replicas, or "auto" for `autoscaling`: by default that scales to zero after 5 idle minutes
+    # (its ~1.2 GB come back; the next question waits for a cold start, ~10-20 s on 2 CPU cores)
+    num_replicas: int | Literal["auto"] = 1
+    autoscaling: dict = Field(
+        default_factory=lambda: {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 1,
+                                 "downscale_delay_s": 300, "downscale_to_zero_delay_s": 300, "upscale_delay_s": 0}
+    )
     max_questions: int = 64  # image-question pairs per /v1/vqa request
     image_size: int = 64  # uploaded domain images are stored at this size (the model resizes to its own)
 
