@@ -199,7 +199,7 @@ class Model:
         n_labels = len(self.cfg.class_names)
         if req.top_k > n_labels:
             raise Problem(422, "bad-top-k", f"top_k must be an integer in [1, {n_labels}]")
-        if cheap_to_decode(raws):  # one small image: no thread hop (docs/serving.md)
+        if cheap_to_decode(raws):  # a few small images: no thread hop (docs/serving.md)
             x = decode_images(raws, self.size, self.limits)
         else:
             x = await asyncio.to_thread(decode_images, raws, self.size, self.limits)

@@ -177,5 +177,7 @@ def test_only_small_images_are_decoded_on_the_event_loop():
     assert len(flat_huge) < INLINE_BYTES
     assert cheap_to_decode([small])
     assert not cheap_to_decode([flat_huge])
-    assert not cheap_to_decode([small, small])  # batches go to the thread
-    assert not cheap_to_decode([b"junk"])  # decode_images reports it, off the loop
+    assert cheap_to_decode([small] * 16)  # 16 × 32² = 16 Ki pixels: a batch of thumbnails stays inline
+    assert not cheap_to_decode([png(128)] * 5)  # 5 × 128² > 256²: the budget is summed over the request
+    assert not cheap_to_decode([small, b"junk"])  # decode_images reports it, off the loop
+    assert not cheap_to_decode([])
