@@ -192,3 +192,14 @@ def test_run_dil_with_a_task(tmp_path):
     res = run_dil(cfg, progress=False)
     assert set(res["results"]) == {"pam", "joint"}
     assert res["results"]["pam"]["runs"][0]["order"] == ["shape", "exist"]
+
+
+@pytest.mark.parametrize("name", ["scenes_vqa", "scenes_vqa_single"])
+def test_vqa_configs_ask_every_domain_they_name(name):
+    """A preset's families must be askable at its scene size (``relation`` needs two objects)."""
+    from training.configs import CONFIGS
+    from training.data import load_benchmark
+
+    cfg = CONFIGS[name]
+    bench = load_benchmark(cfg.benchmark, **{**cfg.benchmark_args, "n_train": 2, "n_test": 2})
+    assert [d.name for d in bench.domains] == cfg.benchmark_args["domains"]
