@@ -37,3 +37,23 @@ def test_serve_accepts_the_autoscaling_it_is_given():
 def test_bad_flags_fail_before_anything_starts(argv):
     with pytest.raises(ValueError):
         _cfg(*argv)
+
+
+def test_the_shipped_serve_configs_are_valid_server_configs():
+    """``deploy/serve.yaml`` and the RayService's embedded Serve config: every key known, every value valid."""
+    from pathlib import Path
+
+    import yaml
+
+    from serving.config import ServerConfig
+
+    deploy = Path(__file__).parents[2] / "deploy"
+    serve_yaml = yaml.safe_load((deploy / "serve.yaml").read_text())
+    docs = yaml.safe_load_all((deploy / "rayservice.yaml").read_text())
+    ray_service = next(d for d in docs if d["kind"] == "RayService")
+    embedded = yaml.safe_load(ray_service["spec"]["serveConfigV2"])
+    for conf in (serve_yaml, embedded):
+        args = conf["applications"][0]["args"]
+        cfg = ServerConfig.model_validate(args)
+        assert set(args) <= set(ServerConfig.model_fields), set(args) - set(ServerConfig.model_fields)
+        assert cfg.data_dir == args["data_dir"]
