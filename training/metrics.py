@@ -86,3 +86,37 @@ def summarize(a: Matrix, pre: Sequence[float], zero_shot: Sequence[float]) -> di
         "A_m": a_m(a),
         "forgetting_max": forgetting_from_max(a),
     }
+
+
+#: two-sided 95 % Student t quantiles by degrees of freedom (df > 30: the normal 1.96)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Mean of ``a[k] - b[k]`` over paired runs (same seed and order) with its 95 % t interval.
+
+    Pairing removes what the runs share (the order's difficulty, the seed's initial adapter), which is
+    most of the spread between runs. An interval that excludes 0 is a difference the runs support.
+
+    Args:
+        a: One method's metric per run.
+        b: The other method's metric for the same runs, in the same order.
+
+    Returns:
+        ``{"mean", "lo", "hi", "n"}``; with one pair the interval is unbounded (nothing to estimate it from).
+
+    Raises:
+        ValueError: when the two lists differ in length or are empty.
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired runs must match one to one: {len(a)} vs {len(b)}")
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    n, mean = len(d), float(d.mean())
+    if n == 1:
+        return {"mean": mean, "lo": float("-inf"), "hi": float("inf"), "n": 1}
+    df = n - 1
+    t = _T95.get(df) or (_T95[max(k for k in _T95 if k <= df)] if df <= 30 else 1.96)
+    half = t * float(d.std(ddof=1)) / np.sqrt(n)
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}

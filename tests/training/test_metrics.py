@@ -32,3 +32,18 @@ def test_single_domain_and_bad_shapes():
         metrics.fwt(A, [0.1])
     s = metrics.summarize(A, [0.9, 0.9, 0.9], [0, 0, 0])
     assert set(s) == {"ACC", "BWT", "FWT", "A_t", "A_m", "forgetting_max"}
+
+
+def test_paired_difference_by_hand_and_invariants():
+    r = metrics.paired_difference([0.5, 0.6, 0.7], [0.4, 0.4, 0.4])  # differences 0.1, 0.2, 0.3
+    half = 4.303 * 0.1 / 3**0.5  # t(0.975, df 2) × sd / √n
+    assert r["mean"] == pytest.approx(0.2) and r["n"] == 3
+    assert (r["lo"], r["hi"]) == pytest.approx((0.2 - half, 0.2 + half))
+    same = metrics.paired_difference([0.3, 0.9, 0.5], [0.3, 0.9, 0.5])
+    assert same["mean"] == same["lo"] == same["hi"] == 0.0  # a method against itself: exactly no difference
+    shifted = metrics.paired_difference([0.32, 0.92, 0.53], [0.3, 0.9, 0.5])
+    assert shifted["lo"] > 0  # a small but consistent gain is real, however different the runs are
+    swapped = metrics.paired_difference([0.3, 0.9, 0.5], [0.32, 0.92, 0.53])
+    assert (swapped["lo"], swapped["hi"]) == pytest.approx((-shifted["hi"], -shifted["lo"]))
+    with pytest.raises(ValueError):
+        metrics.paired_difference([0.1], [0.1, 0.2])
