@@ -752,7 +752,7 @@ def check_targets(res: dict) -> list[tuple[str, bool | None, str]]:
     return out
 
 
-IDLE_S = 10.0  # --rss: the server's worker_idle_s, so the at-rest table comes after a short wait
+IDLE_S = 45.0  # --rss: the server's worker_idle_s: long enough for the first table to still see the worker
 
 
 def serve_process_bench(rss: bool, ready: bool, log: Callable[[str], None] = print,
