@@ -106,7 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="learn nothing on first start (default: the digits5 'mnist' domain; vqa.bootstrap is empty)")
     p.add_argument("--worker-idle-s", type=float,
                    help="seconds before an idle training worker process exits (default 120; 0: never)")
-    p.add_argument("--vqa-replicas", help="VqaModel replicas: a number or 'auto' (scale to zero when idle)")
+    p.add_argument("--vqa-replicas",
+                   help="VqaModel replicas: a number, or 'auto' (default: scales to zero after 5 idle minutes)")
     p.add_argument("--vqa-idle-s", type=float, help="with --vqa-replicas auto: idle seconds before scaling to zero")
     p.add_argument("--no-vqa", action="store_true", help="serve image classification only (no /v1/vqa)")
 

@@ -756,11 +756,12 @@ IDLE_S = 45.0  # --rss: the server's worker_idle_s: long enough for the first ta
 
 
 def serve_process_bench(rss: bool, ready: bool, log: Callable[[str], None] = print,
-                        deadline_s: float = 600, vqa_auto: bool = False) -> dict:
+                        deadline_s: float = 600) -> dict:
     """``mergeserve serve --no-bootstrap`` as a subprocess (temp data dir, free port): readiness time, RSS.
 
-    With ``vqa_auto`` the server runs ``--vqa-replicas auto``: the at-rest table comes after the VQA replica
-    scaled to zero too, and the next question's latency (a cold start) is recorded as ``vqa_cold_s``.
+    The server's idle delays are shortened to :data:`IDLE_S`: the first table has every process up, the
+    at-rest one comes after the training worker stopped and the VQA replica scaled to zero, and the next
+    question's latency (a cold start) is recorded as ``vqa_cold_s``.
     """
     import httpx
 
@@ -772,8 +773,7 @@ def serve_process_bench(rss: bool, ready: bool, log: Callable[[str], None] = pri
                                                                     "sys.exit(main())"]
     cmd += ["serve", "--data-dir", os.path.join(tmp, "data"), "--port", str(port), "--no-bootstrap",
             "--worker-idle-s", str(IDLE_S)]
-    if vqa_auto:
-        cmd += ["--vqa-replicas", "auto", "--vqa-idle-s", str(IDLE_S)]
+    cmd += ["--vqa-idle-s", str(IDLE_S)]
     logf = open(os.path.join(tmp, "serve.log"), "wb")  # closed in finally
     out: dict = {}
     family: list = []
@@ -806,7 +806,7 @@ def serve_process_bench(rss: bool, ready: bool, log: Callable[[str], None] = pri
                 raise RuntimeError("the training worker was not released when idle")
             t_idle = time.perf_counter()
             tree = functools.partial(process_tree, proc.pid, also=os.environ["RAY_TMPDIR"])
-            while vqa_auto and any("VqaModel" in _cmd(p) for p in tree()):
+            while any("VqaModel" in _cmd(p) for p in tree()):
                 if time.perf_counter() - t_idle > IDLE_S + 120:
                     raise RuntimeError("the VQA replica did not scale to zero")
                 time.sleep(1.0)
@@ -814,14 +814,13 @@ def serve_process_bench(rss: bool, ready: bool, log: Callable[[str], None] = pri
             family = process_tree(proc.pid, also=os.environ["RAY_TMPDIR"])
             rows, total, pss = rss_table(family)
             out.update(rss_rows=rows, rss_mb=total, pss_mb=pss)
-            if vqa_auto:
-                t1 = time.perf_counter()
-                with httpx.Client(timeout=120) as h:
-                    h.post(f"http://127.0.0.1:{port}/v1/vqa", json={"image": _png_b64(1, seed=5, size=64)[0],
-                                                                     "question": "what color is the circle?"},
-                           ).raise_for_status()
-                out["vqa_cold_s"] = time.perf_counter() - t1
-                log(f"first /v1/vqa after scaling to zero (cold start): {out['vqa_cold_s']:.1f} s")
+            t1 = time.perf_counter()
+            with httpx.Client(timeout=120) as h:
+                h.post(f"http://127.0.0.1:{port}/v1/vqa", json={"image": _png_b64(1, seed=5, size=64)[0],
+                                                                 "question": "what color is the circle?"},
+                       ).raise_for_status()
+            out["vqa_cold_s"] = time.perf_counter() - t1
+            log(f"first /v1/vqa after scaling to zero (cold start): {out['vqa_cold_s']:.1f} s")
         else:
             family = process_tree(proc.pid, also=os.environ["RAY_TMPDIR"])
         if not ready:
@@ -878,8 +877,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--peers: images×clients list (default 1x1,1x4,1x16,16x1,16x16)")
     g.add_argument("--rss", action="store_true", help="summed RSS of every process of a default `mergeserve serve`")
     g.add_argument("--ready", action="store_true", help="time from launching `mergeserve serve` to 200 on /readyz")
-    g.add_argument("--vqa-auto", action="store_true",
-                   help="--rss: the server with --vqa-replicas auto (its VQA replica scales to zero when idle)")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -898,8 +895,7 @@ def run_peers(args: argparse.Namespace) -> int:
     res: dict = {"cells": {}}
     print(f"{os.cpu_count()} CPUs; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at start", flush=True)
     if args.rss or args.ready:
-        res.update(serve_process_bench(args.rss, args.ready, log=lambda s: print(s, flush=True),
-                                       vqa_auto=args.vqa_auto))
+        res.update(serve_process_bench(args.rss, args.ready, log=lambda s: print(s, flush=True)))
     if args.peers:
         res.update(peers_bench(args.backbone, args.seconds, args.warmup, args.cells,
                                log=lambda s: print(s, flush=True)))
@@ -922,7 +918,7 @@ def run_peers(args: argparse.Namespace) -> int:
               "still up (it made v0)")
         print(format_rss(res, "busy"))
         print(f"\nthe same server at rest: the idle worker released (worker_idle_s = {IDLE_S:.0f} s here, 120 s "
-              "by default)" + (", the VQA replica scaled to zero (--vqa-replicas auto)" if args.vqa_auto else ""))
+              "by default), the VQA replica scaled to zero (5 minutes by default)")
         print(format_rss(res))
     print(f"\ntargets (load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end):")
     for name, ok, detail in check_targets(res):

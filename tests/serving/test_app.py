@@ -15,7 +15,8 @@ def _cfg(*argv: str):
 
 def test_no_flags_give_the_documented_defaults():
     cfg = _cfg()
-    assert cfg.worker_idle_s == 120 and cfg.vqa.enabled and cfg.vqa.num_replicas == 1
+    assert cfg.worker_idle_s == 120 and cfg.vqa.enabled and cfg.vqa.num_replicas == "auto"
+    assert cfg.vqa.autoscaling["min_replicas"] == 0 and cfg.vqa.autoscaling["initial_replicas"] == 1
     assert cfg.bootstrap and cfg.vqa.bootstrap == []
 
 
