@@ -108,13 +108,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds before an idle training worker process exits (default 120; 0: never)")
     p.add_argument("--vqa-replicas",
                    help="VqaModel replicas: a number, or 'auto' (default: scales to zero after 5 idle minutes)")
-    p.add_argument("--vqa-idle-s", type=float, help="with --vqa-replicas auto: idle seconds before scaling to zero")
+    p.add_argument("--vqa-idle-s", type=float,
+                   help="idle seconds before the VQA replica scales to zero (with 'auto', the default; 300)")
     p.add_argument("--no-vqa", action="store_true", help="serve image classification only (no /v1/vqa)")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The server config ``mergeserve serve``'s flags describe (defaults for every flag not given)."""
     upd: dict = {}
+    vqa: dict = {}
     if args.data_dir:
         upd["data_dir"] = os.path.abspath(args.data_dir)
     if args.replicas:
@@ -122,18 +124,15 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.worker_idle_s is not None:
         upd["worker_idle_s"] = args.worker_idle_s
     if args.no_bootstrap:
-        upd["bootstrap"] = []
-        upd["vqa"] = {"bootstrap": []}
+        upd["bootstrap"] = vqa["bootstrap"] = []
     if args.vqa_replicas:
-        n = args.vqa_replicas
-        upd["vqa"] = {**upd.get("vqa", {}), "num_replicas": n if n == "auto" else int(n)}
+        vqa["num_replicas"] = args.vqa_replicas if args.vqa_replicas == "auto" else int(args.vqa_replicas)
     if args.vqa_idle_s is not None:
-        auto = {**VqaServing().autoscaling, "downscale_delay_s": args.vqa_idle_s,
-                "downscale_to_zero_delay_s": args.vqa_idle_s}
-        upd["vqa"] = {**upd.get("vqa", {}), "autoscaling": auto}
+        vqa["autoscaling"] = {**VqaServing().autoscaling, "downscale_delay_s": args.vqa_idle_s,
+                              "downscale_to_zero_delay_s": args.vqa_idle_s}
     if args.no_vqa:
-        upd["vqa"] = {**upd.get("vqa", {}), "enabled": False}
-    return ServerConfig.model_validate(upd)
+        vqa["enabled"] = False
+    return ServerConfig.model_validate({**upd, "vqa": vqa})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -772,13 +772,13 @@ def serve_process_bench(rss: bool, ready: bool, log: Callable[[str], None] = pri
     cmd = [exe] if os.path.exists(exe) else [sys.executable, "-c", "import sys; from mergeserve.cli import main; "
                                                                     "sys.exit(main())"]
     cmd += ["serve", "--data-dir", os.path.join(tmp, "data"), "--port", str(port), "--no-bootstrap",
-            "--worker-idle-s", str(IDLE_S)]
-    cmd += ["--vqa-idle-s", str(IDLE_S)]
+            "--worker-idle-s", str(IDLE_S), "--vqa-idle-s", str(IDLE_S)]
     logf = open(os.path.join(tmp, "serve.log"), "wb")  # closed in finally
     out: dict = {}
     family: list = []
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    tree = functools.partial(process_tree, proc.pid, also=os.environ["RAY_TMPDIR"])  # the server's processes
     try:
         _wait_http(f"http://127.0.0.1:{port}/readyz", deadline_s, proc)
         out["ready_s"] = time.perf_counter() - t0  # from the launch, not from the first poll
@@ -793,7 +793,7 @@ def serve_process_bench(rss: bool, ready: bool, log: Callable[[str], None] = pri
                            json={"image": _png_b64(1, seed=4, size=64)[0], "question": "how many circles are there?"},
                            ).raise_for_status()
             time.sleep(2.0)
-            family = process_tree(proc.pid, also=os.environ["RAY_TMPDIR"])
+            family = tree()
             rows, total, pss = rss_table(family)
             out.update(busy_rows=rows, busy_mb=total, busy_pss_mb=pss)  # the worker still up (it made v0)
             t_idle = time.perf_counter()
@@ -805,13 +805,12 @@ def serve_process_bench(rss: bool, ready: bool, log: Callable[[str], None] = pri
             else:
                 raise RuntimeError("the training worker was not released when idle")
             t_idle = time.perf_counter()
-            tree = functools.partial(process_tree, proc.pid, also=os.environ["RAY_TMPDIR"])
             while any("VqaModel" in _cmd(p) for p in tree()):
                 if time.perf_counter() - t_idle > IDLE_S + 120:
                     raise RuntimeError("the VQA replica did not scale to zero")
                 time.sleep(1.0)
             time.sleep(2.0)
-            family = process_tree(proc.pid, also=os.environ["RAY_TMPDIR"])
+            family = tree()
             rows, total, pss = rss_table(family)
             out.update(rss_rows=rows, rss_mb=total, pss_mb=pss)
             t1 = time.perf_counter()
@@ -822,7 +821,7 @@ def serve_process_bench(rss: bool, ready: bool, log: Callable[[str], None] = pri
             out["vqa_cold_s"] = time.perf_counter() - t1
             log(f"first /v1/vqa after scaling to zero (cold start): {out['vqa_cold_s']:.1f} s")
         else:
-            family = process_tree(proc.pid, also=os.environ["RAY_TMPDIR"])
+            family = tree()
         if not ready:
             out.pop("ready_s")
         return out
@@ -833,7 +832,7 @@ def serve_process_bench(rss: bool, ready: bool, log: Callable[[str], None] = pri
         raise
     finally:
         if not family:
-            family = process_tree(proc.pid, also=os.environ["RAY_TMPDIR"])
+            family = tree()
         _stop(proc, family)
         logf.close()
         shutil.rmtree(tmp, ignore_errors=True)

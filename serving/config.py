@@ -35,7 +35,7 @@ class VqaServing(BaseModel):
     )
     # VqaModel replicas, or "auto" (the default) for `autoscaling`: one replica from the start, none after
     # 5 minutes without a question (its ~1.1 GB come back; the next question waits for a cold start,
-    # 12.7 s measured on 2 CPU cores); 1 keeps it warm
+    # 12.7-17.9 s measured on 2 CPU cores); 1 keeps it warm
     num_replicas: int | Literal["auto"] = "auto"
     autoscaling: dict = Field(
         default_factory=lambda: {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 1,

@@ -179,5 +179,6 @@ def test_only_small_images_are_decoded_on_the_event_loop():
     assert not cheap_to_decode([flat_huge])
     assert cheap_to_decode([small] * 16)  # 16 × 32² = 16 Ki pixels: a batch of thumbnails stays inline
     assert not cheap_to_decode([png(128)] * 5)  # 5 × 128² > 256²: the budget is summed over the request
-    assert not cheap_to_decode([small, b"junk"])  # decode_images reports it, off the loop
+    assert not cheap_to_decode([b"junk"])  # decode_images reports it, off the loop
+    assert not cheap_to_decode([small, b"junk"])  # one unreadable image sends the whole request there
     assert not cheap_to_decode([])
