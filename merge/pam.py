@@ -11,7 +11,11 @@ from ._checks import TaskVector, check_task_vectors
 
 
 def pam_align(
-    temp: TaskVector, global_: TaskVector, percent: float, reinit: Literal["global", "zero"] = "global"
+    temp: TaskVector,
+    global_: TaskVector,
+    percent: float,
+    reinit: Literal["global", "zero"] = "global",
+    per_tensor: bool = False,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Re-initialise the temporary LoRA's weights whose sign disagrees with important global weights.
 
@@ -26,6 +30,9 @@ def pam_align(
         global_: The global LoRA it was cloned from (W_{G,t-1}); same keys and shapes.
         percent: Alignment percentage p in [0, 100]; 0 resets nothing, 100 considers every nonzero weight.
         reinit: ``"global"`` resets to the global value, ``"zero"`` to 0 (PAM paper, Fig. 6).
+        per_tensor: Take τ (and k) over each tensor separately instead of over all of them; an ablation,
+            not the paper's rule: with one τ the tensors of largest magnitude (e.g. LoRA's A) take most
+            of the top-p %.
 
     Returns:
         ``(aligned, n_reset)``: a new dict and the number of elements that were reset.
@@ -38,15 +45,21 @@ def pam_align(
     if reinit not in ("global", "zero"):
         raise ValueError(f"reinit must be 'global' or 'zero', got {reinit!r}")
     keys = check_task_vectors([global_, temp])
-    mags = torch.cat([global_[k].detach().abs().reshape(-1).float() for k in keys])
+    groups = [[k] for k in keys] if per_tensor else [keys]
+    aligned, n_reset = {}, 0
+    for group in groups:
+        tau = _kth_largest(torch.cat([global_[k].detach().abs().reshape(-1).float() for k in group]), percent)
+        for key in group:
+            t, g = temp[key], global_[key]
+            bad = (torch.sign(t) != torch.sign(g)) & (g != 0) & (g.abs().float() >= tau)
+            n_reset += int(bad.sum())
+            aligned[key] = torch.where(bad, g if reinit == "global" else torch.zeros_like(t), t)
+    return aligned, n_reset
+
+
+def _kth_largest(mags: torch.Tensor, percent: float) -> float:
+    """τ = the k-th largest of ``mags`` with k = ⌈p/100 · n⌉; +inf when k = 0 (nothing is protected)."""
     k = math.ceil(percent / 100.0 * mags.numel())
     if k == 0:
-        return {key: temp[key].clone() for key in keys}, 0
-    tau = torch.kthvalue(mags.cpu(), mags.numel() - k + 1).values.to(mags.device)  # k-th largest
-    aligned, n_reset = {}, 0
-    for key in keys:
-        t, g = temp[key], global_[key]
-        bad = (torch.sign(t) != torch.sign(g)) & (g != 0) & (g.abs().float() >= tau)
-        n_reset += int(bad.sum())
-        aligned[key] = torch.where(bad, g if reinit == "global" else torch.zeros_like(t), t)
-    return aligned, n_reset
+        return math.inf
+    return float(torch.kthvalue(mags.cpu(), mags.numel() - k + 1).values)

@@ -50,7 +50,7 @@ def run_one(
     Raises:
         HyperError: an unknown key or a bad value in ``hyper``.
     """
-    s = create_strategy(method, ctx, **hyper)
+    s = create_strategy(method, ctx, **hyper)  # ``method`` may be a METHOD@VARIANT label
     doms: list[Domain] = [bench.domain(n) for n in order]
     for d in doms:
         if (d.name, ctx.seed) not in ctx.zero_shot_cache:
@@ -163,7 +163,8 @@ def plot(res: dict, path: str) -> None:
 def parse_hyper_args(items: list[str]) -> dict[str, dict]:
     """``["adaptive.spc=5", "pam.reinit=zero"]`` → ``{"adaptive": {"spc": 5}, "pam": {"reinit": "zero"}}``.
 
-    Values become an int, else a float, else stay a string; ``BenchConfig`` then validates each method's
+    Values become a bool (``true`` / ``false``), else an int, else a float, else stay a string; METHOD may
+    be a ``METHOD@VARIANT`` label; ``BenchConfig`` then validates each method's
     dict through ``training.hyper`` (unknown keys and out-of-range values fail before any training).
 
     Raises:
@@ -175,8 +176,8 @@ def parse_hyper_args(items: list[str]) -> dict[str, dict]:
         method, dot, name = key.partition(".")
         if not (sep and dot and method and name):
             raise ValueError(f"--hyper takes METHOD.KEY=VALUE, got {item!r}")
-        value: object = raw
-        for cast in (int, float):
+        value: object = {"true": True, "false": False}.get(raw.lower(), raw)
+        for cast in (int, float) if isinstance(value, str) else ():
             try:
                 value = cast(raw)
                 break
@@ -209,7 +210,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="METHOD.KEY=VALUE",
-        help="method hyper-parameter, repeatable, e.g. --hyper adaptive.spc=5 --hyper pam.percent=30",
+        help="method hyper-parameter, repeatable, e.g. --hyper adaptive.spc=5 --hyper pam.percent=30; "
+        "with --methods pam,pam@p30 one run compares settings (--hyper pam@p30.percent=30)",
     )
     p.add_argument("--out", default="results.json", help="JSON output path (default results.json)")
     p.add_argument("--plot", help="write a PNG of accuracy per domain over time")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, field_validator
 
-from .hyper import parse_bench_hyper
+from .hyper import base_method, parse_bench_hyper
 from .lora import LoraSettings
 from .strategies import STRATEGIES, TrainSettings
 
@@ -30,7 +30,8 @@ class BenchConfig(BaseModel):
     backbone: str = "vit_tiny_offline"  # registered backbone (training.backbones.BACKBONES)
     task: str | None = None  # a training.tasks name (vqa): its model replaces the backbone; None = classify
     task_args: dict = Field(default_factory=dict)  # e.g. {"weights": "path/to/vilt.safetensors"}
-    methods: list[str] = Field(default_factory=lambda: list(ALL_METHODS))  # strategies to compare
+    # strategies to compare; METHOD@VARIANT runs METHOD again under that label with hyper[label]
+    methods: list[str] = Field(default_factory=lambda: list(ALL_METHODS))
     hyper: dict[str, dict] = Field(default_factory=dict)  # per-method hyper-parameters
     orders: int = Field(3, ge=1)  # task orders; mean ± std is over these
     seed: int = 0  # one seed for backbone head, LoRA init, batches, orders
@@ -41,9 +42,12 @@ class BenchConfig(BaseModel):
     @field_validator("methods")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        unknown = [m for m in v if m not in STRATEGIES]
-        if unknown or not v:
-            raise ValueError(f"unknown methods {unknown}; registered: {sorted(STRATEGIES)}")
+        unknown = [m for m in v if base_method(m) not in STRATEGIES or m.count("@") > 1 or "." in m]
+        if unknown or not v or len(set(v)) < len(v):
+            raise ValueError(
+                f"unknown or repeated methods {unknown or v}; registered: {sorted(STRATEGIES)} "
+                "(METHOD@VARIANT for another setting of one; no '.' in a label)"
+            )
         return v
 
     @field_validator("hyper")

@@ -48,6 +48,11 @@ class PamAlign(_Strict):
     percent: float = Field(50.0, ge=0, le=100)  # alignment percentage p; the paper's 50 %
     every: int = Field(20, ge=1)  # schedule s in steps; paper 100 of thousands, ours 20 of 80 per domain
     reinit: Literal["global", "zero"] = "global"  # reset value; "global" favours stability (paper Fig. 6)
+    # τ over all tensors at once (Alg. 1 as written) or per tensor; one global τ lets the large-magnitude
+    # lora_A factors (Kaiming init) take most of the top-p% and leaves lora_B and the head unprotected.
+    threshold: Literal["global", "per_tensor"] = "global"
+    align_head: bool = True  # also align the classifier head (the paper's VLM has none; ours is trained)
+    align_last: bool = True  # align at the final step too, where no training follows (acts as pruning)
 
 
 class AdaptiveFit(_Strict):
@@ -59,6 +64,16 @@ class AdaptiveFit(_Strict):
     density: float = Field(0.5, gt=0, le=1)  # fraction kept by ties / dare_ties (unused by linear)
     fit_steps: int = Field(60, ge=1, le=1000)  # Adam steps on the buffer per fit (seconds on CPU)
     fit_lr: float = Field(0.1, gt=0, le=1.0)  # Adam learning rate of c and b_raw
+    # The head's task vectors go through the α-merge like every ΔW ("merge", TIES-pruned and α-scaled),
+    # or the served head is the plain mean of the domains' trained heads ("mean"), outside α.
+    head: Literal["merge", "mean"] = "merge"
+
+
+class AdaptiveControls(_Strict):
+    """Benchmark-only controls of the adaptive-merging paper (Coleman et al., Table 1); no server use."""
+
+    fixed_w: float | None = Field(None, gt=0, le=10)  # every α_i = W, no fit (the paper's W ∈ {1, 3, 5})
+    oracle: bool = False  # fit α on the held-out sets of the domains seen (an upper bound, not deployable)
 
 
 class PamHyper(PamAlign, TrainHyper):
@@ -97,6 +112,10 @@ class PamAdaptiveHyper(AdaptiveFit, PamAlign, TrainHyper):
     """``pam_adaptive``: PAM-aligned temporary LoRAs, merged with learned α."""
 
 
+class AdaptiveBenchHyper(AdaptiveControls, AdaptiveHyper):
+    """``adaptive`` in the benchmark: the online fields plus the paper's fixed-W and oracle-α controls."""
+
+
 #: online method -> its hyper-parameter model; the server's methods are exactly these keys.
 HYPER: dict[str, type[TrainHyper]] = {
     "pam": PamHyper,
@@ -110,7 +129,9 @@ HYPER: dict[str, type[TrainHyper]] = {
 }
 
 #: benchmark-only strategies (they need every domain's data or the domain identity at test time).
-BENCH_HYPER: dict[str, type[TrainHyper]] = {**HYPER, "joint": TrainHyper, "independent": TrainHyper}
+BENCH_HYPER: dict[str, type[TrainHyper]] = {
+    **HYPER, "adaptive": AdaptiveBenchHyper, "joint": TrainHyper, "independent": TrainHyper,
+}
 
 _OPS = ((at.Ge, "ge", "≥", "["), (at.Gt, "gt", ">", "("), (at.Le, "le", "≤", "]"), (at.Lt, "lt", "<", ")"))
 
@@ -120,7 +141,8 @@ def allowed(info: FieldInfo) -> str:
     args = typing.get_args(info.annotation) or (info.annotation,)
     if typing.get_origin(info.annotation) is Literal:
         return " or ".join(repr(a) for a in args) + f" (default {info.default!r})"
-    kind = " or ".join({int: "integer", float: "number"}.get(a, str(a)) for a in args if a is not type(None))
+    names = {int: "integer", float: "number", bool: "boolean"}
+    kind = " or ".join(names.get(a, str(a)) for a in args if a is not type(None))
     bounds = {}
     for m in info.metadata:
         for cls, attr, sym, bracket in _OPS:
@@ -185,23 +207,36 @@ def parse_hyper(method: str, hyper: Mapping[str, object] | None, max_steps: int 
     return _parse(HYPER, method, hyper, max_steps)
 
 
+def base_method(label: str) -> str:
+    """The strategy behind a benchmark label: ``"pam@p30"`` → ``"pam"``, ``"pam"`` → ``"pam"``.
+
+    A label ``METHOD@VARIANT`` runs ``METHOD`` under its own name with its own hyper-parameters, so one
+    benchmark run (same data, batches and cached adapters) can compare several settings of one method.
+    """
+    return label.partition("@")[0]
+
+
 def parse_bench_hyper(method: str, hyper: Mapping[str, object] | None) -> TrainHyper:
-    """As :func:`parse_hyper` over :data:`BENCH_HYPER` (adds the offline-only ``joint``, ``independent``).
+    """As :func:`parse_hyper` over :data:`BENCH_HYPER` (adds the offline-only ``joint``, ``independent``
+    and ``adaptive``'s controls); ``method`` may be a ``METHOD@VARIANT`` label (:func:`base_method`).
 
     Raises:
         HyperError: as :func:`parse_hyper`.
     """
-    return _parse(BENCH_HYPER, method, hyper, None)
+    return _parse(BENCH_HYPER, base_method(method), hyper, None)
 
 
 __all__ = [
     "BENCH_HYPER",
     "HYPER",
+    "AdaptiveBenchHyper",
+    "AdaptiveControls",
     "AdaptiveFit",
     "HyperError",
     "PamAlign",
     "TrainHyper",
     "allowed",
+    "base_method",
     "parse_bench_hyper",
     "parse_hyper",
 ]

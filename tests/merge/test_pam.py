@@ -63,3 +63,21 @@ def test_bad_arguments():
         pam_align(glob, glob, 50, reinit="random")
     with pytest.raises(ValueError, match="'[vw]'"):
         pam_align({"v": torch.ones(2)}, glob, 50)
+
+
+@pytest.mark.parametrize("percent", [10, 50])
+def test_per_tensor_threshold_is_the_global_rule_on_each_tensor_alone(percent):
+    g = torch.Generator().manual_seed(5)
+    glob = {"big": 10 * torch.randn(6, 4, generator=g), "small": 0.1 * torch.randn(12, generator=g)}
+    temp = {k: torch.randn(v.shape, generator=g) for k, v in glob.items()}
+    aligned, n = pam_align(temp, glob, percent, per_tensor=True)
+    total = 0
+    for key in glob:
+        alone, m = pam_align({key: temp[key]}, {key: glob[key]}, percent)
+        torch.testing.assert_close(aligned[key], alone[key])
+        total += m
+    assert n == total
+    # one global τ protects only the large tensor at these percentages; per tensor protects both
+    glob_aligned, _ = pam_align(temp, glob, percent)
+    assert torch.equal(glob_aligned["small"], temp["small"])
+    assert not torch.equal(aligned["small"], temp["small"])

@@ -103,7 +103,16 @@ def test_unknown_method_and_non_dict():
 def test_every_field_has_a_bound_or_a_literal():
     for model in HYPER.values():
         for name, f in model.model_fields.items():
-            assert f.metadata or typing.get_origin(f.annotation) is typing.Literal, name
+            assert f.metadata or typing.get_origin(f.annotation) is typing.Literal or f.annotation is bool, name
+
+
+def test_bool_fields_are_strict_and_described():
+    from training.hyper import allowed
+
+    assert parse_hyper("pam", {"align_last": False}).align_last is False
+    with pytest.raises(HyperError, match=r"pam.align_head='no'.*allowed: boolean \(default True\)"):
+        parse_hyper("pam", {"align_head": "no"})
+    assert allowed(HYPER["pam"].model_fields["align_last"]) == "boolean (default True)"
 
 
 def test_module_is_torch_free():

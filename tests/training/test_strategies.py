@@ -22,8 +22,8 @@ def test_pam_aligns_on_schedule_and_changes_adapter(tiny_ctx, tiny_bench, monkey
     calls = []
     real = merge.pam_align
 
-    def spy(temp, global_, percent, reinit="global"):
-        out, n = real(temp, global_, percent, reinit)
+    def spy(temp, global_, percent, reinit="global", per_tensor=False):
+        out, n = real(temp, global_, percent, reinit, per_tensor)
         calls.append((n, any(not torch.equal(out[k], temp[k]) for k in temp)))
         return out, n
 
@@ -38,6 +38,36 @@ def test_pam_aligns_on_schedule_and_changes_adapter(tiny_ctx, tiny_bench, monkey
         s.end_domain()
     assert s.align_calls == 6 and s.n_reset == sum(n for n, _ in calls) > 0
     assert all(changed == (n > 0) for n, changed in calls)
+
+
+@pytest.mark.parametrize(
+    "hyper",
+    [{"align_last": False}, {"align_head": False}, {"threshold": "per_tensor"}],
+    ids=["no-last-step", "no-head", "per-tensor"],
+)
+def test_pam_alignment_options(hyper, tiny_ctx, tiny_bench, monkeypatch):
+    seen = []
+    real = merge.pam_align
+
+    def spy(temp, global_, percent, reinit="global", per_tensor=False):
+        seen.append((sorted(temp), per_tensor))
+        return real(temp, global_, percent, reinit, per_tensor)
+
+    monkeypatch.setattr(merge, "pam_align", spy)
+    tiny_ctx.train.steps, tiny_ctx.train.lr = 6, 0.5
+    s = create_strategy("pam", tiny_ctx, every=2, percent=50.0, **hyper)
+    d0, d1 = tiny_bench.domains[:2]
+    for _ in range(s.begin_domain(d0)):
+        s.train_step(d0.x_train[:8], d0.y_train[:8])
+    s.end_domain()
+    for _ in range(s.begin_domain(d1)):
+        s.train_step(d1.x_train[:8], d1.y_train[:8])
+    keys = sorted(get_adapter(s.learner.model))
+    assert len(seen) == (2 if hyper.get("align_last") is False else 3)  # steps 2, 4 (and 6)
+    lora_only = sorted(k for k in keys if "lora_" in k)
+    assert all(k == (lora_only if hyper.get("align_head") is False else keys) for k, _ in seen)
+    assert len(lora_only) < len(keys)  # the tiny model has a trained head to exclude
+    assert all(p == (hyper.get("threshold") == "per_tensor") for _, p in seen)
 
 
 def test_merge_strategy_merges_into_global(tiny_ctx, tiny_bench):
@@ -73,6 +103,75 @@ def test_adaptive_coefficients_bounded_and_learned(tiny_ctx, tiny_bench, base):
     assert fmt == "delta" and any(k.endswith(".delta") for k in tensors)
 
 
+def _learn(s, domains):
+    for d in domains:
+        for _ in range(s.begin_domain(d)):
+            s.train_step(d.x_train[:8], d.y_train[:8])
+        s.end_domain()
+
+
+@pytest.mark.parametrize("base", ["linear", "ties"])
+def test_adaptive_fixed_w_is_the_plain_merge_with_weight_w(tiny_ctx, tiny_bench, base, monkeypatch):
+    from training.strategies import adaptive as ad
+
+    monkeypatch.setattr(ad, "fit_merge", lambda *a, **k: pytest.fail("fixed W must not fit α"))
+    s = create_strategy("adaptive", tiny_ctx, base=base, fixed_w=3)
+    _learn(s, tiny_bench.domains[:2])
+    assert s.alpha.tolist() == [3.0, 3.0]
+    want = ad.merge_task_vectors(s.tvs, torch.full((2,), 3.0), s.init_delta, s.hyper)
+    got, fmt = s.adapter()
+    assert fmt == "delta" and set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])
+
+
+def test_adaptive_oracle_fits_on_the_held_out_sets(tiny_ctx, tiny_bench, monkeypatch):
+    from training.strategies import adaptive as ad
+
+    sizes, real = [], ad.fit_merge
+    monkeypatch.setattr(ad, "fit_merge", lambda ctx, tvs, init, samples, h, c: sizes.append(
+        len(samples.tensors()[1])) or real(ctx, tvs, init, samples, h, c))
+    s = create_strategy("adaptive", tiny_ctx, oracle=True, fit_steps=3)
+    _learn(s, tiny_bench.domains[:2])
+    n_test = [len(d.y_test) for d in tiny_bench.domains[:2]]
+    assert sizes == [n_test[0], sum(n_test)]
+
+
+def test_adaptive_head_mean_serves_the_mean_of_the_trained_heads(tiny_ctx, tiny_bench):
+    s = create_strategy("adaptive", tiny_ctx, head="mean", base="ties", density=0.2, fit_steps=3)
+    _learn(s, tiny_bench.domains[:2])
+    merged, _ = s.adapter()
+    heads = [k for k in merged if not k.endswith(".delta")]
+    assert heads
+    for k in heads:  # task vectors are (trained head − initial head): their mean plus the initial head
+        torch.testing.assert_close(merged[k], s.init_delta[k] + (s.tvs[0][k] + s.tvs[1][k]) / 2)
+
+
+def test_adaptive_controls_are_benchmark_only():
+    from training.hyper import HyperError, parse_bench_hyper, parse_hyper
+
+    assert parse_bench_hyper("adaptive@w3", {"fixed_w": 3}).fixed_w == 3
+    for bad in ({"fixed_w": 3}, {"oracle": True}):
+        with pytest.raises(HyperError, match="unknown hyper-parameter"):
+            parse_hyper("adaptive", bad)  # the server's door
+
+
+def test_variant_labels_run_one_method_under_several_settings(tiny_ctx, tiny_bench):
+    from training.configs import BenchConfig
+
+    cfg = BenchConfig(methods=["pam", "pam@p0"], hyper={"pam@p0": {"percent": 0}})
+    assert cfg.hyper["pam@p0"] == {"percent": 0}
+    for bad in (["pam@x@y"], ["nope@x"], ["pam", "pam"], ["pam@a.b"]):
+        with pytest.raises(ValueError, match="unknown or repeated"):
+            BenchConfig(methods=bad)
+    with pytest.raises(ValueError, match="percent"):
+        BenchConfig(methods=["pam@p"], hyper={"pam@p": {"percent": 101}})
+    tiny_ctx.train.steps, tiny_ctx.train.lr = 4, 0.5
+    runs = {m: run_one(m, tiny_ctx, tiny_bench, ["d0", "d1"], h) for m, h in
+            [("pam", {"every": 2}), ("pam@p0", {"every": 2, "percent": 0})]}
+    assert runs["pam"]["n_reset"] > 0 and runs["pam@p0"]["n_reset"] == 0
+
+
 def test_orders_and_table(tiny_ctx, tiny_bench):
     orders = domain_orders(["a", "b", "c"], 3, 0)
     assert orders[0] == ["a", "b", "c"] and len({tuple(o) for o in orders}) == 3
@@ -89,9 +188,10 @@ def test_unknown_method_lists_registered(tiny_ctx):
 def test_parse_hyper():
     from training.bench import parse_hyper_args as parse_hyper
 
-    assert parse_hyper(["adaptive.spc=5", "adaptive.base=linear", "pam.percent=30.5"]) == {
+    assert parse_hyper(["adaptive.spc=5", "adaptive.base=linear", "pam.percent=30.5", "pam@x.align_head=false"]) == {
         "adaptive": {"spc": 5, "base": "linear"},
         "pam": {"percent": 30.5},
+        "pam@x": {"align_head": False},
     }
     with pytest.raises(ValueError, match="METHOD.KEY=VALUE"):
         parse_hyper(["spc=5"])

@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 
 from ..data import Domain
+from ..hyper import base_method
 from .base import LearnerContext, TrainSettings
 
 
@@ -53,14 +54,15 @@ def register_strategy(name: str) -> Callable[[Callable[..., Strategy]], Callable
 
 
 def create_strategy(name: str, ctx: LearnerContext, **hyper: object) -> Strategy:
-    """Build strategy ``name``.
+    """Build strategy ``name`` (or a ``METHOD@VARIANT`` label of one, see ``training.hyper.base_method``).
 
     Raises:
         KeyError: unknown name, listing the registered ones.
     """
-    if name not in STRATEGIES:
+    method = base_method(name)
+    if method not in STRATEGIES:
         raise KeyError(f"unknown method {name!r}; registered: {sorted(STRATEGIES)}")
-    return STRATEGIES[name](ctx, **hyper)
+    return STRATEGIES[method](ctx, **hyper)
 
 
 from . import adaptive, merging, sequential  # noqa: E402,F401  (register built-ins)

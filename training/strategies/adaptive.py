@@ -52,7 +52,7 @@ def merge_task_vectors(
         tvs: One task vector per domain (:func:`task_vector`).
         alpha: Coefficients, shape (len(tvs),); may require grad.
         init_delta: The initial adapter in ``delta`` format (its head is added back).
-        hyper: ``base`` and ``density`` are read.
+        hyper: ``base``, ``density`` and ``head`` are read.
         seed: Seed of the DARE masks (``dare_ties`` only).
 
     Returns:
@@ -61,15 +61,31 @@ def merge_task_vectors(
     kw: dict[str, object] = {"density": hyper.density}
     if hyper.base == "dare_ties":
         kw["generator"] = torch.Generator().manual_seed(seed)
-    tv = merge.MERGE_METHODS[hyper.base](tvs, alpha, **kw)
-    return {k: v if k.endswith(".delta") else v + init_delta[k] for k, v in tv.items()}
+    if hyper.head == "merge":
+        tv = merge.MERGE_METHODS[hyper.base](tvs, alpha, **kw)
+        return {k: v if k.endswith(".delta") else v + init_delta[k] for k, v in tv.items()}
+    trunk = [{k: v for k, v in t.items() if k.endswith(".delta")} for t in tvs]
+    body = merge.MERGE_METHODS[hyper.base](trunk, alpha, **kw)
+    heads = {k: init_delta[k] + torch.stack([t[k] for t in tvs]).mean(0) for k in tvs[0] if k not in trunk[0]}
+    return {**body, **heads}  # "mean": the mean of the domains' trained heads, neither α-scaled nor pruned
+
+
+class HeldOut:
+    """The held-out splits of the domains seen, in the buffer's interface: the oracle-α control fits on
+    the very data it is scored on (an upper bound for any buffer; benchmark only)."""
+
+    def __init__(self, domains: list[Domain]) -> None:
+        self.domains = domains
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([d.x_test for d in self.domains]), torch.cat([d.y_test for d in self.domains])
 
 
 def fit_merge(
     ctx: LearnerContext,
     tvs: list[Adapter],
     init_delta: Adapter,
-    buffer: ReplayBuffer,
+    buffer: ReplayBuffer | HeldOut,
     hyper: AdaptiveFit,
     c_init: torch.Tensor | None = None,
 ) -> tuple[Adapter, torch.Tensor, torch.Tensor]:
@@ -130,6 +146,7 @@ class AdaptiveMerge:
         self.buffer = ReplayBuffer(hyper.spc, seed=self.ctx.seed)
         self.init_delta = to_delta(trainer.learner.init_adapter, self.ctx.lora)
         self.tvs: list[Adapter] = []
+        self.seen: list[Domain] = []
         self.alpha = torch.zeros(0)  # learned α after the last domain
         self.c = torch.zeros(0)  # its logits, carried over as the next fit's starting point
         self.unmerged = False
@@ -150,10 +167,18 @@ class AdaptiveMerge:
         self.trainer.end_domain()
         self.tvs.append(task_vector(to_delta(trained, self.ctx.lora), self.init_delta))
         self.buffer.add(self.domain.name, self.domain.x_train, self.domain.y_train)
+        self.seen.append(self.domain)
         t0 = time.perf_counter()
-        self.merged, self.alpha, self.c = fit_merge(
-            self.ctx, self.tvs, self.init_delta, self.buffer, self.hyper, self.c
-        )
+        fixed_w = getattr(self.hyper, "fixed_w", None)
+        if fixed_w is not None:  # Coleman et al., Table 1's baselines: every adapter weighted W, no fit
+            self.alpha = torch.full((len(self.tvs),), float(fixed_w))
+            merged = merge_task_vectors(self.tvs, self.alpha, self.init_delta, self.hyper)
+            self.merged = {k: v.detach() for k, v in merged.items()}
+        else:
+            samples = HeldOut(self.seen) if getattr(self.hyper, "oracle", False) else self.buffer
+            self.merged, self.alpha, self.c = fit_merge(
+                self.ctx, self.tvs, self.init_delta, samples, self.hyper, self.c
+            )
         self.fit_seconds.append(time.perf_counter() - t0)
         self.unmerged = False
         self.served = materialise(self.ctx.base, self.merged).to(self.ctx.device)

@@ -110,12 +110,20 @@ class MergeLearner(FineTune):
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = self.learner.train_step(x, y)
-        a = self.align
-        if a is not None and self.global_ is not None and self.learner.step % a.every == 0:
-            aligned, n = merge.pam_align(get_adapter(self.learner.model), self.global_, a.percent, a.reinit)
-            set_adapter(self.learner.model, aligned)
-            self.n_reset += n
-            self.align_calls += 1
+        a, step = self.align, self.learner.step
+        if a is None or self.global_ is None or step % a.every:
+            return loss
+        if not a.align_last and step >= self.learner.ctx.train.steps:
+            return loss  # the domain's last step: nothing would train after it, so it would only prune
+        cur = get_adapter(self.learner.model)
+        keys = [k for k in cur if a.align_head or "lora_" in k]  # lora_A / lora_B; the rest is the head
+        aligned, n = merge.pam_align(
+            {k: cur[k] for k in keys}, {k: self.global_[k] for k in keys}, a.percent, a.reinit,
+            per_tensor=a.threshold == "per_tensor",
+        )
+        set_adapter(self.learner.model, {**cur, **aligned})
+        self.n_reset += n
+        self.align_calls += 1
         return loss
 
     def end_domain(self) -> None:
