@@ -74,6 +74,7 @@ class AdaptiveControls(_Strict):
 
     fixed_w: float | None = Field(None, gt=0, le=10)  # every α_i = W, no fit (the paper's W ∈ {1, 3, 5})
     oracle: bool = False  # fit α on the held-out sets of the domains seen (an upper bound, not deployable)
+    freeze_head: bool = False  # later domains train LoRA only, under the first domain's head (a shared head)
 
 
 class PamHyper(PamAlign, TrainHyper):

@@ -147,11 +147,24 @@ def test_adaptive_head_mean_serves_the_mean_of_the_trained_heads(tiny_ctx, tiny_
         torch.testing.assert_close(merged[k], s.init_delta[k] + (s.tvs[0][k] + s.tvs[1][k]) / 2)
 
 
+def test_adaptive_shared_head_trains_later_domains_under_the_first_head(tiny_ctx, tiny_bench):
+    s = create_strategy("adaptive", tiny_ctx, freeze_head=True, head="mean", fit_steps=3)
+    _learn(s, tiny_bench.domains)
+    heads = [k for k in s.tvs[0] if not k.endswith(".delta")]
+    assert heads and any(s.tvs[0][k].abs().sum() > 0 for k in heads)  # the first domain trained its head
+    for tv in s.tvs[1:]:
+        for k in heads:
+            torch.testing.assert_close(tv[k], s.tvs[0][k])
+        assert any(v.abs().sum() > 0 for k, v in tv.items() if k.endswith(".delta"))  # LoRA still trained
+    indep = tiny_ctx.independent_cache
+    assert set(indep) == {(tiny_bench.domains[0].name, 0)}  # later shared-head adapters are not cached
+
+
 def test_adaptive_controls_are_benchmark_only():
     from training.hyper import HyperError, parse_bench_hyper, parse_hyper
 
     assert parse_bench_hyper("adaptive@w3", {"fixed_w": 3}).fixed_w == 3
-    for bad in ({"fixed_w": 3}, {"oracle": True}):
+    for bad in ({"fixed_w": 3}, {"oracle": True}, {"freeze_head": True}):
         with pytest.raises(HyperError, match="unknown hyper-parameter"):
             parse_hyper("adaptive", bad)  # the server's door
 

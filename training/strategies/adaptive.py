@@ -30,7 +30,7 @@ from ..backbones import preprocess
 from ..buffer import ReplayBuffer
 from ..data import Domain
 from ..hyper import AdaptiveFit, TrainHyper
-from ..lora import functional_forward, get_adapter, materialise, to_delta
+from ..lora import functional_forward, get_adapter, materialise, set_adapter, to_delta
 from .base import LearnerContext, accuracy
 from .merging import MergeLearner
 from .sequential import FineTune, Independent, register_parsed
@@ -200,9 +200,37 @@ def _fit_hyper(hyper: TrainHyper) -> AdaptiveFit:
     return hyper
 
 
+class SharedHead(Independent):
+    """Per-domain adapters under one head: the first domain trains its LoRA and the head (exactly as
+    ``independent``, cached); every later domain trains only LoRA factors, from the initial ones, under
+    that head frozen. Later adapters are not cached: they differ from ``independent``'s."""
+
+    head: Adapter | None = None
+
+    def begin_domain(self, domain: Domain) -> int:
+        if self.head is None:
+            return super().begin_domain(domain)
+        self.current = domain.name
+        set_adapter(self.learner.model, {**self.learner.init_adapter, **self.head})
+        for name, p in self.learner.model.named_parameters():
+            if "lora_" not in name:
+                p.requires_grad_(False)  # the head; the backbone already is
+        self.learner.reset_optimizer()
+        return self.ctx.train.steps
+
+    def end_domain(self) -> None:
+        if self.head is not None:
+            self.per_domain[self.current] = get_adapter(self.learner.model)
+            return
+        super().end_domain()
+        self.head = {k: v for k, v in self.per_domain[self.current].items() if "lora_" not in k}
+
+
 def adaptive(ctx: LearnerContext, hyper: TrainHyper) -> AdaptiveMerge:
-    """``adaptive``: each domain's LoRA trained from the common initial adapter (the paper's setting)."""
-    return AdaptiveMerge(_fit_hyper(hyper), Independent(ctx, hyper))
+    """``adaptive``: each domain's LoRA trained from the common initial adapter (the paper's setting);
+    with the benchmark's ``freeze_head``, under the first domain's head (:class:`SharedHead`)."""
+    trainer = SharedHead if getattr(hyper, "freeze_head", False) else Independent
+    return AdaptiveMerge(_fit_hyper(hyper), trainer(ctx, hyper))
 
 
 def pam_adaptive(ctx: LearnerContext, hyper: TrainHyper) -> AdaptiveMerge:
