@@ -102,6 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help="port of Ray's metrics agent (in-process Ray only; with --address use `ray start --metrics-export-port`)",
     )
+    p.add_argument("--backbone", help="registered backbone: vit_tiny_offline (default) or "
+                   "efficientnet_lite0_offline (ImageNet-pretrained; docs/results.md compares them)")
     p.add_argument("--no-bootstrap", action="store_true",
                    help="learn nothing on first start (default: the digits5 'mnist' domain; vqa.bootstrap is empty)")
     p.add_argument("--worker-idle-s", type=float,
@@ -123,6 +125,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         upd["num_replicas"] = args.replicas if args.replicas == "auto" else int(args.replicas)
     if args.worker_idle_s is not None:
         upd["worker_idle_s"] = args.worker_idle_s
+    if args.backbone:
+        upd["backbone"] = args.backbone
     if args.no_bootstrap:
         upd["bootstrap"] = vqa["bootstrap"] = []
     if args.vqa_replicas:

@@ -26,6 +26,7 @@ def test_vqa_scales_to_zero_after_the_idle_seconds_given():
     assert cfg.vqa.num_replicas == "auto" and a["min_replicas"] == 0 and a["max_replicas"] >= 1
     assert a["downscale_delay_s"] == a["downscale_to_zero_delay_s"] == 15
     assert cfg.worker_idle_s == 0 and cfg.bootstrap == [] and cfg.vqa.bootstrap == []  # flags compose
+    assert _cfg("--backbone", "efficientnet_lite0_offline").backbone == "efficientnet_lite0_offline"
 
 
 def test_serve_accepts_the_autoscaling_it_is_given():
