@@ -72,6 +72,18 @@ def bootstrap(cfg: ServerConfig) -> list[str]:
     return ids
 
 
+def ray_env() -> None:
+    """Environment for an in-process Ray, set before ``ray.init`` (its processes inherit it); a value the
+    caller already set wins.
+
+    Serve kills an HTTP proxy that misses 3 readiness checks of 5 s each, and ``serve.start`` then fails
+    after 60 s: on 2 busy cores the proxy's first import alone can take longer. 15 s per check (45 s in
+    all) still fails inside ``serve.start``'s 60 s when a proxy really cannot start.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "15")
+
+
 def start(
     cfg: ServerConfig,
     port: int,
@@ -80,7 +92,7 @@ def start(
     metrics_export_port: int | None = None,
 ) -> None:
     """Start Ray (in-process unless ``address``), Serve on ``host:port``, and deploy the app."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray_env()
     if not ray.is_initialized():
         # Ray 2.60 reads no environment variable for this: in-process Ray gets the port here, a cluster
         # gets it from `ray start --metrics-export-port` (deploy/docker-compose.yml)

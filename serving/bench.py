@@ -97,10 +97,10 @@ def http_bench(clients: int, steady_s: float, domain: str) -> dict:
 
     from training.data.export import export_domain
 
-    from .app import build_app
+    from .app import build_app, ray_env
 
     data = tempfile.mkdtemp(prefix="mergeserve-bench-")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray_env()
     ray.init(namespace="mergeserve", include_dashboard=False, log_to_driver=False)
     port = 8123
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -570,7 +570,7 @@ def peers_bench(backbone: str, seconds: float, warmup: float, cells: Sequence[tu
     import torch
     from ray import serve
 
-    from .app import build_app
+    from .app import build_app, ray_env
     from .config import ServerConfig
 
     tmp = tempfile.mkdtemp(prefix="msb-")  # short: Ray's socket paths live under it
@@ -580,6 +580,7 @@ def peers_bench(backbone: str, seconds: float, warmup: float, cells: Sequence[tu
     fast_proc, out = None, {"cells": {}, "setup": {}}
     try:
         t0 = time.perf_counter()
+        ray_env()
         ray.init(namespace="mergeserve", include_dashboard=False, log_to_driver=False)
         signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own
         port = _free_port()

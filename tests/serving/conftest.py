@@ -12,7 +12,9 @@ from _util import Server, _free_port, start_app  # noqa: E402
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from serving.app import ray_env
+
+    ray_env()
     import ray
     from ray import serve
 
