@@ -114,8 +114,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help="port of Ray's metrics agent (in-process Ray only; with --address use `ray start --metrics-export-port`)",
     )
-    p.add_argument("--backbone", help="registered backbone: vit_tiny_offline (default) or "
-                   "efficientnet_lite0_offline (ImageNet-pretrained; docs/results.md compares them)")
+    p.add_argument("--backbone", help="registered backbone: efficientnet_lite0_offline (default, ImageNet-pretrained) "
+                   "or vit_tiny_offline (~11x cheaper per image, less accurate; docs/results.md compares them)")
     p.add_argument("--no-bootstrap", action="store_true",
                    help="learn nothing on first start (default: the digits5 'mnist' domain; vqa.bootstrap is empty)")
     p.add_argument("--worker-idle-s", type=float,

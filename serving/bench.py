@@ -466,11 +466,14 @@ def _free_port() -> int:
 
 
 def _ray_env(tmp: str) -> None:
-    """This process (and its subprocesses): a private Ray temp dir, never another cluster's address."""
+    """This process (and its subprocesses): a private Ray temp dir, never another cluster's address, and
+    :func:`serving.app.ray_env`."""
     os.environ["RAY_TMPDIR"] = os.path.join(tmp, "ray")
     os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
     os.environ.pop("RAY_ADDRESS", None)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from .app import ray_env
+
+    ray_env()
 
 
 def _wait_http(url: str, deadline_s: float, proc: subprocess.Popen | None = None) -> float:
@@ -570,7 +573,7 @@ def peers_bench(backbone: str, seconds: float, warmup: float, cells: Sequence[tu
     import torch
     from ray import serve
 
-    from .app import build_app, ray_env
+    from .app import build_app
     from .config import ServerConfig
 
     tmp = tempfile.mkdtemp(prefix="msb-")  # short: Ray's socket paths live under it
@@ -580,7 +583,6 @@ def peers_bench(backbone: str, seconds: float, warmup: float, cells: Sequence[tu
     fast_proc, out = None, {"cells": {}, "setup": {}}
     try:
         t0 = time.perf_counter()
-        ray_env()
         ray.init(namespace="mergeserve", include_dashboard=False, log_to_driver=False)
         signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own
         port = _free_port()

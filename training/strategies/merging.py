@@ -20,7 +20,7 @@ import torch
 import merge
 
 from ..hyper import HYPER, PamAlign, TrainHyper
-from ..lora import get_adapter, set_adapter
+from ..lora import get_adapter, is_lora_factor, set_adapter
 from .base import LearnerContext
 from .sequential import FineTune, register_parsed
 
@@ -116,7 +116,7 @@ class MergeLearner(FineTune):
         if not a.align_last and step >= self.learner.ctx.train.steps:
             return loss  # the domain's last step: nothing would train after it, so it would only prune
         cur = get_adapter(self.learner.model)
-        keys = [k for k in cur if a.align_head or "lora_" in k]  # lora_A / lora_B; the rest is the head
+        keys = [k for k in cur if a.align_head or is_lora_factor(k)]
         aligned, n = merge.pam_align(
             {k: cur[k] for k in keys}, {k: self.global_[k] for k in keys}, a.percent, a.reinit,
             per_tensor=a.threshold == "per_tensor",
