@@ -28,8 +28,11 @@ def build_app(args: dict | None = None) -> serve.Application:
     controller = get_or_create_controller(cfg)
     ray.get(controller.ready.remote())  # v0 exists and the job runner is up before replicas start
     bootstrap(cfg)  # idempotent: also when deployed with `serve run deploy/serve.yaml`
+    actor = {"num_cpus": 0.25, "num_gpus": cfg.replica_num_gpus}
+    if cfg.replica_env:
+        actor["runtime_env"] = {"env_vars": dict(cfg.replica_env)}
     opts: dict = {
-        "ray_actor_options": {"num_cpus": 0.25, "num_gpus": cfg.replica_num_gpus},
+        "ray_actor_options": actor,
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "user_config": {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
     }
@@ -44,7 +47,7 @@ def build_app(args: dict | None = None) -> serve.Application:
                  else {"num_replicas": cfg.vqa.num_replicas})
         vqa = VqaModel.options(
             **scale, max_ongoing_requests=cfg.max_ongoing_requests,
-            ray_actor_options={"num_cpus": 0.25, "num_gpus": cfg.replica_num_gpus},
+            ray_actor_options=actor,
         ).bind(cfg.model_dump(mode="json"))
     return Model.options(**opts).bind(cfg.model_dump(mode="json"), vqa)
 

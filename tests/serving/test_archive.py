@@ -163,22 +163,66 @@ def test_fuzzed_images_only_ever_raise_problem():
     assert decoded and rejected
 
 
-def test_only_small_images_are_decoded_on_the_event_loop():
+def _png(side: int, mode: str = "RGB", seed: int = 0) -> bytes:
     from PIL import Image
 
-    from serving.archive import INLINE_BYTES, cheap_to_decode
+    rng = np.random.RandomState(seed)
+    shape = (side, side) if mode in ("L", "P") else (side, side, len(mode))
+    buf = io.BytesIO()
+    Image.fromarray(rng.randint(0, 255, shape).astype(np.uint8), mode=None if mode != "P" else "L") \
+        .convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
 
-    def png(side: int) -> bytes:
-        buf = io.BytesIO()
-        Image.new("RGB", (side, side)).save(buf, format="PNG")
-        return buf.getvalue()
 
-    small, flat_huge = png(32), png(2048)  # a flat 2048² PNG compresses to a few KiB: pixels decide
+def test_only_small_images_are_decoded_on_the_event_loop():
+    from serving.archive import INLINE_BYTES, cheap_to_decode, open_images, small_request
+
+    small, flat_huge = _png(32), _flat_png(2048)  # a flat 2048² PNG compresses to a few KiB: pixels decide
     assert len(flat_huge) < INLINE_BYTES
-    assert cheap_to_decode([small])
-    assert not cheap_to_decode([flat_huge])
-    assert cheap_to_decode([small] * 16)  # 16 × 32² = 16 Ki pixels: a batch of thumbnails stays inline
-    assert not cheap_to_decode([png(128)] * 5)  # 5 × 128² > 256²: the budget is summed over the request
-    assert not cheap_to_decode([b"junk"])  # decode_images reports it, off the loop
-    assert not cheap_to_decode([small, b"junk"])  # one unreadable image sends the whole request there
-    assert not cheap_to_decode([])
+    assert small_request([flat_huge]) and not small_request([_png(256)] * 2)  # ~196 KiB each: off the loop
+    assert not small_request([])
+
+    def cheap(raws: list[bytes]) -> bool:
+        return cheap_to_decode(open_images(raws, Limits()))
+
+    assert cheap([small])
+    assert not cheap([flat_huge])
+    assert cheap([small] * 16)  # 16 × 32² = 16 Ki pixels: a batch of thumbnails stays inline
+    assert not cheap([_flat_png(128)] * 5)  # 5 × 128² > 256²: the budget is summed over the request
+    assert _code(open_images, [small, b"junk"], Limits()) == "bad-image"  # a header error is a 422 at once
+
+
+def _flat_png(side: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])
+@pytest.mark.parametrize("side", [16, 32, 40])
+def test_decode_matches_pil_convert_and_resize(mode: str, side: int):
+    """The same-size shortcut and the one-pass header read give what PIL's convert + resize give."""
+    from PIL import Image
+
+    from serving.archive import decode_images
+
+    raws = [_png(side, mode, seed=i) for i in range(3)]
+    want = []
+    for raw in raws:
+        with Image.open(io.BytesIO(raw)) as im:
+            want.append(np.asarray(im.convert("RGB").resize((32, 32), Image.BILINEAR)))
+    got = decode_images(raws, 32, Limits())
+    assert got.shape == (3, 3, 32, 32) and got.dtype == np.uint8 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, np.stack(want).transpose(0, 3, 1, 2))
+
+
+def test_truncated_pixel_data_is_bad_image_and_names_the_image():
+    from serving.archive import decode_images
+
+    good = _png(32)
+    cut = good[: len(good) // 2]  # the header reads, the pixels do not
+    with pytest.raises(Problem) as e:
+        decode_images([good, cut], 32, Limits())
+    assert e.value.code == "bad-image" and "images[1]" in e.value.detail
