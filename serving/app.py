@@ -29,12 +29,10 @@ def build_app(args: dict | None = None) -> serve.Application:
     ray.get(controller.ready.remote())  # v0 exists and the job runner is up before replicas start
     bootstrap(cfg)  # idempotent: also when deployed with `serve run deploy/serve.yaml`
     actor = {"num_cpus": 0.25, "num_gpus": cfg.replica_num_gpus}
-    if cfg.replica_env:
-        actor["runtime_env"] = {"env_vars": dict(cfg.replica_env)}
     opts: dict = {
         "ray_actor_options": actor,
         "max_ongoing_requests": cfg.max_ongoing_requests,
-        "user_config": {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
+        "user_config": {"max_batch_images": cfg.max_batch_images, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
     }
     if cfg.num_replicas == "auto":
         opts["autoscaling_config"] = cfg.autoscaling

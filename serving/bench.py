@@ -163,11 +163,8 @@ def http_bench(clients: int, steady_s: float, domain: str) -> dict:
 # --peers: one model behind mergeserve, a plain Ray Serve app and FastAPI + uvicorn
 # =================================================================================================
 CELLS: tuple[tuple[int, int], ...] = ((1, 1), (1, 4), (1, 16), (16, 1), (16, 16))  # (images/request, clients)
-#: ``tuned``: the plain app with mergeserve's ``replica_env`` (Serve's per-replica throughput settings), so
-#: the table separates what those settings give from what mergeserve's own request path costs
-PEERS: tuple[str, ...] = ("mergeserve", "plain", "tuned", "fastapi")
-TITLES = {"mergeserve": "mergeserve", "plain": "plain Ray Serve", "tuned": "plain + replica_env",
-          "fastapi": "FastAPI+uvicorn"}
+PEERS: tuple[str, ...] = ("mergeserve", "plain", "fastapi")
+TITLES = {"mergeserve": "mergeserve", "plain": "plain Ray Serve", "fastapi": "FastAPI+uvicorn"}
 
 
 class PeerRequest(BaseModel):
@@ -218,16 +215,14 @@ def respond(probs: np.ndarray, names: list[str], k: int, single: bool, version: 
     return {**body, "predictions": res[0]} if single else {**body, "results": res}
 
 
-def plain_serve_app(model_args: dict, max_ongoing_requests: int, env: dict[str, str] | None = None) -> object:
-    """The plain Ray Serve peer: one deployment, FastAPI ingress, ``@serve.batch``; decode and forward inline.
-    ``env``: environment variables of its replica process (Serve's defaults without)."""
+def plain_serve_app(model_args: dict, max_ongoing_requests: int) -> object:
+    """The plain Ray Serve peer: one deployment, FastAPI ingress, ``@serve.batch``; decode and forward inline."""
     from fastapi import FastAPI
     from ray import serve
 
     api = FastAPI()
-    actor = {"runtime_env": {"env_vars": dict(env)}} if env else None
 
-    @serve.deployment(name="PlainModel", max_ongoing_requests=max_ongoing_requests, ray_actor_options=actor)
+    @serve.deployment(name="PlainModel", max_ongoing_requests=max_ongoing_requests)
     @serve.ingress(api)
     class PlainModel:
         def __init__(self, m: dict) -> None:
@@ -395,7 +390,6 @@ def _role(cmd: str) -> str:
     """Which part of a server a process is, from its command line (Ray workers retitle themselves)."""
     for key, role in (("ServeReplica:mergeserve:Model", "replica:mergeserve"),
                       ("ServeReplica:mergeserve:VqaModel", "replica:vqa"), ("ServeReplica:plain", "replica:plain"),
-                      ("ServeReplica:tuned", "replica:tuned"),
                       ("ProxyActor", "proxy"), ("ServeController", "serve-controller"),
                       ("ray::Controller", "mergeserve-controller"), ("ray::Worker", "mergeserve-worker"),
                       ("raylet", "raylet"), ("gcs_server", "gcs"), ("serving.bench fastapi", "uvicorn")):
@@ -590,7 +584,10 @@ def peers_bench(backbone: str, seconds: float, warmup: float, cells: Sequence[tu
     fast_proc, out = None, {"cells": {}, "setup": {}}
     try:
         t0 = time.perf_counter()
-        ray.init(namespace="mergeserve", include_dashboard=False, log_to_driver=False)
+        # logical CPUs only (threads are what Ray sets per actor): on 2 cores the peers' replicas and
+        # mergeserve's worker would not all fit in 2 and the last app would wait for the worker to idle out
+        ray.init(namespace="mergeserve", include_dashboard=False, log_to_driver=False,
+                 num_cpus=max(4, os.cpu_count() or 1))
         signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -604,17 +601,13 @@ def peers_bench(backbone: str, seconds: float, warmup: float, cells: Sequence[tu
                       "class_names": cfg.class_names, "seed": cfg.seed, "version": active["version"]}
         serve.run(plain_serve_app(model_args, cfg.max_ongoing_requests), name="plain", route_prefix="/plain")
         _wait_http(f"{base}/plain/healthz", 300)
-        serve.run(plain_serve_app(model_args, cfg.max_ongoing_requests, cfg.replica_env), name="tuned",
-                  route_prefix="/tuned")
-        _wait_http(f"{base}/tuned/healthz", 300)
         fport = _free_port()
         spec_json = json.dumps({"port": fport, "model": model_args})
         fast_proc = subprocess.Popen([sys.executable, "-m", "serving.bench", "fastapi-peer", spec_json],
                                      stdout=subprocess.DEVNULL, start_new_session=True)
         _wait_http(f"http://127.0.0.1:{fport}/healthz", 300, fast_proc)
-        log(f"all three peers up in {time.perf_counter() - t0:.1f} s (adapter {active['name']})")
+        log(f"all {len(PEERS)} peers up in {time.perf_counter() - t0:.1f} s (adapter {active['name']})")
         urls = {"mergeserve": f"{base}/v1/classify", "plain": f"{base}/plain/v1/classify",
-                "tuned": f"{base}/tuned/v1/classify",
                 "fastapi": f"http://127.0.0.1:{fport}/v1/classify"}
         info = {"plain": httpx.get(f"{base}/plain/info").json(),
                 "fastapi": httpx.get(f"http://127.0.0.1:{fport}/info").json()}
@@ -705,7 +698,7 @@ def format_peers_table(res: dict, peers: Sequence[str] = PEERS) -> str:
     """Rows = cells; per peer: req/s, images/s, p50/p99 ms; then mergeserve / plain (req/s) and errors."""
     w = 32
     head1 = (f"{'cell':<16}" + "".join(f"| {TITLES.get(p, p):<{w - 2}}" for p in peers)
-             + "| ms/plain | ms/tuned | errors")
+             + "| ms/plain | errors")
     head2 = f"{'img × clients':<16}" + f"| {'req/s':>6} {'img/s':>6} {'p50ms':>7} {'p99ms':>7} " * len(peers) + "|"
     lines = [head1, head2, "-" * len(head1)]
     for (n_img, clients), row in res["cells"].items():
@@ -715,7 +708,7 @@ def format_peers_table(res: dict, peers: Sequence[str] = PEERS) -> str:
             s += (f"| {r['rps']:>6.1f} {r['images_per_s']:>6.0f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
                   if r else f"| {'-':>6} {'-':>6} {'-':>7} {'-':>7} ")
         errs = "/".join(str(row[p]["errors"] + row[p]["warmup_errors"]) if p in row else "-" for p in peers)
-        lines.append(s + f"| {_ratio(row, 'plain'):>7.2f}× | {_ratio(row, 'tuned'):>7.2f}× | {errs}")
+        lines.append(s + f"| {_ratio(row, 'plain'):>7.2f}× | {errs}")
     return "\n".join(lines)
 
 

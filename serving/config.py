@@ -45,14 +45,6 @@ class VqaServing(BaseModel):
     image_size: int = 64  # uploaded domain images are stored at this size (the model resizes to its own)
 
 
-REPLICA_ENV = {
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
-    "RAY_SERVE_LOG_TO_STDERR": "0",
-}
-
-
 class ServerConfig(BaseModel):
     """Everything ``mergeserve serve`` and ``deploy/serve.yaml`` can set."""
 
@@ -78,13 +70,10 @@ class ServerConfig(BaseModel):
         default_factory=lambda: {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
     )
     max_ongoing_requests: int = 64  # per replica; Serve's default (5) starves @serve.batch under concurrency
-    max_batch_size: int = 32  # @serve.batch dynamic batching
-    batch_wait_timeout_s: float = 0.005  # how long a batch waits to fill
-    # Ray Serve settings for the model replicas' processes only (RAY_SERVE_THROUGHPUT_OPTIMIZED's
-    # per-replica half; docs/serving.md measures them): user code on the replica's main event loop, not a
-    # second one; request-path logs buffered (flushed at 1,000 lines or an ERROR) and kept out of stderr
-    # (they stay in Ray's serve log files). {} restores Serve's defaults
-    replica_env: dict[str, str] = Field(default_factory=lambda: dict(REPLICA_ENV))
+    # classification batching (serving/batching.py): a batch is cut when the model is free, holds up to
+    # this many images (a larger request runs alone) and waits for more at most batch_wait_timeout_s
+    max_batch_images: int = Field(512, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)  # from the oldest queued request
     trainer_num_gpus: float = 0.0  # GPUs for the training/merge worker (0 on CPU)
     worker_idle_s: float = Field(120.0, ge=0)  # the worker process (torch, ~1 GB) exits after this long
     # with no job and starts again (a few seconds) on the next one; 0 keeps it up for good

@@ -318,24 +318,3 @@ def test_adaptive_over_http_with_alpha_visible(server):
     # back to the LoRA lineage, so later ingests may use any method again
     assert server.http.post(f"/v1/adapters/{before}/activate", headers=server.auth).status_code == 200
 
-
-def test_replica_processes_get_replica_env(server):
-    """``replica_env`` reaches the model replicas' processes (their environment at exec) and nothing else."""
-    import psutil
-
-    from serving.config import REPLICA_ENV
-
-    def env(p: psutil.Process) -> dict[str, str]:
-        try:
-            return p.environ()
-        except psutil.Error:
-            return {}
-
-    procs = psutil.Process().children(recursive=True)
-    replicas = [p for p in procs if "ServeReplica:mergeserve:Model" in " ".join(p.cmdline())]
-    assert replicas
-    for p in replicas:
-        assert {k: env(p).get(k) for k in REPLICA_ENV} == REPLICA_ENV
-    proxy = [p for p in procs if "ProxyActor" in " ".join(p.cmdline())]
-    assert proxy and all("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD" not in env(p) for p in proxy)
-    assert server.http.post("/v1/classify", json={"image": B64}).status_code == 200

@@ -1,0 +1,112 @@
+"""GreedyBatcher: each caller gets its own rows, batches are cut when the model is free, errors reach every
+caller of their batch and nobody else."""
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from serving.batching import GreedyBatcher
+
+
+def _rows(n: int, start: int) -> np.ndarray:
+    return np.arange(start, start + n, dtype=np.float32)[:, None]
+
+
+def test_each_caller_gets_its_own_rows_and_the_tag():
+    calls = []
+
+    def fn(x: np.ndarray) -> tuple[np.ndarray, int]:
+        calls.append(len(x))
+        return x * 2, 7
+
+    async def main() -> list:
+        b = GreedyBatcher(fn, max_items=512, wait_s=0.05)
+        return await asyncio.gather(*(b(_rows(n, 100 * i)) for i, n in enumerate((1, 3, 16, 2))))
+
+    out = asyncio.run(main())
+    for (rows, tag), (i, n) in zip(out, enumerate((1, 3, 16, 2))):
+        assert tag == 7
+        np.testing.assert_array_equal(rows, _rows(n, 100 * i) * 2)
+    assert calls == [22]  # all four arrived within wait_s of the first: one forward
+
+
+def test_next_batch_takes_everything_that_queued_while_the_model_ran():
+    release, started, calls = threading.Event(), threading.Event(), []
+
+    def fn(x: np.ndarray) -> tuple[np.ndarray, int]:
+        calls.append(len(x))
+        started.set()
+        release.wait(5)
+        return x + 1, 0
+
+    async def main() -> list:
+        b = GreedyBatcher(fn, max_items=512, wait_s=0.0)
+        first = asyncio.ensure_future(b(_rows(1, 0)))
+        while not started.is_set():  # the model is busy with the first request
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(b(_rows(2, 10 * i))) for i in range(1, 6)]
+        await asyncio.sleep(0.05)  # with @serve.batch these would have been cut into batches by now
+        release.set()
+        return [await first] + [await r for r in rest]
+
+    out = asyncio.run(main())
+    assert calls == [1, 10]  # the five queued requests went in one forward, after the first finished
+    np.testing.assert_array_equal(out[3][0], _rows(2, 30) + 1)
+
+
+def test_max_items_splits_batches_and_a_large_request_runs_alone():
+    calls = []
+
+    def fn(x: np.ndarray) -> tuple[np.ndarray, int]:
+        calls.append(len(x))
+        return x, 0
+
+    async def main() -> list:
+        b = GreedyBatcher(fn, max_items=8, wait_s=0.05)
+        return await asyncio.gather(*(b(_rows(n, 0)) for n in (4, 4, 4, 20, 1)))
+
+    out = asyncio.run(main())
+    assert [len(r) for r, _ in out] == [4, 4, 4, 20, 1]
+    assert calls == [8, 4, 20, 1] and max(c for c in calls if c != 20) <= 8
+
+
+def test_an_error_reaches_every_caller_of_its_batch_and_the_batcher_keeps_going():
+    def fn(x: np.ndarray) -> tuple[np.ndarray, int]:
+        if (x < 0).any():
+            raise ValueError("bad rows")
+        return x, 1
+
+    async def main() -> tuple:
+        b = GreedyBatcher(fn, max_items=512, wait_s=0.05)
+        bad = await asyncio.gather(b(_rows(2, 0)), b(-_rows(1, 1)), return_exceptions=True)
+        good = await b(_rows(3, 0))
+        return bad, good
+
+    bad, good = asyncio.run(main())
+    assert all(isinstance(r, ValueError) for r in bad)  # same forward: both get the error
+    assert good[1] == 1 and len(good[0]) == 3
+
+
+def test_a_cancelled_caller_does_not_disturb_the_others():
+    release = threading.Event()
+
+    def fn(x: np.ndarray) -> tuple[np.ndarray, int]:
+        release.wait(5)
+        return x, 0
+
+    async def main() -> np.ndarray:
+        b = GreedyBatcher(fn, max_items=512, wait_s=0.0)
+        first = asyncio.ensure_future(b(_rows(1, 0)))
+        await asyncio.sleep(0.01)
+        gone, kept = asyncio.ensure_future(b(_rows(5, 0))), asyncio.ensure_future(b(_rows(2, 7)))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        release.set()
+        await first
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        return (await kept)[0]
+
+    np.testing.assert_array_equal(asyncio.run(main()), _rows(2, 7))
