@@ -1,0 +1,94 @@
+"""mergeserve vs the plain Ray Serve app at one cell, alternating, to see a few-percent difference.
+
+One 30 s cell of ``mergeserve bench-serve --peers`` moves ±4 % between runs on 2 shared cores; this
+script runs only the two Ray apps, in one cluster, and alternates them ``--rounds`` times (ABBA order)
+so drift hits both alike. It prints each round and the mean ratio.
+
+    .venv/bin/python benchmarks/ab_serve.py --images 16 --clients 16 --seconds 8 --rounds 4
+    # 2026-12-04, 2 cores (vit_tiny_offline): mergeserve 70.3 req/s, plain 63.2 req/s, ratio 1.11×
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from serving import bench as B  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=16, help="images per request (default 16)")
+    p.add_argument("--clients", type=int, default=16, help="closed-loop clients (default 16)")
+    p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per round and app (default 8)")
+    p.add_argument("--rounds", type=int, default=4, help="rounds; the order alternates (default 4)")
+    p.add_argument("--backbone", default="vit_tiny_offline")
+    args = p.parse_args()
+
+    import httpx
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+    from serving.config import ServerConfig
+
+    tmp = tempfile.mkdtemp(prefix="msab-")
+    B._ray_env(tmp)
+    cfg = ServerConfig.model_validate({"data_dir": f"{tmp}/data", "bootstrap": [], "backbone": args.backbone,
+                                       "vqa": {"enabled": False}})
+    ray.init(namespace="mergeserve", include_dashboard=False, log_to_driver=False, num_cpus=4)
+    try:
+        port = B._free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(cfg.model_dump(mode="json")), name="mergeserve", route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        B._wait_http(f"{base}/readyz", 300)
+        ad = httpx.get(f"{base}/v1/adapters", timeout=30).json()
+        active = next(v for v in ad["versions"] if v["version"] == ad["active"])
+        model = {"backbone": args.backbone, "adapters": cfg.path("adapters"), "name": active["name"],
+                 "class_names": cfg.class_names, "seed": cfg.seed, "version": active["version"]}
+        serve.run(B.plain_serve_app(model, cfg.max_ongoing_requests), name="plain", route_prefix="/plain")
+        B._wait_http(f"{base}/plain/healthz", 300)
+        urls = {"mergeserve": f"{base}/v1/classify", "plain": f"{base}/plain/v1/classify"}
+        procs = B.process_tree(os.getpid())
+        replica = {peer: [q for q in procs if B._role(B._cmd(q)) == f"replica:{peer}"] for peer in urls}
+        body = os.path.join(tmp, "body.json")
+        with open(body, "wb") as f:
+            f.write(B._body(B._png_b64(args.images, seed=2)))
+        rps: dict[str, list[float]] = {peer: [] for peer in urls}
+        for r in range(args.rounds):
+            for peer in ("mergeserve", "plain") if r % 2 == 0 else ("plain", "mergeserve"):
+                spec = {"url": urls[peer], "body_file": body, "clients": args.clients, "warmup": 2.0,
+                        "seconds": args.seconds}
+                lg = subprocess.Popen([sys.executable, "-m", "serving.bench", "loadgen", json.dumps(spec)],
+                                      stdout=subprocess.PIPE, text=True)
+                snaps, lines = [], []
+                for line in lg.stdout:
+                    line = line.strip()
+                    if line in ("go", "stop"):
+                        snaps.append(sum(B._cpu(replica[peer]).values()))
+                    elif line:
+                        lines.append(line)
+                lg.wait()
+                res = json.loads(lines[-1])
+                rps[peer].append(res["rps"])
+                cpu = 1e3 * (snaps[1] - snaps[0]) / max(res["requests"], 1)
+                print(f"round {r}  {peer:<10} {res['rps']:7.1f} req/s  p50 {res['p50_ms']:6.1f}  "
+                      f"p99 {res['p99_ms']:6.1f} ms  replica CPU {cpu:5.2f} ms/request  errors {res['errors']}",
+                      flush=True)
+        ms, pl = (sum(v) / len(v) for v in (rps["mergeserve"], rps["plain"]))
+        print(f"\n{args.images} img × {args.clients} clients, {args.rounds} rounds of {args.seconds:g} s: "
+              f"mergeserve {ms:.1f} req/s, plain {pl:.1f} req/s, ratio {ms / pl:.2f}×")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
