@@ -26,8 +26,11 @@ def build_app(args: dict | None = None) -> serve.Application:
     """
     cfg = ServerConfig.model_validate(args or {})
     controller = get_or_create_controller(cfg)
-    ray.get(controller.ready.remote())  # v0 exists and the job runner is up before replicas start
-    bootstrap(cfg)  # idempotent: also when deployed with `serve run deploy/serve.yaml`
+    for task in cfg.tasks():  # every task's v0 exists and its job runner is up before replicas start
+        ray.get(controller.ready.remote(task))
+    # after every v0: the bootstrap jobs train on the one worker, and a v0 queued behind them would hold
+    # /readyz back for a whole training run (~60 s). Idempotent: also for `serve run deploy/serve.yaml`
+    bootstrap(cfg)
     actor = {"num_cpus": 0.25, "num_gpus": cfg.replica_num_gpus}
     opts: dict = {
         "ray_actor_options": actor,
@@ -40,7 +43,6 @@ def build_app(args: dict | None = None) -> serve.Application:
         opts["num_replicas"] = int(cfg.num_replicas)
     vqa = None
     if cfg.vqa.enabled:
-        ray.get(controller.ready.remote("vqa"))  # the vqa v0 exists before its replicas start
         scale = ({"autoscaling_config": cfg.vqa.autoscaling} if cfg.vqa.num_replicas == "auto"
                  else {"num_replicas": cfg.vqa.num_replicas})
         vqa = VqaModel.options(

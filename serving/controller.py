@@ -155,8 +155,15 @@ class RemoteWorker:
         return await self._call("start-up", "initial")
 
     async def health(self, timeout: float = 5.0) -> dict:
+        """``worker``: ``idle`` (stopped on purpose), ``busy`` (a call in flight), ``ok`` (answered a ping),
+        ``busy-or-starting`` (no answer within ``timeout``) or ``restarting`` (it died)."""
         if self.handle is None and self.slot.released:
             return {"worker": "idle", "last_error": self.last_error}  # stopped on purpose; starts on demand
+        if self.slot.busy:
+            # the actor runs one call at a time: a ping would wait for the training run (and /readyz with
+            # it: 5 s per probe, longer than a Kubernetes probe's 1 s). A worker that dies fails that call,
+            # which records it, so the call in flight is the liveness signal
+            return {"worker": "busy", "last_error": self.last_error}
         try:
             await asyncio.wait_for(self.get().ping.remote(), timeout)
             return {"worker": "ok", "last_error": self.last_error}
@@ -228,7 +235,7 @@ class Controller:
     async def ingest_health(self, task: str = "classify") -> dict:
         line = self._line(task)
         h = await line.worker.health()
-        self.healthy = h["worker"] in ("ok", "idle")
+        self.healthy = h["worker"] in ("ok", "idle", "busy")
         queued = len(line.pipe.db.jobs(("queued",)))
         return {**h, "runner": "ok" if line.runner and not line.runner.done() else "stopped", "queued": queued}
 

@@ -7,6 +7,7 @@ import os
 import re
 import tarfile
 import threading
+import time
 import zipfile
 
 import pytest
@@ -283,6 +284,20 @@ def test_worker_death_heals(server):
     job = server.wait(server.ingest("domheal", make_archive(shift=1)).json()["job_id"])
     assert job["status"] == "succeeded", job
     assert server.http.get("/readyz").json()["ingest"]["worker"] == "ok"
+
+
+def test_readyz_answers_at_once_while_the_worker_trains(server):
+    """The worker runs one call at a time: /readyz must not ping it behind a training run (it took 5 s)."""
+    job_id = server.ingest("dombusy", make_archive(shift=4), hyper=json.dumps({"steps": 60})).json()["job_id"]
+    seen = set()
+    while (job := server.http.get(f"/v1/jobs/{job_id}").json())["status"] not in ("succeeded", "failed", "rejected"):
+        if job["status"] == "training":
+            r = server.http.get("/readyz", timeout=2.5)  # a probe's budget; the old ping waited 5 s
+            assert r.status_code == 200
+            seen.add(r.json()["ingest"]["worker"])
+        time.sleep(0.05)
+    assert "busy" in seen, seen
+    assert _metric(server.http.get("/metrics").text, "mergeserve_ingest_healthy") == 1
 
 
 def test_idle_worker_is_released_and_restarted_on_demand(server):
