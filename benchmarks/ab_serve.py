@@ -11,9 +11,7 @@ so drift hits both alike. It prints each round and the mean ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -66,19 +64,9 @@ def main() -> None:
             for peer in ("mergeserve", "plain") if r % 2 == 0 else ("plain", "mergeserve"):
                 spec = {"url": urls[peer], "body_file": body, "clients": args.clients, "warmup": 2.0,
                         "seconds": args.seconds}
-                lg = subprocess.Popen([sys.executable, "-m", "serving.bench", "loadgen", json.dumps(spec)],
-                                      stdout=subprocess.PIPE, text=True)
-                snaps, lines = [], []
-                for line in lg.stdout:
-                    line = line.strip()
-                    if line in ("go", "stop"):
-                        snaps.append(sum(B._cpu(replica[peer]).values()))
-                    elif line:
-                        lines.append(line)
-                lg.wait()
-                res = json.loads(lines[-1])
+                res = B.run_cell(spec, lambda _, peer=peer: replica[peer])
                 rps[peer].append(res["rps"])
-                cpu = 1e3 * (snaps[1] - snaps[0]) / max(res["requests"], 1)
+                cpu = 1e3 * res.get("server_cpu_s", {}).get(f"replica:{peer}", float("nan")) / max(res["requests"], 1)
                 print(f"round {r}  {peer:<10} {res['rps']:7.1f} req/s  p50 {res['p50_ms']:6.1f}  "
                       f"p99 {res['p99_ms']:6.1f} ms  replica CPU {cpu:5.2f} ms/request  errors {res['errors']}",
                       flush=True)

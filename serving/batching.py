@@ -36,7 +36,6 @@ class GreedyBatcher:
         self.pending: deque[tuple[np.ndarray, asyncio.Future, float]] = deque()
         self.wake: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
-        self.batches: list[int] = []  # rows per call, the last 1,000 (tests and diagnostics)
 
     async def __call__(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
         """``fn``'s output rows for ``x`` and the tag of the call that produced them."""
@@ -85,7 +84,6 @@ class GreedyBatcher:
                         if not f.done():
                             f.set_exception(e)
                     continue
-                self.batches = [*self.batches[-999:], len(out)]
                 start = 0
                 for x, f in batch:  # (sum N_i, ...) → each caller's N_i rows
                     if not f.done():

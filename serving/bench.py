@@ -565,6 +565,36 @@ def _compare(answers: dict[str, list[dict]]) -> tuple[bool, float]:
     return same, diff
 
 
+def run_cell(spec: dict, server: Callable[[int], list]) -> dict:
+    """One cell: the load generator (``spec`` as for ``serving.bench loadgen``) in a subprocess, and the
+    CPU the processes ``server(loadgen_pid)`` spent in its measured window, by role (``server_cpu_s``)."""
+    lg = subprocess.Popen([sys.executable, "-m", "serving.bench", "loadgen", json.dumps(spec)],
+                          stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        procs = server(lg.pid)
+        snaps, lines = [], []
+        for line in lg.stdout:
+            line = line.strip()
+            if line in ("go", "stop"):
+                snaps.append(_cpu(procs))
+            elif line:
+                lines.append(line)
+        lg.wait(timeout=spec["warmup"] + spec["seconds"] + 120)
+    finally:
+        if lg.poll() is None:
+            lg.kill()
+            lg.wait()
+    r = json.loads(lines[-1])
+    if len(snaps) == 2:
+        by_role: dict[str, float] = {}
+        cmds = {p.pid: _cmd(p) for p in procs}
+        for pid, c1 in snaps[1].items():
+            role = _role(cmds.get(pid, ""))
+            by_role[role] = by_role.get(role, 0.0) + c1 - snaps[0].get(pid, c1)
+        r["server_cpu_s"] = by_role
+    return r
+
+
 def peers_bench(backbone: str, seconds: float, warmup: float, cells: Sequence[tuple[int, int]],
                 log: Callable[[str], None] = print) -> dict:
     """Start the three peers (all on loopback, one private Ray cluster), run every cell, stop everything."""
@@ -641,33 +671,10 @@ def peers_bench(backbone: str, seconds: float, warmup: float, cells: Sequence[tu
             for peer in PEERS:
                 lg_spec = {"url": urls[peer], "body_file": body_file, "clients": clients, "warmup": warmup,
                            "seconds": seconds}
-                lg = subprocess.Popen([sys.executable, "-m", "serving.bench", "loadgen", json.dumps(lg_spec)],
-                                      stdout=subprocess.PIPE, text=True, start_new_session=True)
-                try:
-                    server = ([psutil.Process(fast_proc.pid)] if peer == "fastapi" else
-                              [p for p in process_tree(me) if p.pid not in (lg.pid, fast_proc.pid)])
-                    lgp = psutil.Process(lg.pid)
-                    snaps, lines = [], []
-                    for line in lg.stdout:
-                        line = line.strip()
-                        if line in ("go", "stop"):
-                            snaps.append((_cpu(server), _cpu([lgp])))
-                        elif line:
-                            lines.append(line)
-                    lg.wait(timeout=warmup + seconds + 120)
-                finally:
-                    if lg.poll() is None:
-                        lg.kill()
-                        lg.wait()
-                r = json.loads(lines[-1])
+                r = run_cell(lg_spec, lambda lg_pid, peer=peer: (
+                    [psutil.Process(fast_proc.pid)] if peer == "fastapi" else
+                    [p for p in process_tree(me) if p.pid not in (lg_pid, fast_proc.pid)]))
                 r["images_per_s"] = r["rps"] * n_img
-                if len(snaps) == 2:
-                    by_role: dict[str, float] = {}
-                    cmds = {p.pid: _cmd(p) for p in server}
-                    for pid, c1 in snaps[1][0].items():
-                        role = _role(cmds.get(pid, ""))
-                        by_role[role] = by_role.get(role, 0.0) + c1 - snaps[0][0].get(pid, c1)
-                    r["server_cpu_s"] = by_role
                 row[peer] = r
                 err = f", {r['errors']} errors ({r['last_error']})" if r["errors"] else ""
                 cpu = ", ".join(f"{k} {1e3 * v / max(r['requests'], 1):.2f}"
