@@ -75,16 +75,60 @@ def bootstrap(cfg: ServerConfig) -> list[str]:
     return ids
 
 
-def ray_env() -> None:
+#: ports reserved for direct ingress from ``--direct-port`` on: one per ``Model`` replica on a node
+DIRECT_PORTS = 64
+
+
+def ray_env(direct_port: int | None = None) -> None:
     """Environment for an in-process Ray, set before ``ray.init`` (its processes inherit it); a value the
     caller already set wins.
 
     Serve kills an HTTP proxy that misses 3 readiness checks of 5 s each, and ``serve.start`` then fails
     after 60 s: on 2 busy cores the proxy's first import alone can take longer. 15 s per check (45 s in
     all) still fails inside ``serve.start``'s 60 s when a proxy really cannot start.
+
+    Args:
+        direct_port: when set, Serve's direct ingress is on: each ``Model`` replica also serves the whole
+            HTTP API itself on a port from ``direct_port`` up (:data:`DIRECT_PORTS` of them), with no proxy
+            hop. Serve's proxy keeps serving the main port and routing across replicas.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "15")
+    if direct_port:
+        os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(direct_port))
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(direct_port + DIRECT_PORTS - 1))
+        # Serve holds a stopping direct-ingress replica open 30 s by default, so that an external load
+        # balancer can deregister it; nothing stands in front of these ports, and the wait would hold every
+        # shutdown and redeploy back. In-flight requests are still drained.
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+
+
+def direct_ports(host: str = "127.0.0.1", app: str = "mergeserve", first: int | None = None) -> list[int]:
+    """The direct-ingress ports on ``host`` whose replica serves application ``app`` (Serve answers
+    ``GET /-/routes`` there with ``{route_prefix: app}``); empty when direct ingress is off.
+
+    Args:
+        host: where to look (a wildcard bind address is looked at on loopback).
+        app: the Serve application name.
+        first: the first port of the range (default: this process's ``RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT``).
+    """
+    import httpx
+
+    if first is None:
+        if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+            return []
+        first = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    out = []
+    for port in range(first, first + DIRECT_PORTS):
+        try:
+            r = httpx.get(f"http://{host}:{port}/-/routes", timeout=1.0)
+            if r.status_code == 200 and app in r.json().values():
+                out.append(port)
+        except (httpx.HTTPError, ValueError, AttributeError):
+            continue
+    return out
 
 
 def start(
@@ -93,9 +137,14 @@ def start(
     host: str = "127.0.0.1",
     address: str | None = None,
     metrics_export_port: int | None = None,
+    direct_port: int | None = None,
 ) -> None:
-    """Start Ray (in-process unless ``address``), Serve on ``host:port``, and deploy the app."""
-    ray_env()
+    """Start Ray (in-process unless ``address``), Serve on ``host:port``, and deploy the app.
+
+    ``direct_port`` turns on direct ingress for an in-process Ray (:func:`ray_env`); a cluster
+    (``address``) has it when its nodes were started with the same variables.
+    """
+    ray_env(None if address else direct_port)
     if not ray.is_initialized():
         # Ray 2.60 reads no environment variable for this: in-process Ray gets the port here, a cluster
         # gets it from `ray start --metrics-export-port` (deploy/docker-compose.yml)
@@ -110,6 +159,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--data-dir", help="state directory (default ~/.local/share/mergeserve or $MERGESERVE_DATA)")
+    p.add_argument("--direct-port", type=int, default=8001,
+                   help="first port where each model replica also serves the API itself, without Serve's proxy "
+                   "(Serve's direct ingress; ~3x the single-image throughput on 2 cores; default 8001; 0: off). "
+                   "In-process Ray only: a cluster sets RAY_SERVE_ENABLE_DIRECT_INGRESS on its nodes")
     p.add_argument("--address", help="join an existing Ray cluster instead of starting one in-process")
     p.add_argument("--replicas", help="model replicas: a number or 'auto' (default 1)")
     p.add_argument(
@@ -158,11 +211,15 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``mergeserve serve``: runs until interrupted."""
     cfg = config_from_args(args)
     print(f"mergeserve: data in {cfg.data_dir}; starting Ray Serve on http://{args.host}:{args.port}", flush=True)
-    start(cfg, args.port, args.host, args.address, args.metrics_export_port)
+    start(cfg, args.port, args.host, args.address, args.metrics_export_port, args.direct_port)
     jobs = bootstrap(cfg)
     if jobs:
         print(f"mergeserve: bootstrapping domains (jobs {jobs}); follow GET /v1/jobs/<id>", flush=True)
     print(f"mergeserve: ready on http://{args.host}:{args.port} (docs at /docs); Ctrl-C to stop", flush=True)
+    direct = direct_ports(args.host)
+    if direct:
+        urls = ", ".join(f"http://{args.host}:{p}" for p in direct)
+        print(f"mergeserve: the same API direct to this node's replica(s), without the proxy hop: {urls}", flush=True)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:

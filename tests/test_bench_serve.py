@@ -76,16 +76,25 @@ def _cell(rps: float, n_img: int, p99: float) -> dict:
 def test_tables_and_targets():
     res = {"cells": {}, "inprocess": {"b16_t1": 400.0, "b32_t1": 500.0}, "inprocess_threads": 1,
            "rss_mb": 2000.0, "ready_s": 100.0}
+    peers = (("mergeserve", 1.1), ("plain", 1.0), ("mergeserve-direct", 2.0), ("plain-direct", 2.2), ("fastapi", 1.5))
     for (n_img, clients), base in {(1, 4): 50.0, (1, 16): 60.0, (16, 16): 16.0}.items():
-        res["cells"][(n_img, clients)] = {p: _cell(base * f, n_img, 100.0 * clients / 4)
-                                          for p, f in (("mergeserve", 1.1), ("plain", 1.0), ("fastapi", 1.5))}
+        res["cells"][(n_img, clients)] = {p: _cell(base * f, n_img, 100.0 * clients / 4) for p, f in peers}
+    res["cells"][(1, 16)]["mergeserve-direct"]["p99_ms"] = 150.0  # ≤ 2 × 100 ms on the direct path only
     table = format_peers_table(res)
-    assert "plain Ray Serve" in table and "1.10×" in table and " 16 × 16" in table
-    assert "mergeserve" in format_cpu_table(res)
+    assert "plain Ray Serve" in table and "plain Serve direct" in table and " 16 × 16" in table
+    assert "1.10×" in table and "0.91×" in table and "2.00×" in table  # proxy/proxy, direct/direct, direct/proxy
+    cpu = format_cpu_table(res)
+    assert "mergeserve direct" in cpu
+    row = next(line for line in cpu.splitlines() if "plain Serve direct" in line)
+    assert row.split()[-4] == f"{1e3 * 2.0 / int(50.0 * 2.2 * 10):.2f}"  # 1 img × 4: the plain replica
     got = {name: ok for name, ok, _ in check_targets(res)}
+    assert got["mergeserve direct ≥ 1.0× plain Ray Serve in every cell"] is True
     assert got["mergeserve ≥ 1.0× plain Ray Serve in every cell"] is True
+    assert got["mergeserve direct ≥ 1.0× plain Serve direct in every cell"] is False  # 2.0 vs 2.2
     assert got["mergeserve p99 at 16 clients ≤ 2× p99 at 4 (1 img)"] is False  # 400 ms vs 2 × 100 ms
-    assert got["16 img × 16 clients images/s ≥ 50 % of in-process"] is True  # 281.6 vs 500
+    assert got["mergeserve direct p99 at 16 clients ≤ 2× p99 at 4 (1 img)"] is True
+    assert got["mergeserve 16 img × 16 clients images/s ≥ 50 % of in-process"] is True  # 281.6 vs 500
+    assert got["mergeserve direct 16 img × 16 clients images/s ≥ 50 % of in-process"] is True
     assert got["RSS of the default server ≤ 3 GB"] is True
     assert got["mergeserve serve → first 200 /readyz ≤ 90 s"] is False
     assert _cells("1x1,16X16") == [(1, 1), (16, 16)]

@@ -14,7 +14,7 @@ from _util import Server, _free_port, start_app  # noqa: E402
 def server(tmp_path_factory):
     from serving.app import ray_env
 
-    ray_env()
+    ray_env(direct_port=_free_port())  # as `mergeserve serve` does: each replica also serves on its own port
     import ray
     from ray import serve
 

@@ -10,6 +10,7 @@ import threading
 import time
 import zipfile
 
+import httpx
 import pytest
 from _util import CLASSES, make_archive, png
 
@@ -333,3 +334,24 @@ def test_adaptive_over_http_with_alpha_visible(server):
     # back to the LoRA lineage, so later ingests may use any method again
     assert server.http.post(f"/v1/adapters/{before}/activate", headers=server.auth).status_code == 200
 
+
+
+def test_the_direct_port_serves_the_same_api(server):
+    """Direct ingress (on by default): the replica's own port answers what the proxy answers, errors too."""
+    from serving.app import direct_ports
+
+    ports = direct_ports()
+    assert len(ports) == 1  # one Model replica; the VqaModel deployment is not an ingress and gets none
+    with httpx.Client(base_url=f"http://127.0.0.1:{ports[0]}", timeout=60) as direct:
+        body = {"images": [B64, base64.b64encode(png(2, 5)).decode()], "top_k": 3}
+        via_proxy = server.http.post("/v1/classify", json=body).json()
+        via_port = direct.post("/v1/classify", json=body, headers={"X-Request-ID": "direct-1"})
+        assert via_port.status_code == 200 and via_port.json()["request_id"] == "direct-1"
+        assert via_port.json()["results"] == via_proxy["results"]
+        assert via_port.json()["adapter_version"] == via_proxy["adapter_version"]
+        bad = direct.post("/v1/classify", json={"image": base64.b64encode(b"nope").decode()})
+        assert bad.status_code == 422 and bad.json()["type"].endswith("bad-image")
+        assert bad.headers["content-type"].startswith("application/problem+json")
+        r1, r2 = direct.get("/readyz").json(), server.http.get("/readyz").json()
+        assert r1["replica"]["replica"] == r2["replica"]["replica"] and r1["status"] == "ready"
+        assert direct.get("/metrics").status_code == 200

@@ -60,3 +60,27 @@ def test_the_shipped_serve_configs_are_valid_server_configs():
         cfg = ServerConfig.model_validate(args)
         assert set(args) <= set(ServerConfig.model_fields), set(args) - set(ServerConfig.model_fields)
         assert cfg.data_dir == args["data_dir"]
+
+
+DIRECT_VARS = ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
+               "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S")
+
+
+def test_direct_port_sets_serves_variables_and_the_callers_win(monkeypatch):
+    import os
+
+    from serving.app import DIRECT_PORTS, direct_ports, ray_env
+
+    for v in DIRECT_VARS:
+        monkeypatch.delenv(v, raising=False)
+    ray_env(None)  # --direct-port 0: Serve as it comes
+    assert not any(v in os.environ for v in DIRECT_VARS) and direct_ports() == []
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "9100")  # an operator's own range end
+    ray_env(9001)
+    assert os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "9001"
+    assert os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] == "9100" != str(9001 + DIRECT_PORTS - 1)
+    assert float(os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) <= 2
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args([]).direct_port == 8001 and p.parse_args(["--direct-port", "0"]).direct_port == 0
