@@ -189,12 +189,8 @@ class Model:
                 "replica": {"replica": self.engine.replica_id, "adapter_version": version,
                             "swaps": len(self.engine.swaps)}}
 
-    @api.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS,
-              openapi_extra=_doc(ClassifyRequest, {"file": {"type": "string", "format": "binary"},
-                                                   "domain": {"type": "string"}}))
-    async def classify(self, request: Request) -> JSONResponse:
-        """Classify one image or a batch (JSON base64, or multipart files)."""
-        rid = request.state.request_id
+    async def _classify_input(self, request: Request) -> tuple[ClassifyRequest, np.ndarray, bool]:
+        """The request's fields, its images at the model's size and whether it sent one ``image``."""
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             form = await self._form(request)
             raws = [await f.read() for f in form.values() if isinstance(f, UploadFile)]
@@ -212,7 +208,16 @@ class Model:
         n_labels = len(self.cfg.class_names)
         if req.top_k > n_labels:
             raise Problem(422, "bad-top-k", f"top_k must be an integer in [1, {n_labels}]")
-        x = await self._decode(raws)
+        return req, await self._decode(raws), single
+
+    @api.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS,
+              openapi_extra=_doc(ClassifyRequest, {"file": {"type": "string", "format": "binary"},
+                                                   "domain": {"type": "string"}}))
+    async def classify(self, request: Request) -> JSONResponse:
+        """Classify one image or a batch (JSON base64, or multipart files)."""
+        rid = request.state.request_id
+        with self.batcher.incoming():  # a batch cut meanwhile may wait for this request (up to its wait)
+            req, x, single = await self._classify_input(request)
         probs, version = await self.batcher(x)
         top = np.argsort(-probs, axis=1)[:, : req.top_k]
         names = self.cfg.class_names

@@ -7,7 +7,10 @@ request, sat idle on a core while the model ran. Here a batch is cut only when t
 takes everything that queued meanwhile (up to ``max_items`` images); the forward runs in a worker thread
 (torch releases the GIL), so the loop keeps accepting and decoding the next requests on the other core.
 As in ``@serve.batch``, a batch whose oldest request is younger than ``wait_s`` waits for more (up to
-``wait_s``), so a burst of single-image requests is not cut into many small forwards.
+``wait_s``), so a burst of single-image requests is not cut into many small forwards; unlike it, the
+batch waits only while a request is on its way (announced with :meth:`GreedyBatcher.incoming` when it
+arrives, before its parsing and decoding): a lone client's request is never held for company that
+cannot come.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -27,7 +31,8 @@ class GreedyBatcher:
     Args:
         fn: ``(sum N_i, ...) array → (outputs (sum N_i, ...), tag)``; blocking, run in a thread.
         max_items: rows per call; a request larger than this runs alone.
-        wait_s: how long a batch may wait, from its oldest request, for more rows once the model is free.
+        wait_s: how long a batch may wait, from its oldest request, for requests on their way once the
+            model is free.
     """
 
     def __init__(self, fn: Callable[[np.ndarray], tuple[np.ndarray, Any]], max_items: int = 512,
@@ -36,6 +41,18 @@ class GreedyBatcher:
         self.pending: deque[tuple[np.ndarray, asyncio.Future, float]] = deque()
         self.wake: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
+        self.coming = 0  # requests announced by incoming() and not yet submitted
+
+    @contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Announce a request that will be submitted after this block (left normally or not)."""
+        self.coming += 1
+        try:
+            yield
+        finally:
+            self.coming -= 1
+            if self.coming == 0 and self.wake is not None:
+                self.wake.set()  # a batch waiting for company stops waiting
 
     async def __call__(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
         """``fn``'s output rows for ``x`` and the tag of the call that produced them."""
@@ -57,10 +74,11 @@ class GreedyBatcher:
         return [(x, f) for x, f in batch if not f.cancelled()]
 
     async def _fill(self) -> None:
-        """Wait until the oldest pending request is ``wait_s`` old or ``max_items`` rows are pending."""
+        """Wait until the oldest pending request is ``wait_s`` old, ``max_items`` rows are pending or no
+        request is on its way."""
         while True:
             left = self.pending[0][2] + self.wait_s - time.monotonic()
-            if left <= 0 or sum(len(x) for x, _, _ in self.pending) >= self.max_items:
+            if left <= 0 or not self.coming or sum(len(x) for x, _, _ in self.pending) >= self.max_items:
                 return
             self.wake.clear()
             try:

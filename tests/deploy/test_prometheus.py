@@ -86,3 +86,16 @@ def test_ray_metrics_port_is_set_where_prometheus_scrapes_it():
     cluster = docs[0]["spec"]["rayClusterConfig"]
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     assert all(g["rayStartParams"].get("metrics-export-port") == port for g in groups)
+
+
+def test_direct_ingress_port_is_published_where_it_is_turned_on():
+    """`--address` servers get direct ingress from the cluster's environment, not from `--direct-port`: the
+    compose stack sets it for `ray start` and publishes the first port; the image publishes the CLI's."""
+    app = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["mergeserve"]
+    env = app["environment"]
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    first, last = int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]), int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])
+    assert first < last and f"{first}:{first}" in app["ports"]
+    docker = (DEPLOY.parent / "Dockerfile").read_text()
+    port = re.search(r'"--direct-port", "(\d+)"', docker).group(1)
+    assert re.search(rf"^EXPOSE .*\b{port}\b", docker, re.M)

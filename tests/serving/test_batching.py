@@ -110,3 +110,60 @@ def test_a_cancelled_caller_does_not_disturb_the_others():
         return (await kept)[0]
 
     np.testing.assert_array_equal(asyncio.run(main()), _rows(2, 7))
+
+
+def _timed(b: GreedyBatcher, x: np.ndarray):
+    async def go():
+        t0 = asyncio.get_running_loop().time()
+        out = await b(x)
+        return out, asyncio.get_running_loop().time() - t0
+    return go()
+
+
+def test_a_lone_request_is_not_held_for_company_that_cannot_come():
+    calls = []
+
+    def fn(x: np.ndarray) -> tuple[np.ndarray, int]:
+        calls.append(len(x))
+        return x, 0
+
+    async def main() -> float:
+        b = GreedyBatcher(fn, wait_s=5.0)  # nobody announced: no reason to wait the 5 s
+        _, took = await _timed(b, _rows(1, 0))
+        return took
+
+    assert asyncio.run(main()) < 2.5 and calls == [1]
+
+
+@pytest.mark.parametrize("announced_fails", [False, True])
+def test_a_batch_waits_for_an_announced_request_and_only_for_it(announced_fails):
+    calls = []
+
+    def fn(x: np.ndarray) -> tuple[np.ndarray, int]:
+        calls.append(len(x))
+        return x, 0
+
+    async def main() -> float:
+        b = GreedyBatcher(fn, wait_s=5.0)
+        go = asyncio.Event()
+
+        async def second() -> None:
+            with b.incoming():  # parsing / decoding: on its way
+                await go.wait()
+                if announced_fails:
+                    raise ValueError("bad image")
+            await b(_rows(2, 10))
+
+        task = asyncio.ensure_future(second())
+        await asyncio.sleep(0)  # the second request is announced
+        first = asyncio.ensure_future(_timed(b, _rows(1, 0)))
+        await asyncio.sleep(0.05)
+        assert not first.done() and calls == []  # held for the announced request
+        go.set()
+        (_, _), took = await first
+        await asyncio.gather(task, return_exceptions=True)
+        return took
+
+    took = asyncio.run(main())
+    assert took < 2.5  # released by the arrival (or the failure), not by the 5 s wait
+    assert calls == ([1] if announced_fails else [3])
