@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 import time
 
 import ray
@@ -187,6 +188,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The server config ``mergeserve serve``'s flags describe (defaults for every flag not given)."""
     upd: dict = {}
     vqa: dict = {}
+    if args.direct_port and not 0 < args.direct_port <= 65536 - DIRECT_PORTS:
+        raise ValueError(f"--direct-port must be 0 (off) or a port in [1, {65536 - DIRECT_PORTS}]")
     if args.data_dir:
         upd["data_dir"] = os.path.abspath(args.data_dir)
     if args.replicas:
@@ -208,8 +211,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``mergeserve serve``: runs until interrupted."""
-    cfg = config_from_args(args)
+    """Entry point of ``mergeserve serve``: runs until interrupted (2 on bad flags, before anything starts)."""
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:  # pydantic's ValidationError included
+        print(f"mergeserve serve: {e}", file=sys.stderr)
+        return 2
     print(f"mergeserve: data in {cfg.data_dir}; starting Ray Serve on http://{args.host}:{args.port}", flush=True)
     start(cfg, args.port, args.host, args.address, args.metrics_export_port, args.direct_port)
     jobs = bootstrap(cfg)

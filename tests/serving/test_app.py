@@ -36,10 +36,17 @@ def test_serve_accepts_the_autoscaling_it_is_given():
     AutoscalingConfig(**_cfg("--vqa-replicas", "auto").vqa.autoscaling)  # Serve's own validation, not ours
 
 
-@pytest.mark.parametrize("argv", [("--vqa-replicas", "many"), ("--worker-idle-s", "-1")])
-def test_bad_flags_fail_before_anything_starts(argv):
+@pytest.mark.parametrize("argv", [("--vqa-replicas", "many"), ("--worker-idle-s", "-1"), ("--direct-port", "-5"),
+                                  ("--direct-port", "65500")])
+def test_bad_flags_fail_before_anything_starts(argv, capsys):
     with pytest.raises(ValueError):
         _cfg(*argv)
+    from serving.app import run
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert run(p.parse_args(list(argv))) == 2  # a one-line message and exit status 2, no traceback, no Ray
+    assert capsys.readouterr().err.startswith("mergeserve serve: ")
 
 
 def test_the_shipped_serve_configs_are_valid_server_configs():
