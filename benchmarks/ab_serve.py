@@ -6,6 +6,8 @@ so drift hits both alike. It prints each round and the mean ratio.
 
     .venv/bin/python benchmarks/ab_serve.py --images 16 --clients 16 --seconds 8 --rounds 4
     # 2026-12-04, 2 cores (vit_tiny_offline): mergeserve 70.3 req/s, plain 63.2 req/s, ratio 1.11×
+    .venv/bin/python benchmarks/ab_serve.py --direct --images 1 --clients 16 --rounds 2 --seconds 8
+    # both apps on their replicas' own ports (Serve's direct ingress, as `mergeserve serve` runs)
 """
 
 from __future__ import annotations
@@ -27,17 +29,18 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per round and app (default 8)")
     p.add_argument("--rounds", type=int, default=4, help="rounds; the order alternates (default 4)")
     p.add_argument("--backbone", default="vit_tiny_offline")
+    p.add_argument("--direct", action="store_true", help="both apps on their replicas' direct-ingress ports")
     args = p.parse_args()
 
     import httpx
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from serving.app import build_app, direct_ports
     from serving.config import ServerConfig
 
     tmp = tempfile.mkdtemp(prefix="msab-")
-    B._ray_env(tmp)
+    B._ray_env(tmp, direct_port=B._free_port() if args.direct else None)
     cfg = ServerConfig.model_validate({"data_dir": f"{tmp}/data", "bootstrap": [], "backbone": args.backbone,
                                        "vqa": {"enabled": False}})
     ray.init(namespace="mergeserve", include_dashboard=False, log_to_driver=False, num_cpus=4)
@@ -54,6 +57,10 @@ def main() -> None:
         serve.run(B.plain_serve_app(model, cfg.max_ongoing_requests), name="plain", route_prefix="/plain")
         B._wait_http(f"{base}/plain/healthz", 300)
         urls = {"mergeserve": f"{base}/v1/classify", "plain": f"{base}/plain/v1/classify"}
+        if args.direct:
+            port_of = {app: direct_ports(app=app)[0] for app in urls}
+            urls = {"mergeserve": f"http://127.0.0.1:{port_of['mergeserve']}/v1/classify",
+                    "plain": f"http://127.0.0.1:{port_of['plain']}/plain/v1/classify"}
         procs = B.process_tree(os.getpid())
         replica = {peer: [q for q in procs if B._role(B._cmd(q)) == f"replica:{peer}"] for peer in urls}
         body = os.path.join(tmp, "body.json")
