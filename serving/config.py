@@ -73,7 +73,9 @@ class ServerConfig(BaseModel):
     # classification batching (serving/batching.py): a batch is cut when the model is free, holds up to
     # this many images (a larger request runs alone) and waits for more at most batch_wait_timeout_s
     max_batch_images: int = Field(512, ge=1)
-    batch_wait_timeout_s: float = Field(0.005, ge=0)  # from the oldest queued request
+    # from the oldest queued request; also the longest forward run on the event loop (shorter ones
+    # cost more in a thread than they overlap with it)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
     trainer_num_gpus: float = 0.0  # GPUs for the training/merge worker (0 on CPU)
     worker_idle_s: float = Field(120.0, ge=0)  # the worker process (torch, ~1 GB) exits after this long
     # with no job and starts again (a few seconds) on the next one; 0 keeps it up for good

@@ -3,6 +3,7 @@ caller of their batch and nobody else."""
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -167,3 +168,58 @@ def test_a_batch_waits_for_an_announced_request_and_only_for_it(announced_fails)
     took = asyncio.run(main())
     assert took < 2.5  # released by the arrival (or the failure), not by the 5 s wait
     assert calls == ([1] if announced_fails else [3])
+
+
+@pytest.mark.parametrize("memory_s", [60.0, 0.0])
+def test_a_batch_waits_for_the_company_seen_a_moment_ago_and_forgets_it(memory_s):
+    """Two clients, closed loop: when one comes back first it waits for the other (the peak was two)
+    unless the peak is forgotten; either way it is released by the arrival, not by the 5 s wait."""
+    calls = []
+
+    def fn(x: np.ndarray) -> tuple[np.ndarray, int]:
+        calls.append(len(x))
+        return x, 0
+
+    async def request(b: GreedyBatcher, x: np.ndarray) -> float:
+        t0 = asyncio.get_running_loop().time()
+        with b.incoming():
+            await asyncio.sleep(0)
+        await b(x)
+        return asyncio.get_running_loop().time() - t0
+
+    async def main() -> float:
+        b = GreedyBatcher(fn, wait_s=5.0, memory_s=memory_s)
+        await asyncio.gather(request(b, _rows(1, 0)), request(b, _rows(1, 1)))  # peak: two at once
+        await asyncio.sleep(0.01)
+        first = asyncio.ensure_future(request(b, _rows(1, 2)))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(request(b, _rows(1, 3)))
+        return max(await asyncio.gather(first, second))
+
+    took = asyncio.run(main())
+    assert took < 2.5
+    assert calls == ([2, 2] if memory_s else [2, 1, 1])
+
+
+@pytest.mark.parametrize("cpu_s, on_loop", [(0.0, True), (0.03, False)])
+def test_a_short_forward_runs_on_the_loop_and_a_long_one_in_a_thread(cpu_s, on_loop):
+    """The first forward (cost unknown) runs in a thread; later ones on the loop when their measured CPU
+    per row times the batch's rows fits in ``wait_s``."""
+    threads = []
+
+    def fn(x: np.ndarray) -> tuple[np.ndarray, int]:
+        threads.append(threading.get_ident())
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < cpu_s:  # CPU, not sleep: the batcher times the thread's CPU
+            pass
+        return x, 0
+
+    async def main() -> int:
+        b = GreedyBatcher(fn, wait_s=0.005)
+        for i in range(3):
+            await b(_rows(1, i))
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert threads[0] != loop_thread
+    assert all((t == loop_thread) == on_loop for t in threads[1:])
