@@ -149,7 +149,8 @@ class Model:
         self.engine = Engine(self.cfg, self.controller)
         self.size = self.engine.spec.img_size
         # a batch is cut when the model is free, and the forward runs beside the event loop (batching.py)
-        self.batcher = GreedyBatcher(self.engine.forward, self.cfg.max_batch_images, self.cfg.batch_wait_timeout_s)
+        self.batcher = GreedyBatcher(self.engine.forward, self.cfg.max_batch_images, self.cfg.batch_wait_timeout_s,
+                                     inline=self.engine.device.type == "cpu")
         self.recorder = Recorder(lambda req, pred: ray.get(self.controller.record.remote(req, pred)))
         api.add_middleware(RequestMiddleware, max_body=self.cfg.max_upload_bytes, record=self.recorder.add)
 

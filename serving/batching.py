@@ -7,7 +7,7 @@ request, sat idle on a core while the model ran. Here a batch is cut only when t
 takes everything that queued meanwhile (up to ``max_items`` images).
 
 Where the forward runs: a long one in a worker thread (torch releases the GIL inside large ops), so the
-loop keeps accepting and decoding the next requests on the other core. A short one (expected to take
+loop keeps accepting and decoding the next requests on the other core. A short one on CPU (expected to take
 at most ``wait_s``, from the CPU seconds per row the forwards so far took) on the loop: a small model's
 many small ops take the GIL back after each one, so a thread overlaps little with the loop, and the hop
 costs ~0.1 ms of CPU (1 × 16 single-image clients on 2 cores: +5 % req/s on the replica's own port,
@@ -45,11 +45,13 @@ class GreedyBatcher:
         wait_s: how long a batch may wait, from its oldest request, for company once the model is free.
         memory_s: how long the most requests seen in the replica at once (the peak) counts as the
             company a batch may wait for.
+        inline: whether short forwards may run on the loop. Only for CPU models: on a GPU the forward
+            is mostly waiting for the device, which the CPU-time estimate does not see.
     """
 
     def __init__(self, fn: Callable[[np.ndarray], tuple[np.ndarray, Any]], max_items: int = 512,
-                 wait_s: float = 0.005, memory_s: float = 0.25) -> None:
-        self.fn, self.max_items, self.wait_s, self.memory_s = fn, max_items, wait_s, memory_s
+                 wait_s: float = 0.005, memory_s: float = 0.25, inline: bool = True) -> None:
+        self.fn, self.max_items, self.wait_s, self.memory_s, self.inline = fn, max_items, wait_s, memory_s, inline
         self.running = 0  # requests in the forward now
         self.row_s: float | None = None  # moving average of the forward's CPU seconds per row
         self.peak, self.peak_t = 0, 0.0  # the most requests in the replica at once, and when last seen
@@ -126,7 +128,7 @@ class GreedyBatcher:
                 self.running = len(batch)
                 xs = np.concatenate([x for x, _ in batch])
                 try:
-                    if self.row_s is not None and len(xs) * self.row_s <= self.wait_s:
+                    if self.inline and self.row_s is not None and len(xs) * self.row_s <= self.wait_s:
                         out, tag = self._forward(xs)  # short: the thread would cost more than it overlaps
                     else:
                         out, tag = await asyncio.to_thread(self._forward, xs)

@@ -201,10 +201,10 @@ def test_a_batch_waits_for_the_company_seen_a_moment_ago_and_forgets_it(memory_s
     assert calls == ([2, 2] if memory_s else [2, 1, 1])
 
 
-@pytest.mark.parametrize("cpu_s, on_loop", [(0.0, True), (0.03, False)])
-def test_a_short_forward_runs_on_the_loop_and_a_long_one_in_a_thread(cpu_s, on_loop):
+@pytest.mark.parametrize("cpu_s, inline, on_loop", [(0.0, True, True), (0.03, True, False), (0.0, False, False)])
+def test_a_short_forward_runs_on_the_loop_and_a_long_one_in_a_thread(cpu_s, inline, on_loop):
     """The first forward (cost unknown) runs in a thread; later ones on the loop when their measured CPU
-    per row times the batch's rows fits in ``wait_s``."""
+    per row times the batch's rows fits in ``wait_s`` and the batcher may run them there (a CPU model)."""
     threads = []
 
     def fn(x: np.ndarray) -> tuple[np.ndarray, int]:
@@ -215,7 +215,7 @@ def test_a_short_forward_runs_on_the_loop_and_a_long_one_in_a_thread(cpu_s, on_l
         return x, 0
 
     async def main() -> int:
-        b = GreedyBatcher(fn, wait_s=0.005)
+        b = GreedyBatcher(fn, wait_s=0.005, inline=inline)
         for i in range(3):
             await b(_rows(1, i))
         return threading.get_ident()
