@@ -6,7 +6,7 @@ so drift hits both alike. It prints each round and the mean ratio.
 
     .venv/bin/python benchmarks/ab_serve.py --images 16 --clients 16 --seconds 8 --rounds 4
     # 2026-12-04, 2 cores (vit_tiny_offline): mergeserve 70.3 req/s, plain 63.2 req/s, ratio 1.11×
-    .venv/bin/python benchmarks/ab_serve.py --direct --images 1 --clients 16 --rounds 2 --seconds 8
+    .venv/bin/python benchmarks/ab_serve.py --direct --images 1 --clients 16 --rounds 6 --seconds 8
     # both apps on their replicas' own ports (Serve's direct ingress, as `mergeserve serve` runs)
     # 2026-12-05, 6 rounds: mergeserve 754.1 req/s, plain 684.5 req/s, ratio 1.10× (0.98× without --direct)
 """

@@ -148,7 +148,7 @@ class Model:
         self.controller = ray.get_actor(NAME, namespace=NAMESPACE)
         self.engine = Engine(self.cfg, self.controller)
         self.size = self.engine.spec.img_size
-        # a batch is cut when the model is free, and the forward runs beside the event loop (batching.py)
+        # a batch is cut when the model is free; a long forward runs beside the event loop (batching.py)
         self.batcher = GreedyBatcher(self.engine.forward, self.cfg.max_batch_images, self.cfg.batch_wait_timeout_s,
                                      inline=self.engine.device.type == "cpu")
         self.recorder = Recorder(lambda req, pred: ray.get(self.controller.record.remote(req, pred)))

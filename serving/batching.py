@@ -40,7 +40,8 @@ class GreedyBatcher:
     """Batches ``(N_i, ...)`` arrays from concurrent callers into one call of ``fn`` at a time.
 
     Args:
-        fn: ``(sum N_i, ...) array → (outputs (sum N_i, ...), tag)``; blocking, run in a thread.
+        fn: ``(sum N_i, ...) array → (outputs (sum N_i, ...), tag)``; blocking, run in a thread, or on the
+            loop when short (``inline``).
         max_items: rows per call; a request larger than this runs alone.
         wait_s: how long a batch may wait, from its oldest request, for company once the model is free.
         memory_s: how long the most requests seen in the replica at once (the peak) counts as the
@@ -65,7 +66,7 @@ class GreedyBatcher:
         """Announce a request that will be submitted after this block (left normally or not)."""
         self.coming += 1
         now, inside = time.monotonic(), self.coming + len(self.pending) + self.running
-        if inside >= self.peak or now - self.peak_t > self.memory_s:
+        if inside >= self._recent_peak(now):
             self.peak, self.peak_t = inside, now
         try:
             yield
@@ -73,6 +74,10 @@ class GreedyBatcher:
             self.coming -= 1
             if self.coming == 0 and self.wake is not None:
                 self.wake.set()  # a batch waiting for company stops waiting
+
+    def _recent_peak(self, now: float) -> int:
+        """The peak, or 0 once it is older than ``memory_s``."""
+        return self.peak if now - self.peak_t <= self.memory_s else 0
 
     async def __call__(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
         """``fn``'s output rows for ``x`` and the tag of the call that produced them."""
@@ -99,7 +104,7 @@ class GreedyBatcher:
         while True:
             now = time.monotonic()
             left = self.pending[0][2] + self.wait_s - now
-            alone = not self.coming and (len(self.pending) >= self.peak or now - self.peak_t > self.memory_s)
+            alone = not self.coming and len(self.pending) >= self._recent_peak(now)
             if left <= 0 or alone or sum(len(x) for x, _, _ in self.pending) >= self.max_items:
                 return
             self.wake.clear()
