@@ -17,6 +17,22 @@ from .controller import get_or_create_controller
 from .pipeline import Submission
 
 
+def replica_env() -> dict[str, str]:
+    """Serve settings for the ``Model`` replicas' processes only (other deployments keep Serve's defaults);
+    a value set in the environment ``build_app`` runs in wins.
+
+    ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`` (Serve's default is 1; its throughput preset sets 0)
+    runs the API on the replica's main event loop instead of a second loop in a thread of its own: every
+    request, from the direct-ingress port or the proxy, was handed from one loop to the other and its
+    answer back, and the two threads took turns on the GIL. 1 image × 16 clients on the direct port, 2
+    cores, paired A/B: replica CPU 1.60 → 1.40 ms a request, +15 % req/s. Safe here because nothing the
+    API runs on the loop blocks it longer than a batch may wait: large decodes, ingest reads and long
+    forwards run in threads (``batching.py``); the user loop's health probe and Serve's own work keep going.
+    """
+    key = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+    return {key: os.environ.get(key, "0")}
+
+
 def build_app(args: dict | None = None) -> serve.Application:
     """Application builder (``import_path: serving.app:build_app`` in deploy/serve.yaml).
 
@@ -34,7 +50,7 @@ def build_app(args: dict | None = None) -> serve.Application:
     bootstrap(cfg)
     actor = {"num_cpus": 0.25, "num_gpus": cfg.replica_num_gpus}
     opts: dict = {
-        "ray_actor_options": actor,
+        "ray_actor_options": {**actor, "runtime_env": {"env_vars": replica_env()}},
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "user_config": {"max_batch_images": cfg.max_batch_images, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
     }
@@ -95,6 +111,10 @@ def ray_env(direct_port: int | None = None) -> None:
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "15")
+    # Serve's handles (the proxy's calls to replicas, Model's to VqaModel) over gRPC instead of Ray actor
+    # calls, as Serve's throughput preset does: 1 image x 16 clients through the proxy, 2 cores, two
+    # interleaved pairs of runs: 210 -> 254 req/s, replica CPU 3.9 -> 3.3 ms a request
+    os.environ.setdefault("RAY_SERVE_USE_GRPC_BY_DEFAULT", "1")
     if direct_port:
         os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(direct_port))

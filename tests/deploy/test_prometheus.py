@@ -99,3 +99,22 @@ def test_direct_ingress_port_is_published_where_it_is_turned_on():
     docker = (DEPLOY.parent / "Dockerfile").read_text()
     port = re.search(r'"--direct-port", "(\d+)"', docker).group(1)
     assert re.search(rf"^EXPOSE .*\b{port}\b", docker, re.M)
+
+
+def test_every_cluster_the_project_starts_calls_replicas_over_grpc(monkeypatch):
+    """The Serve settings `mergeserve serve` gives an in-process Ray (serving/app.py ray_env) also reach the
+    clusters it ships: the compose stack's `ray start` and every RayService pod (the proxy runs on each)."""
+    from serving.app import ray_env
+
+    key = "RAY_SERVE_USE_GRPC_BY_DEFAULT"
+    monkeypatch.delenv(key, raising=False)
+    ray_env(None)
+    want = os.environ[key]
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    assert compose["services"]["mergeserve"]["environment"][key] == want
+    svc = next(d for d in yaml.safe_load_all((DEPLOY / "rayservice.yaml").read_text()) if d["kind"] == "RayService")
+    cluster = svc["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for pod in pods:
+        (c,) = pod["template"]["spec"]["containers"]
+        assert {e["name"]: e["value"] for e in c.get("env", [])}.get(key) == want

@@ -355,3 +355,16 @@ def test_the_direct_port_serves_the_same_api(server):
         r1, r2 = direct.get("/readyz").json(), server.http.get("/readyz").json()
         assert r1["replica"]["replica"] == r2["replica"]["replica"] and r1["status"] == "ready"
         assert direct.get("/metrics").status_code == 200
+
+
+def test_the_model_replica_runs_the_api_on_serves_main_loop(server):
+    """``replica_env`` reaches the Model replicas' processes only: their API shares Serve's main event
+    loop (no second loop in a thread of its own); the proxy keeps Serve's default."""
+    from serving.bench import _cmd, _role, process_tree
+
+    key = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+    roles: dict[str, list[str | None]] = {}
+    for p in process_tree(os.getpid()):
+        roles.setdefault(_role(_cmd(p)), []).append(p.environ().get(key))
+    assert roles["replica:mergeserve"] == ["0"]
+    assert roles["proxy"] == [None]

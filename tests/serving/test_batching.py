@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from serving.batching import GreedyBatcher
+from serving.batching import ForwardCost, GreedyBatcher
 
 
 def _rows(n: int, start: int) -> np.ndarray:
@@ -203,8 +203,8 @@ def test_a_batch_waits_for_the_company_seen_a_moment_ago_and_forgets_it(memory_s
 
 @pytest.mark.parametrize("cpu_s, inline, on_loop", [(0.0, True, True), (0.03, True, False), (0.0, False, False)])
 def test_a_short_forward_runs_on_the_loop_and_a_long_one_in_a_thread(cpu_s, inline, on_loop):
-    """The first forward (cost unknown) runs in a thread; later ones on the loop when their measured CPU
-    per row times the batch's rows fits in ``wait_s`` and the batcher may run them there (a CPU model)."""
+    """The first forward (cost unknown) runs in a thread; later ones on the loop when their expected CPU
+    time fits in ``wait_s`` and the batcher may run them there (a CPU model)."""
     threads = []
 
     def fn(x: np.ndarray) -> tuple[np.ndarray, int]:
@@ -223,3 +223,46 @@ def test_a_short_forward_runs_on_the_loop_and_a_long_one_in_a_thread(cpu_s, inli
     loop_thread = asyncio.run(main())
     assert threads[0] != loop_thread
     assert all((t == loop_thread) == on_loop for t in threads[1:])
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.98, 1.0])
+def test_forward_cost_recovers_a_fixed_plus_per_row_cost(decay):
+    cost = ForwardCost(decay)
+    assert cost.predict(4) is None
+    for n in (1, 3, 1, 9, 2, 16, 5):
+        cost.add(n, 0.0009 + 0.0002 * n)
+    for n in (1, 8, 64):
+        assert cost.predict(n) == pytest.approx(0.0009 + 0.0002 * n, rel=1e-6)
+
+
+def test_forward_cost_with_one_size_seen_bounds_from_above():
+    """n₀ rows in t₀: fewer rows are predicted at t₀ (never less), more at t₀·n/n₀ (the fixed cost is
+    paid once, so the truth is below)."""
+    cost = ForwardCost()
+    for _ in range(3):
+        cost.add(4, 0.002)
+    assert cost.predict(1) == pytest.approx(0.002)
+    assert cost.predict(8) == pytest.approx(0.004)
+
+
+def test_a_batch_whose_fixed_cost_dominates_runs_on_the_loop():
+    """4 ms a forward + 0.5 ms a row, wait 10 ms: after 1- and 2-row forwards an 8-row one (8 ms) fits and
+    runs on the loop, a 16-row one (12 ms) does not. Seconds per row averaged (~3.5 ms) would have sent
+    the 8-row forward to a thread (28 ms expected)."""
+    threads = []
+
+    def fn(x: np.ndarray) -> tuple[np.ndarray, int]:
+        threads.append(threading.get_ident())
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.004 + 0.0005 * len(x):
+            pass
+        return x, 0
+
+    async def main() -> int:
+        b = GreedyBatcher(fn, wait_s=0.01)
+        for i, n in enumerate((1, 2, 1, 2, 8, 16)):
+            await b(_rows(n, i))
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert threads[4] == loop_thread and threads[5] != loop_thread
