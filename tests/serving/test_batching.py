@@ -11,6 +11,13 @@ import pytest
 from serving.batching import ForwardCost, GreedyBatcher
 
 
+def _spin(cpu_s: float) -> None:
+    """Burn ``cpu_s`` of this thread's CPU (not sleep: the batcher times the thread's CPU)."""
+    t0 = time.thread_time()
+    while time.thread_time() - t0 < cpu_s:
+        pass
+
+
 def _rows(n: int, start: int) -> np.ndarray:
     return np.arange(start, start + n, dtype=np.float32)[:, None]
 
@@ -209,9 +216,7 @@ def test_a_short_forward_runs_on_the_loop_and_a_long_one_in_a_thread(cpu_s, inli
 
     def fn(x: np.ndarray) -> tuple[np.ndarray, int]:
         threads.append(threading.get_ident())
-        t0 = time.thread_time()
-        while time.thread_time() - t0 < cpu_s:  # CPU, not sleep: the batcher times the thread's CPU
-            pass
+        _spin(cpu_s)
         return x, 0
 
     async def main() -> int:
@@ -253,9 +258,7 @@ def test_a_batch_whose_fixed_cost_dominates_runs_on_the_loop():
 
     def fn(x: np.ndarray) -> tuple[np.ndarray, int]:
         threads.append(threading.get_ident())
-        t0 = time.thread_time()
-        while time.thread_time() - t0 < 0.004 + 0.0005 * len(x):
-            pass
+        _spin(0.004 + 0.0005 * len(x))
         return x, 0
 
     async def main() -> int:
