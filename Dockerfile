@@ -12,6 +12,6 @@ COPY deploy ./deploy
 # The offline backbone's weights ship inside the package (training/assets), so nothing pretrains here
 # or at start-up.
 RUN pip install .
-# 8000: Serve's proxy (every replica); 8001: the model replica's own port (direct ingress, no proxy hop)
+# 8000: Serve's HAProxy (every replica); 8001: the model replica's own port (direct ingress, no proxy hop)
 EXPOSE 8000 8001 8080
 CMD ["mergeserve", "serve", "--host", "0.0.0.0", "--port", "8000", "--direct-port", "8001", "--metrics-export-port", "8080"]

@@ -6,9 +6,13 @@ so drift hits both alike. It prints each round and the mean ratio.
 
     .venv/bin/python benchmarks/ab_serve.py --images 16 --clients 16 --seconds 8 --rounds 4
     # 2026-12-04, 2 cores (vit_tiny_offline): mergeserve 70.3 req/s, plain 63.2 req/s, ratio 1.11×
-    .venv/bin/python benchmarks/ab_serve.py --direct --images 1 --clients 16 --rounds 6 --seconds 8
+    .venv/bin/python benchmarks/ab_serve.py --path direct --images 1 --clients 16 --rounds 6 --seconds 8
     # both apps on their replicas' own ports (Serve's direct ingress, as `mergeserve serve` runs)
-    # 2026-12-05, 6 rounds: mergeserve 754.1 req/s, plain 684.5 req/s, ratio 1.10× (0.98× without --direct)
+    # 2026-12-05, 6 rounds: mergeserve 754.1 req/s, plain 684.5 req/s, ratio 1.10× (0.98× with --path proxy)
+    .venv/bin/python benchmarks/ab_serve.py --path haproxy --images 1 --clients 16 --rounds 4 --seconds 8
+    # the default path: both apps through the main port, Serve's HAProxy, as `mergeserve serve` runs;
+    # 2026-12-05, 4 rounds: mergeserve 912.8 req/s, plain 733.7 req/s, ratio 1.24×
+    # --path proxy: both through Serve's Python proxy, with direct ingress off
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per round and app (default 8)")
     p.add_argument("--rounds", type=int, default=4, help="rounds; the order alternates (default 4)")
     p.add_argument("--backbone", default="vit_tiny_offline")
-    p.add_argument("--direct", action="store_true", help="both apps on their replicas' direct-ingress ports")
+    p.add_argument("--path", choices=("haproxy", "direct", "proxy"), default="haproxy",
+                   help="how requests reach both apps: the main port with Serve's HAProxy in front of the "
+                   "replicas' own ports (default, as `mergeserve serve`), those ports directly, or the main "
+                   "port with Serve's Python proxy (direct ingress off)")
     args = p.parse_args()
 
     import httpx
@@ -41,7 +48,7 @@ def main() -> None:
     from serving.config import ServerConfig
 
     tmp = tempfile.mkdtemp(prefix="msab-")
-    B._ray_env(tmp, direct_port=B._free_port() if args.direct else None)
+    B._ray_env(tmp, direct_port=None if args.path == "proxy" else B._free_port())
     cfg = ServerConfig.model_validate({"data_dir": f"{tmp}/data", "bootstrap": [], "backbone": args.backbone,
                                        "vqa": {"enabled": False}})
     ray.init(namespace="mergeserve", include_dashboard=False, log_to_driver=False, num_cpus=4)
@@ -58,7 +65,7 @@ def main() -> None:
         serve.run(B.plain_serve_app(model, cfg.max_ongoing_requests), name="plain", route_prefix="/plain")
         B._wait_http(f"{base}/plain/healthz", 300)
         urls = {"mergeserve": f"{base}/v1/classify", "plain": f"{base}/plain/v1/classify"}
-        if args.direct:
+        if args.path == "direct":
             port_of = {app: direct_ports(app=app)[0] for app in urls}
             urls = {"mergeserve": f"http://127.0.0.1:{port_of['mergeserve']}/v1/classify",
                     "plain": f"http://127.0.0.1:{port_of['plain']}/plain/v1/classify"}
@@ -79,7 +86,7 @@ def main() -> None:
                       f"p99 {res['p99_ms']:6.1f} ms  replica CPU {cpu:5.2f} ms/request  errors {res['errors']}",
                       flush=True)
         ms, pl = (sum(v) / len(v) for v in (rps["mergeserve"], rps["plain"]))
-        print(f"\n{args.images} img × {args.clients} clients, {args.rounds} rounds of {args.seconds:g} s: "
+        print(f"\n{args.path}: {args.images} img × {args.clients} clients, {args.rounds} rounds of {args.seconds:g} s: "
               f"mergeserve {ms:.1f} req/s, plain {pl:.1f} req/s, ratio {ms / pl:.2f}×")
     finally:
         serve.shutdown()

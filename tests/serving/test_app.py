@@ -70,14 +70,17 @@ def test_the_shipped_serve_configs_are_valid_server_configs():
 
 
 DIRECT_VARS = ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
-               "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S")
+               "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S",
+               "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+               "RAY_SERVE_HAPROXY_STATS_PORT")
 
 
 def test_direct_port_sets_serves_variables_and_the_callers_win(monkeypatch):
     import os
 
-    from serving.app import DIRECT_PORTS, direct_ports, ray_env
+    from serving.app import DIRECT_PORTS, HAPROXY_SIDE_PORTS, direct_ports, ray_env
 
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # what ray_env sets must not reach later tests' Ray
     for v in DIRECT_VARS:
         monkeypatch.delenv(v, raising=False)
     ray_env(None)  # --direct-port 0: Serve as it comes
@@ -88,6 +91,17 @@ def test_direct_port_sets_serves_variables_and_the_callers_win(monkeypatch):
     assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "9001"
     assert os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] == "9100" != str(9001 + DIRECT_PORTS - 1)
     assert float(os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) <= 2
+    # the main port becomes Serve's HAProxy; its side listeners get free, distinct ports, not Serve's fixed
+    # 8500 / 9101 / 8404, so two servers on one host do not collide
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    side = [int(os.environ[k]) for k in HAPROXY_SIDE_PORTS]
+    assert len(set(side)) == 3 and not {8500, 9101, 8404} & set(side)
+    for v in DIRECT_VARS:
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # an operator keeps Serve's Python proxy
+    ray_env(9001)
+    assert os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert not any(k in os.environ for k in HAPROXY_SIDE_PORTS)
     p = argparse.ArgumentParser()
     add_arguments(p)
     assert p.parse_args([]).direct_port == 8001 and p.parse_args(["--direct-port", "0"]).direct_port == 0
