@@ -2,7 +2,8 @@
 
 One 30 s cell of ``mergeserve bench-serve --peers`` moves ±4 % between runs on 2 shared cores; this
 script runs only the two Ray apps, in one cluster, and alternates them ``--rounds`` times (ABBA order)
-so drift hits both alike. It prints each round and the mean ratio.
+so drift hits both alike. It prints each round and the mean ratio. The figures below were measured
+with the ``threads`` load generator (``--loadgen threads``), the only one until 2026-12-05.
 
     .venv/bin/python benchmarks/ab_serve.py --images 16 --clients 16 --seconds 8 --rounds 4
     # 2026-12-04, 2 cores (vit_tiny_offline): mergeserve 70.3 req/s, plain 63.2 req/s, ratio 1.11×
@@ -20,9 +21,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from _local_serve import local_mergeserve  # noqa: E402
 
 from serving import bench as B  # noqa: E402
 
@@ -38,26 +40,16 @@ def main() -> None:
                    help="how requests reach both apps: the main port with Serve's HAProxy in front of the "
                    "replicas' own ports (default, as `mergeserve serve`), those ports directly, or the main "
                    "port with Serve's Python proxy (direct ingress off)")
+    p.add_argument("--loadgen", choices=tuple(B.LOADGENS), default="asyncio",
+                   help="the client (default asyncio; threads: the httpx-per-thread generator used until 2026-12-05)")
     args = p.parse_args()
 
     import httpx
-    import ray
     from ray import serve
 
-    from serving.app import build_app, direct_ports
-    from serving.config import ServerConfig
+    from serving.app import direct_ports
 
-    tmp = tempfile.mkdtemp(prefix="msab-")
-    B._ray_env(tmp, direct_port=None if args.path == "proxy" else B._free_port())
-    cfg = ServerConfig.model_validate({"data_dir": f"{tmp}/data", "bootstrap": [], "backbone": args.backbone,
-                                       "vqa": {"enabled": False}})
-    ray.init(namespace="mergeserve", include_dashboard=False, log_to_driver=False, num_cpus=4)
-    try:
-        port = B._free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(cfg.model_dump(mode="json")), name="mergeserve", route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
-        B._wait_http(f"{base}/readyz", 300)
+    with local_mergeserve(args.backbone, direct=args.path != "proxy") as (base, cfg, tmp):
         ad = httpx.get(f"{base}/v1/adapters", timeout=30).json()
         active = next(v for v in ad["versions"] if v["version"] == ad["active"])
         model = {"backbone": args.backbone, "adapters": cfg.path("adapters"), "name": active["name"],
@@ -78,7 +70,7 @@ def main() -> None:
         for r in range(args.rounds):
             for peer in ("mergeserve", "plain") if r % 2 == 0 else ("plain", "mergeserve"):
                 spec = {"url": urls[peer], "body_file": body, "clients": args.clients, "warmup": 2.0,
-                        "seconds": args.seconds}
+                        "seconds": args.seconds, "loadgen": args.loadgen}
                 res = B.run_cell(spec, lambda _, peer=peer: replica[peer])
                 rps[peer].append(res["rps"])
                 cpu = 1e3 * res.get("server_cpu_s", {}).get(f"replica:{peer}", float("nan")) / max(res["requests"], 1)
@@ -88,9 +80,6 @@ def main() -> None:
         ms, pl = (sum(v) / len(v) for v in (rps["mergeserve"], rps["plain"]))
         print(f"\n{args.path}: {args.images} img × {args.clients} clients, {args.rounds} rounds of {args.seconds:g} s: "
               f"mergeserve {ms:.1f} req/s, plain {pl:.1f} req/s, ratio {ms / pl:.2f}×")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ and FastAPI + uvicorn in one process without Ray (a subprocess). Serve's direct 
 on, as in ``mergeserve serve``, so each Ray app is measured through the main port (HAProxy) and on its
 replica's own port (the ``-direct`` peers), and the plain app also behind Serve's Python proxy (its
 default ingress; HAProxy's fallback proxy port, the ``plain-proxy`` peer). A load generator in its own process
-(``python -m serving.bench loadgen``) runs ``N`` closed-loop clients per cell; the cells are interleaved
+(``python -m serving.bench loadgen``, :mod:`serving.loadgen`; ``--loadgen``) runs ``N`` closed-loop clients
+per cell; the cells are interleaved
 peer by peer, so drift on a shared machine hits every peer alike. Also the server-side CPU time per
 request, by process role (proxy, replica, the rest), and the in-process forward rate the batched cell
 is held against. ``--rss``: the summed RSS (and PSS) of every process of a default ``mergeserve serve``.
@@ -50,9 +51,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from pydantic import BaseModel
 
-
-def _pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+from serving.loadgen import LOADGENS, _pct
 
 
 def throughput(backbone: str, batch: int = 32, seconds: float = 2.0, rounds: int = 5) -> list[tuple[str, float]]:
@@ -287,74 +286,6 @@ def fastapi_app(model_args: dict) -> object:
 
 
 # --- load generator (its own process) --------------------------------------------------------------
-def loadgen(url: str, body: bytes, clients: int, warmup: float, seconds: float, timeout: float = 30.0,
-            max_requests: int = 1_000_000, on_window: Callable[[str], None] | None = None) -> dict:
-    """``clients`` closed-loop clients POSTing ``body`` to ``url``; stats of requests completed in the window.
-
-    The window opens ``warmup`` s after the start and lasts ``seconds``; ``on_window("go"/"stop")`` is
-    called at its edges. Each client stops at the window's end or after ``max_requests`` requests.
-    """
-    import httpx
-
-    t_go = time.perf_counter() + warmup
-    t_stop = t_go + seconds
-    lat: list[list[float]] = [[] for _ in range(clients)]
-    errors, warm_errors = [0] * clients, [0] * clients
-    last_error: list[str] = []
-    headers = {"content-type": "application/json"}
-
-    def client(i: int) -> None:
-        with httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=1)) as h:
-            for _ in range(max_requests):
-                a = time.perf_counter()
-                if a >= t_stop:
-                    break
-                try:
-                    r = h.post(url, content=body, headers=headers)
-                    ok = r.status_code == 200
-                    if not ok:
-                        last_error[:] = [f"HTTP {r.status_code}: {r.text[:200]}"]
-                except httpx.HTTPError as e:
-                    ok = False
-                    last_error[:] = [f"{type(e).__name__}: {e}"[:200]]
-                b = time.perf_counter()
-                if t_go <= b <= t_stop:
-                    if ok:
-                        lat[i].append(b - a)
-                    else:
-                        errors[i] += 1
-                elif b < t_go and not ok:
-                    warm_errors[i] += 1
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-    for t in threads:
-        t.start()
-    time.sleep(max(0.0, t_go - time.perf_counter()))
-    cpu0 = time.process_time()
-    if on_window:
-        on_window("go")
-    time.sleep(max(0.0, t_stop - time.perf_counter()))
-    cpu1 = time.process_time()
-    if on_window:
-        on_window("stop")
-    for t in threads:
-        t.join(timeout + 5)
-    xs = sorted(x for c in lat for x in c)
-    return {
-        "clients": clients,
-        "seconds": seconds,
-        "requests": len(xs),
-        "rps": len(xs) / seconds,
-        "p50_ms": 1e3 * _pct(xs, 50),
-        "p99_ms": 1e3 * _pct(xs, 99),
-        "mean_ms": 1e3 * statistics.fmean(xs) if xs else float("nan"),
-        "errors": sum(errors),
-        "warmup_errors": sum(warm_errors),
-        "last_error": last_error[0] if last_error else None,
-        "loadgen_cpu_s": cpu1 - cpu0,
-    }
-
-
 def _loadgen_main(spec: dict) -> None:
     with open(spec["body_file"], "rb") as f:
         body = f.read()
@@ -362,7 +293,8 @@ def _loadgen_main(spec: dict) -> None:
     def edge(what: str) -> None:
         print(what, flush=True)
 
-    r = loadgen(spec["url"], body, spec["clients"], spec["warmup"], spec["seconds"], on_window=edge)
+    gen = LOADGENS[spec.get("loadgen", "asyncio")]
+    r = gen(spec["url"], body, spec["clients"], spec["warmup"], spec["seconds"], on_window=edge)
     print(json.dumps(r), flush=True)
 
 
@@ -602,7 +534,7 @@ def run_cell(spec: dict, server: Callable[[int], list]) -> dict:
 
 
 def peers_bench(backbone: str, seconds: float, warmup: float, cells: Sequence[tuple[int, int]],
-                log: Callable[[str], None] = print) -> dict:
+                log: Callable[[str], None] = print, loadgen_kind: str = "asyncio") -> dict:
     """Start the three peers (all on loopback, one private Ray cluster), run every cell, stop everything."""
     import httpx
     import psutil
@@ -689,6 +621,7 @@ def peers_bench(backbone: str, seconds: float, warmup: float, cells: Sequence[tu
                     + ", ".join(f"{k}={v:.0f}" for k, v in out["inprocess"].items()))
             for peer in peers:
                 lg_spec = {"url": urls[peer], "body_file": body_file, "clients": clients, "warmup": warmup,
+                           "loadgen": loadgen_kind,
                            "seconds": seconds}
                 r = run_cell(lg_spec, lambda lg_pid, peer=peer: (
                     [psutil.Process(fast_proc.pid)] if peer == "fastapi" else
@@ -931,6 +864,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--peers: warm-up seconds before each cell and peer (default 3)")
     g.add_argument("--cells", type=_cells, default=list(CELLS),
                    help="--peers: images×clients list (default 1x1,1x4,1x16,16x1,16x16)")
+    g.add_argument("--loadgen", choices=tuple(LOADGENS), default="asyncio",
+                   help="--peers: the client (default asyncio: one event loop, raw HTTP/1.1; threads: one httpx "
+                   "client per thread, the generator before 2026-12-05, which cost ~0.5 ms CPU per request)")
     g.add_argument("--rss", action="store_true", help="summed RSS of every process of a default `mergeserve serve`")
     g.add_argument("--ready", action="store_true", help="time from launching `mergeserve serve` to 200 on /readyz")
 
@@ -954,9 +890,10 @@ def run_peers(args: argparse.Namespace) -> int:
         res.update(serve_process_bench(args.rss, args.ready, log=lambda s: print(s, flush=True)))
     if args.peers:
         res.update(peers_bench(args.backbone, args.seconds, args.warmup, args.cells,
-                               log=lambda s: print(s, flush=True)))
+                               log=lambda s: print(s, flush=True), loadgen_kind=args.loadgen))
         st = res["setup"]
-        print(f"\nHTTP POST /v1/classify on 127.0.0.1, closed loop, {args.seconds:g} s per cell after "
+        print(f"\nHTTP POST /v1/classify on 127.0.0.1, closed loop ({args.loadgen} load generator), "
+              f"{args.seconds:g} s per cell after "
               f"{args.warmup:g} s warm-up, cells interleaved peer by peer; adapter {st['adapter']}; "
               f"max_ongoing_requests {st['max_ongoing_requests']}; torch threads: plain replica "
               f"{st['threads']['plain']}, FastAPI {st['threads']['fastapi']}")

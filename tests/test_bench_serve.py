@@ -1,70 +1,14 @@
-"""Smoke test of ``mergeserve bench-serve --peers``' load generator and tables (no timing assertions).
-
-A tiny FastAPI app on uvicorn in a thread stands in for a peer: it decodes the images with the bench's
-own decoder and answers in the peers' response shape, so the whole client path runs in a second or two.
-"""
-
-import threading
-import time
-
-import numpy as np
-import uvicorn
-from fastapi import FastAPI
+"""``mergeserve bench-serve --peers``' tables and target checks (no timing assertions); its load
+generators are tested in ``tests/serving/test_loadgen.py``."""
 
 from serving.bench import (
-    PeerRequest,
-    _body,
     _cells,
     _compare,
-    _free_port,
-    _png_b64,
     _role,
     check_targets,
-    decode_b64,
     format_cpu_table,
     format_peers_table,
-    loadgen,
-    respond,
 )
-
-
-def _tiny_app() -> FastAPI:
-    app = FastAPI()
-
-    @app.post("/v1/classify")
-    def classify(req: PeerRequest) -> dict:
-        raws = [req.image] if req.image is not None else req.images
-        x = decode_b64(raws, 32)
-        probs = np.full((len(x), 10), 0.1, dtype=np.float32)
-        probs[:, 3] = 0.5
-        return respond(probs, [str(i) for i in range(10)], req.top_k, req.image is not None, 0)
-
-    return app
-
-
-def test_loadgen_against_tiny_app():
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(_tiny_app(), host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    try:
-        for _ in range(100):
-            if server.started:
-                break
-            time.sleep(0.05)
-        assert server.started
-        edges = []
-        for n_img in (1, 4):
-            r = loadgen(f"http://127.0.0.1:{port}/v1/classify", _body(_png_b64(n_img)), clients=2, warmup=0.2,
-                        seconds=0.8, on_window=edges.append)
-            assert r["requests"] > 0 and r["errors"] == 0 and r["warmup_errors"] == 0, r
-            assert r["p50_ms"] <= r["p99_ms"]
-        assert edges == ["go", "stop", "go", "stop"]
-        bad = loadgen(f"http://127.0.0.1:{port}/nope", b"{}", clients=1, warmup=0.0, seconds=0.3)
-        assert bad["requests"] == 0 and bad["errors"] > 0 and "404" in bad["last_error"]
-    finally:
-        server.should_exit = True
-        t.join(10)
 
 
 def _cell(rps: float, n_img: int, p99: float) -> dict:

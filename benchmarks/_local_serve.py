@@ -1,0 +1,39 @@
+"""One mergeserve app on a private local Ray cluster, for the serving A/B scripts in this folder."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from serving import bench as B
+
+
+@contextmanager
+def local_mergeserve(backbone: str, direct: bool = True) -> Iterator[tuple[str, object, str]]:
+    """Start ``build_app`` on 127.0.0.1 (``direct``: Serve's direct ingress and HAProxy, as ``mergeserve
+    serve`` runs; else Serve's Python proxy only) and yield ``(base_url, ServerConfig, tmp_dir)``.
+
+    The cluster uses a private ``RAY_TMPDIR`` (``B._ray_env``) and is shut down on exit.
+    """
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+    from serving.config import ServerConfig
+
+    tmp = tempfile.mkdtemp(prefix="msab-")
+    B._ray_env(tmp, direct_port=B._free_port() if direct else None)
+    cfg = ServerConfig.model_validate({"data_dir": f"{tmp}/data", "bootstrap": [], "backbone": backbone,
+                                       "vqa": {"enabled": False}})
+    ray.init(namespace="mergeserve", include_dashboard=False, log_to_driver=False, num_cpus=4)
+    try:
+        port = B._free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(cfg.model_dump(mode="json")), name="mergeserve", route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        B._wait_http(f"{base}/readyz", 300)
+        yield base, cfg, tmp
+    finally:
+        serve.shutdown()
+        ray.shutdown()
