@@ -14,6 +14,9 @@ with the ``threads`` load generator (``--loadgen threads``), the only one until 
     # the default path: both apps through the main port, Serve's HAProxy, as `mergeserve serve` runs;
     # 2026-12-05, 4 rounds: mergeserve 912.8 req/s, plain 733.7 req/s, ratio 1.24×
     # --path proxy: both through Serve's Python proxy, with direct ingress off
+    # with the asyncio client (the default since 2026-12-05), 4 rounds:
+    #   --path haproxy --images 1 --clients 16: mergeserve 1,377.1 req/s, plain 848.3 req/s, ratio 1.62×
+    #   --path direct --images 16 --clients 16: mergeserve 218.0 req/s, plain 201.1 req/s, ratio 1.08×
 """
 
 from __future__ import annotations
