@@ -1,9 +1,10 @@
 """The two load generators of ``serving/loadgen.py`` against one mergeserve server, alternated.
 
 What a closed-loop client measures includes the client: on 2 shared cores the thread-per-client httpx
-generator spent ~0.5 ms CPU per request and held answers behind the GIL, so its p99 at 16 clients was
-partly its own. This script starts one mergeserve app (as ``benchmarks/ab_serve.py``, through the main
-port's HAProxy) and runs both generators in ABBA order at 4 and 16 clients, one image per request.
+generator spent ~0.45 ms CPU per request, and its 16 threads share one GIL, so an answer that had
+arrived could wait before its clock stopped: its p99 at 16 clients was partly its own. This script
+starts one mergeserve app (as ``benchmarks/ab_serve.py``, through the main port's HAProxy) and runs both
+generators in ABBA order at 4 and 16 clients, one image per request.
 
     .venv/bin/python benchmarks/loadgen_ab.py --rounds 2 --seconds 8
     # 2026-12-05, 2 cores (vit_tiny_offline), 2 rounds, req/s (p99 ms):

@@ -15,13 +15,13 @@ deployment, ``@serve.ingress(FastAPI)``, ``@serve.batch(32, 5 ms)``, the same ``
 and FastAPI + uvicorn in one process without Ray (a subprocess). Serve's direct ingress and HAProxy are
 on, as in ``mergeserve serve``, so each Ray app is measured through the main port (HAProxy) and on its
 replica's own port (the ``-direct`` peers), and the plain app also behind Serve's Python proxy (its
-default ingress; HAProxy's fallback proxy port, the ``plain-proxy`` peer). A load generator in its own process
-(``python -m serving.bench loadgen``, :mod:`serving.loadgen`; ``--loadgen``) runs ``N`` closed-loop clients
-per cell; the cells are interleaved
-peer by peer, so drift on a shared machine hits every peer alike. Also the server-side CPU time per
-request, by process role (proxy, replica, the rest), and the in-process forward rate the batched cell
-is held against. ``--rss``: the summed RSS (and PSS) of every process of a default ``mergeserve serve``.
-``--ready``: launch of ``mergeserve serve`` to the first 200 from ``/readyz``.
+default ingress; HAProxy's fallback proxy port, the ``plain-proxy`` peer). A load generator in its own
+process (``python -m serving.bench loadgen``; :mod:`serving.loadgen`, chosen by ``--loadgen``) runs
+``N`` closed-loop clients per cell; the cells are interleaved peer by peer, so drift on a shared machine
+hits every peer alike. Also the server-side CPU time per request, by process role (proxy, replica, the
+rest), and the in-process forward rate the batched cell is held against. ``--rss``: the summed RSS (and
+PSS) of every process of a default ``mergeserve serve``. ``--ready``: launch of ``mergeserve serve`` to
+the first 200 from ``/readyz``.
 
 Every server listens on 127.0.0.1 only; every Ray cluster started here uses a private ``RAY_TMPDIR``
 (never joining another cluster on the machine) and is shut down; every subprocess is stopped.
@@ -621,8 +621,7 @@ def peers_bench(backbone: str, seconds: float, warmup: float, cells: Sequence[tu
                     + ", ".join(f"{k}={v:.0f}" for k, v in out["inprocess"].items()))
             for peer in peers:
                 lg_spec = {"url": urls[peer], "body_file": body_file, "clients": clients, "warmup": warmup,
-                           "loadgen": loadgen_kind,
-                           "seconds": seconds}
+                           "seconds": seconds, "loadgen": loadgen_kind}
                 r = run_cell(lg_spec, lambda lg_pid, peer=peer: (
                     [psutil.Process(fast_proc.pid)] if peer == "fastapi" else
                     [p for p in process_tree(me) if p.pid not in (lg_pid, fast_proc.pid)]))

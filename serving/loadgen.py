@@ -36,12 +36,13 @@ class _Tally:
         self.t_stop = t_go + seconds
         self.lat: list[list[float]] = [[] for _ in range(clients)]
         self.errors, self.warm_errors = [0] * clients, [0] * clients
-        self.last_error: list[str] = []
+        self.last_error: str | None = None
+        self.cpu: dict[str, float] = {}  # process CPU seconds at the window's edges
 
     def add(self, i: int, a: float, b: float, error: str | None) -> None:
         """Client ``i``'s request sent at ``a`` ended at ``b``, ``error`` None when it got a 200."""
         if error is not None:
-            self.last_error[:] = [error[:200]]
+            self.last_error = error[:200]
         if self.t_go <= b <= self.t_stop:
             if error is None:
                 self.lat[i].append(b - a)
@@ -50,7 +51,13 @@ class _Tally:
         elif b < self.t_go and error is not None:
             self.warm_errors[i] += 1
 
-    def stats(self, cpu_s: float) -> dict:
+    def edge(self, what: str, on_window: Callable[[str], None] | None) -> None:
+        """The window opens (``what`` "go") or closes ("stop"): note this process's CPU time, tell ``on_window``."""
+        self.cpu[what] = time.process_time()
+        if on_window:
+            on_window(what)
+
+    def stats(self) -> dict:
         xs = sorted(x for c in self.lat for x in c)
         return {
             "clients": self.clients,
@@ -62,8 +69,8 @@ class _Tally:
             "mean_ms": 1e3 * statistics.fmean(xs) if xs else float("nan"),
             "errors": sum(self.errors),
             "warmup_errors": sum(self.warm_errors),
-            "last_error": self.last_error[0] if self.last_error else None,
-            "loadgen_cpu_s": cpu_s,
+            "last_error": self.last_error,
+            "loadgen_cpu_s": self.cpu["stop"] - self.cpu["go"],
         }
 
 
@@ -140,23 +147,16 @@ def aio_loadgen(url: str, body: bytes, clients: int, warmup: float, seconds: flo
         if conn is not None:
             conn[1].close()
 
-    async def window(t_go: float, t_stop: float) -> float:
-        await asyncio.sleep(max(0.0, t_go - time.perf_counter()))
-        cpu0 = time.process_time()
-        if on_window:
-            on_window("go")
-        await asyncio.sleep(max(0.0, t_stop - time.perf_counter()))
-        cpu1 = time.process_time()
-        if on_window:
-            on_window("stop")
-        return cpu1 - cpu0
+    async def window(tally: _Tally) -> None:
+        await asyncio.sleep(max(0.0, tally.t_go - time.perf_counter()))
+        tally.edge("go", on_window)
+        await asyncio.sleep(max(0.0, tally.t_stop - time.perf_counter()))
+        tally.edge("stop", on_window)
 
     async def main() -> dict:
-        t_go = time.perf_counter() + warmup
-        tally = _Tally(clients, t_go, seconds)
-        w = asyncio.create_task(window(tally.t_go, tally.t_stop))
-        await asyncio.gather(*(client(i, tally) for i in range(clients)))
-        return tally.stats(await w)
+        tally = _Tally(clients, time.perf_counter() + warmup, seconds)
+        await asyncio.gather(window(tally), *(client(i, tally) for i in range(clients)))
+        return tally.stats()
 
     return asyncio.run(main())
 
@@ -194,16 +194,12 @@ def thread_loadgen(url: str, body: bytes, clients: int, warmup: float, seconds: 
     for t in threads:
         t.start()
     time.sleep(max(0.0, t_go - time.perf_counter()))
-    cpu0 = time.process_time()
-    if on_window:
-        on_window("go")
+    tally.edge("go", on_window)
     time.sleep(max(0.0, t_stop - time.perf_counter()))
-    cpu1 = time.process_time()
-    if on_window:
-        on_window("stop")
+    tally.edge("stop", on_window)
     for t in threads:
         t.join(timeout + 5)
-    return tally.stats(cpu1 - cpu0)
+    return tally.stats()
 
 
 LOADGENS: dict[str, Callable[..., dict]] = {"asyncio": aio_loadgen, "threads": thread_loadgen}

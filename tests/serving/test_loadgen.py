@@ -74,7 +74,6 @@ def _raw_server(answer: bytes, close_after: bool) -> tuple[str, threading.Event]
     """An HTTP/1.1 server that reads each request (by Content-Length) and sends ``answer`` verbatim."""
     port = _free_port()
     ready, done = threading.Event(), threading.Event()
-    served = [0]
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -82,7 +81,6 @@ def _raw_server(answer: bytes, close_after: bool) -> tuple[str, threading.Event]
                 head = await reader.readuntil(b"\r\n\r\n")
                 n = int(next(h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")))
                 await reader.readexactly(n)
-                served[0] += 1
                 writer.write(answer)
                 await writer.drain()
                 if close_after:
