@@ -10,9 +10,11 @@ from serving import bench as B
 
 
 @contextmanager
-def local_mergeserve(backbone: str, direct: bool = True) -> Iterator[tuple[str, object, str]]:
+def local_mergeserve(backbone: str, direct: bool = True,
+                     config: dict | None = None) -> Iterator[tuple[str, object, str]]:
     """Start ``build_app`` on 127.0.0.1 (``direct``: Serve's direct ingress and HAProxy, as ``mergeserve
     serve`` runs; else Serve's Python proxy only) and yield ``(base_url, ServerConfig, tmp_dir)``.
+    ``config`` overrides ``ServerConfig`` fields (e.g. ``{"num_replicas": 2}``).
 
     The cluster uses a private ``RAY_TMPDIR`` (``B._ray_env``) and is shut down on exit.
     """
@@ -25,7 +27,7 @@ def local_mergeserve(backbone: str, direct: bool = True) -> Iterator[tuple[str, 
     tmp = tempfile.mkdtemp(prefix="msab-")
     B._ray_env(tmp, direct_port=B._free_port() if direct else None)
     cfg = ServerConfig.model_validate({"data_dir": f"{tmp}/data", "bootstrap": [], "backbone": backbone,
-                                       "vqa": {"enabled": False}})
+                                       "vqa": {"enabled": False}, **(config or {})})
     ray.init(namespace="mergeserve", include_dashboard=False, log_to_driver=False, num_cpus=4)
     try:
         port = B._free_port()
