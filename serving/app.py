@@ -253,6 +253,21 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig.model_validate({**upd, "vqa": vqa})
 
 
+def wait_for_stop(poll_s: float = 1.0) -> int:
+    """Block until SIGTERM or SIGINT; returns the signal's number.
+
+    Both handlers are installed explicitly, as uvicorn does: a shell starts a background job with SIGINT
+    ignored and Python keeps that, so without its own handler ``kill -INT`` (or a supervisor's SIGINT)
+    would not stop a server started with ``&``.
+    """
+    got: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda n, _frame: got.append(n))
+    while not got:
+        time.sleep(poll_s)
+    return got[0]
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``mergeserve serve``: runs until interrupted (2 on bad flags, before anything starts)."""
     try:
@@ -271,13 +286,7 @@ def run(args: argparse.Namespace) -> int:
         urls = ", ".join(f"http://{args.host}:{p}" for p in direct)
         print(f"mergeserve: the same API direct to this node's replica(s), without the ingress hop: {urls}",
               flush=True)
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    try:
-        while not stop:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
+    wait_for_stop()
     serve.shutdown()
     ray.shutdown()
     return 0

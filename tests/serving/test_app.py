@@ -1,6 +1,10 @@
-"""``mergeserve serve``'s flags → the server config (no Ray started)."""
+"""``mergeserve serve``'s flags → the server config, and how it stops (no Ray started)."""
 
 import argparse
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -105,3 +109,28 @@ def test_direct_port_sets_serves_variables_and_the_callers_win(monkeypatch):
     p = argparse.ArgumentParser()
     add_arguments(p)
     assert p.parse_args([]).direct_port == 8001 and p.parse_args(["--direct-port", "0"]).direct_port == 0
+
+
+CHILD = """
+from serving.app import wait_for_stop
+print("imported", flush=True)
+print(wait_for_stop(0.05), flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_the_server_stops_on_sigint_even_when_started_with_it_ignored(sig):
+    # a shell's background job (`mergeserve serve &`) starts with SIGINT ignored; the server must still stop
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        assert child.stdout.readline().strip() == "imported"
+        time.sleep(0.5)  # wait_for_stop installs its handlers right after the line above
+        child.send_signal(sig)
+        out, _ = child.communicate(timeout=15)
+    finally:
+        child.kill()
+    assert child.returncode == 0
+    assert out.strip() == str(int(sig))
