@@ -253,16 +253,25 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig.model_validate({**upd, "vqa": vqa})
 
 
-def wait_for_stop(poll_s: float = 1.0) -> int:
-    """Block until SIGTERM or SIGINT; returns the signal's number.
+def catch_stop_signals(got: list[int] | None = None) -> list[int]:
+    """Install SIGTERM and SIGINT handlers that append the signal to ``got`` (a new list by default);
+    returns that list.
 
-    Both handlers are installed explicitly, as uvicorn does: a shell starts a background job with SIGINT
-    ignored and Python keeps that, so without its own handler ``kill -INT`` (or a supervisor's SIGINT)
-    would not stop a server started with ``&``.
+    Installed explicitly, as uvicorn does: a shell starts a background job with SIGINT ignored and
+    Python keeps that, so without its own handler ``kill -INT`` (or a supervisor's SIGINT) would not stop
+    a server started with ``&``. Installed before startup, so a signal that comes while Ray starts is
+    kept and acted on once startup is done. Call again after ``ray.init``, which installs its own SIGTERM
+    handler (``sys.exit``, so a SIGTERM during startup still ends the process, through Ray's atexit
+    shutdown).
     """
-    got: list[int] = []
+    got = [] if got is None else got
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda n, _frame: got.append(n))
+    return got
+
+
+def wait_for_stop(got: list[int], poll_s: float = 1.0) -> int:
+    """Block until :func:`catch_stop_signals` recorded a signal; returns its number."""
     while not got:
         time.sleep(poll_s)
     return got[0]
@@ -276,7 +285,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"mergeserve serve: {e}", file=sys.stderr)
         return 2
     print(f"mergeserve: data in {cfg.data_dir}; starting Ray Serve on http://{args.host}:{args.port}", flush=True)
+    stop = catch_stop_signals()
     start(cfg, args.port, args.host, args.address, args.metrics_export_port, args.direct_port)
+    catch_stop_signals(stop)  # ray.init replaced the SIGTERM handler
     jobs = bootstrap(cfg)
     if jobs:
         print(f"mergeserve: bootstrapping domains (jobs {jobs}); follow GET /v1/jobs/<id>", flush=True)
@@ -286,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
         urls = ", ".join(f"http://{args.host}:{p}" for p in direct)
         print(f"mergeserve: the same API direct to this node's replica(s), without the ingress hop: {urls}",
               flush=True)
-    wait_for_stop()
+    wait_for_stop(stop)
     serve.shutdown()
     ray.shutdown()
     return 0

@@ -4,7 +4,6 @@ import argparse
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -112,9 +111,10 @@ def test_direct_port_sets_serves_variables_and_the_callers_win(monkeypatch):
 
 
 CHILD = """
-from serving.app import wait_for_stop
-print("imported", flush=True)
-print(wait_for_stop(0.05), flush=True)
+from serving.app import catch_stop_signals, wait_for_stop
+got = catch_stop_signals()
+print("ready", flush=True)
+print(wait_for_stop(got, 0.05), flush=True)
 """
 
 
@@ -126,8 +126,7 @@ def test_the_server_stops_on_sigint_even_when_started_with_it_ignored(sig):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
-        assert child.stdout.readline().strip() == "imported"
-        time.sleep(0.5)  # wait_for_stop installs its handlers right after the line above
+        assert child.stdout.readline().strip() == "ready"  # the handlers are in
         child.send_signal(sig)
         out, _ = child.communicate(timeout=15)
     finally:
