@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from serving import bench as B
+
+
+def classify_body(tmp: str, images: int) -> str:
+    """Write the A/B scripts' fixed ``/v1/classify`` request (``images`` PNGs, seed 2) under ``tmp``;
+    returns its path, for the load generator's ``body_file``."""
+    path = os.path.join(tmp, "body.json")
+    with open(path, "wb") as f:
+        f.write(B._body(B._png_b64(images, seed=2)))
+    return path
 
 
 @contextmanager

@@ -27,7 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _local_serve import local_mergeserve  # noqa: E402
+from _local_serve import classify_body, local_mergeserve  # noqa: E402
 
 from serving import bench as B  # noqa: E402
 
@@ -66,9 +66,7 @@ def main() -> None:
                     "plain": f"http://127.0.0.1:{port_of['plain']}/plain/v1/classify"}
         procs = B.process_tree(os.getpid())
         replica = {peer: [q for q in procs if B._role(B._cmd(q)) == f"replica:{peer}"] for peer in urls}
-        body = os.path.join(tmp, "body.json")
-        with open(body, "wb") as f:
-            f.write(B._body(B._png_b64(args.images, seed=2)))
+        body = classify_body(tmp, args.images)
         rps: dict[str, list[float]] = {peer: [] for peer in urls}
         for r in range(args.rounds):
             for peer in ("mergeserve", "plain") if r % 2 == 0 else ("plain", "mergeserve"):

@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _local_serve import local_mergeserve  # noqa: E402
+from _local_serve import classify_body, local_mergeserve  # noqa: E402
 
 from serving import bench as B  # noqa: E402
 
@@ -35,9 +35,7 @@ def main() -> None:
 
     with local_mergeserve(args.backbone) as (base, _, tmp):
         procs = B.process_tree(os.getpid())
-        body = os.path.join(tmp, "body.json")
-        with open(body, "wb") as f:
-            f.write(B._body(B._png_b64(1, seed=2)))
+        body = classify_body(tmp, 1)
         kinds = sorted(B.LOADGENS)
         print(f"{'round':>5}  {'loadgen':<8} {'cell':<6} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'server CPU ms/req':>18} {'client CPU ms/req':>18} {'errors':>6}")

@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _local_serve import local_mergeserve  # noqa: E402
+from _local_serve import classify_body, local_mergeserve  # noqa: E402
 
 from serving import bench as B  # noqa: E402
 
@@ -49,9 +49,7 @@ def main() -> None:
           f"{'server CPU ms/req':>18} {'errors':>6}  p99 16 / p99 4")
     for name in names:
         with local_mergeserve(args.backbone, config=VARIANTS[name]) as (base, _, tmp):
-            body = os.path.join(tmp, "body.json")
-            with open(body, "wb") as f:
-                f.write(B._body(B._png_b64(1, seed=2)))
+            body = classify_body(tmp, 1)
             p99 = {}
             for c in (4, 16):
                 spec = {"url": f"{base}/v1/classify", "body_file": body, "clients": c, "warmup": 3.0,
