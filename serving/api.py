@@ -50,6 +50,7 @@ from .schemas import (
     FeedbackResult,
     IngestSource,
     Job,
+    JobPage,
     TaskName,
     Tasks,
     VqaRequest,
@@ -123,6 +124,12 @@ def _b64(s: str, what: str) -> bytes:
         return base64.b64decode(s.split(",", 1)[-1], validate=True)
     except (binascii.Error, ValueError) as e:
         raise Problem(422, "bad-image", f"{what} is not valid base64") from e
+
+
+def _job_view(j: dict) -> dict:
+    """A job row as the API shows it (:class:`~serving.schemas.Job`)."""
+    progress = {"step": j["step"], "total": j["total"], "loss": j["loss"]}
+    return {**j, "progress": progress, "adapter_version": j["version"]}
 
 
 async def _call(ref: ray.ObjectRef) -> Any:
@@ -336,13 +343,20 @@ class Model:
         """Every task this server holds: its model, labels or answer vocabulary, active version, domains."""
         return {"tasks": await _call(self.controller.tasks.remote())}
 
+    @api.get("/v1/jobs", response_model=JobPage, responses=ERRORS)
+    async def jobs(self, limit: int = Query(20, ge=1, le=200), cursor: str | None = Query(None, max_length=200),
+                   task: TaskName | None = Query(None)) -> dict:
+        """Ingest jobs of every task (or of ``task``), newest first; pass ``next_cursor`` back as ``cursor``
+        for the next page (``null``: this was the last)."""
+        page = await _call(self.controller.jobs.remote(limit, cursor, task and self._task(task)))
+        return {"jobs": [_job_view(j) for j in page["jobs"]], "next_cursor": page["next_cursor"]}
+
     @api.get("/v1/jobs/{job_id}", response_model=Job, responses=ERRORS)
     async def job(self, job_id: str = Path(max_length=64)) -> dict:
         j = await _call(self.controller.job.remote(job_id))
         if j is None:
             raise Problem(404, "unknown-job", f"no job {job_id!r}")
-        return {**j, "progress": {"step": j["step"], "total": j["total"], "loss": j["loss"]},
-                "adapter_version": j["version"]}
+        return _job_view(j)
 
     @api.get("/v1/domains", response_model=Domains, responses=ERRORS)
     async def domains(self, task: TaskName = Query("classify")) -> dict:

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
 import sys
 import time
+import urllib.request
 
 import ray
+from pydantic import ValidationError
 from ray import serve
 
+from . import lifecycle
 from .api import Model, VqaModel
 from .config import ServerConfig, VqaServing
 from .controller import get_or_create_controller
-from .pipeline import Submission
+from .pipeline import Submission, check_labels
 
 
 def replica_env() -> dict[str, str]:
@@ -155,8 +159,6 @@ def direct_ports(host: str = "127.0.0.1", app: str = "mergeserve", first: int | 
         app: the Serve application name.
         first: the first port of the range (default: this process's ``RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT``).
     """
-    import httpx
-
     if first is None:
         if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
             return []
@@ -165,10 +167,10 @@ def direct_ports(host: str = "127.0.0.1", app: str = "mergeserve", first: int | 
     out = []
     for port in range(first, first + DIRECT_PORTS):
         try:
-            r = httpx.get(f"http://{host}:{port}/-/routes", timeout=1.0)
-            if r.status_code == 200 and app in r.json().values():
-                out.append(port)
-        except (httpx.HTTPError, ValueError, AttributeError):
+            with urllib.request.urlopen(f"http://{host}:{port}/-/routes", timeout=1.0) as r:
+                if r.status == 200 and app in json.loads(r.read()).values():
+                    out.append(port)
+        except (OSError, ValueError, AttributeError):  # URLError and timeouts are OSErrors
             continue
     return out
 
@@ -225,10 +227,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vqa-idle-s", type=float,
                    help="idle seconds before the VQA replica scales to zero (with 'auto', the default; 300)")
     p.add_argument("--no-vqa", action="store_true", help="serve image classification only (no /v1/vqa)")
+    p.add_argument("--labels", help="comma-separated class names to serve, e.g. cat,dog,bird (default: the digits "
+                   "0-9 of the built-in benchmark; other labels learn nothing at first start). A data dir keeps "
+                   "the labels it started with")
+    p.add_argument("--config", metavar="FILE", help="a ServerConfig as YAML or JSON (serving/config.py; the `args` of "
+                   "deploy/serve.yaml); flags given beside it win")
+
+
+def read_config_file(path: str) -> dict:
+    """A ``ServerConfig`` mapping from a YAML or JSON file (JSON is YAML).
+
+    Raises:
+        ValueError: unreadable, not YAML, or not a mapping.
+    """
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not YAML or JSON ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of ServerConfig fields, got {type(data).__name__}")
+    return data
+
+
+def describe(e: ValidationError, source: str = "") -> str:
+    """A pydantic error in one line: ``field.path: message`` per problem (the offending key named)."""
+    parts = []
+    for err in e.errors(include_url=False):
+        where = "".join(f"{x}: " if i == len(err["loc"]) - 1 else f"{x}." for i, x in enumerate(err["loc"]))
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}{msg}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden"
+                                          and not isinstance(err["input"], dict) else ""))
+    return (f"{source}: " if source else "") + "; ".join(parts)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    """The server config ``mergeserve serve``'s flags describe (defaults for every flag not given)."""
+    """The server config ``mergeserve serve``'s flags describe: ``--config``'s file (if any), then each flag
+    given (flags win), then the defaults.
+
+    Raises:
+        ValueError: a bad flag, file, key or value, in one line naming it.
+    """
+    base = read_config_file(args.config) if getattr(args, "config", None) else {}
     upd: dict = {}
     vqa: dict = {}
     if args.direct_port and not 0 < args.direct_port <= 65536 - DIRECT_PORTS:
@@ -241,6 +287,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         upd["worker_idle_s"] = args.worker_idle_s
     if args.backbone:
         upd["backbone"] = args.backbone
+    if getattr(args, "labels", None) is not None:
+        upd["class_names"] = [x.strip() for x in args.labels.split(",")]
     if args.no_bootstrap:
         upd["bootstrap"] = vqa["bootstrap"] = []
     if args.vqa_replicas:
@@ -250,7 +298,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                               "downscale_to_zero_delay_s": args.vqa_idle_s}
     if args.no_vqa:
         vqa["enabled"] = False
-    return ServerConfig.model_validate({**upd, "vqa": vqa})
+    if isinstance(base.get("vqa", {}), dict):
+        vqa = {**base.get("vqa", {}), **vqa}
+    try:
+        return ServerConfig.model_validate({**base, **upd, **({"vqa": vqa} if vqa or "vqa" in base else {})})
+    except ValidationError as e:
+        raise ValueError(describe(e, args.config or "")) from None
 
 
 def catch_stop_signals(got: list[int] | None = None) -> list[int]:
@@ -278,14 +331,28 @@ def wait_for_stop(got: list[int], poll_s: float = 1.0) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``mergeserve serve``: runs until interrupted (2 on bad flags, before anything starts)."""
+    """Entry point of ``mergeserve serve``: runs until interrupted (2 on bad flags or config, 1 when this
+    machine cannot host it: another server on the data dir, a port in use; both before anything starts)."""
     try:
         cfg = config_from_args(args)
+        for task in cfg.tasks():
+            check_labels(cfg.for_task(task))
     except ValueError as e:  # pydantic's ValidationError included
         print(f"mergeserve serve: {e}", file=sys.stderr)
         return 2
-    print(f"mergeserve: data in {cfg.data_dir}; starting Ray Serve on http://{args.host}:{args.port}", flush=True)
     stop = catch_stop_signals()
+    held = None  # (data dir lock, reaper): for an in-process Ray, which this process owns
+    if not args.address:
+        ports = [args.port] + ([args.direct_port] if args.direct_port else [])
+        try:
+            lock, tag = lifecycle.claim(cfg.data_dir, args.host, ports, {"port": args.port})
+        except lifecycle.StartError as e:
+            print(f"mergeserve serve: {e}", file=sys.stderr)
+            return 1
+        # the reaper's pipe closes when this process ends, however it ends
+        held = (lock, lifecycle.start_reaper(tag, os.path.join(cfg.data_dir, lifecycle.PROCS)))
+        os.environ[lifecycle.TAG] = tag  # before Ray starts: every process it starts inherits the tag
+    print(f"mergeserve: data in {cfg.data_dir}; starting Ray Serve on http://{args.host}:{args.port}", flush=True)
     start(cfg, args.port, args.host, args.address, args.metrics_export_port, args.direct_port)
     catch_stop_signals(stop)  # ray.init replaced the SIGTERM handler
     jobs = bootstrap(cfg)
@@ -300,4 +367,6 @@ def run(args: argparse.Namespace) -> int:
     wait_for_stop(stop)
     serve.shutdown()
     ray.shutdown()
+    if held:
+        lifecycle.release(*held)
     return 0

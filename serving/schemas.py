@@ -136,6 +136,8 @@ class Job(BaseModel):
     hyper: dict[str, Any]
     status: Literal["queued", "training", "merging", "swapping", "succeeded", "failed", "rejected"]
     attempts: int = Field(description="times the job was started; >1 after a restart resumed it")
+    n_train: int | None = Field(None, description="images (or questions) it trains on")
+    n_heldout: int | None = Field(None, description="held out for the activation gate")
     progress: Progress
     timings: dict[str, float]
     gate: dict[str, Any] | None = Field(None, description="activation gate: accuracies compared and the verdict")
@@ -143,6 +145,11 @@ class Job(BaseModel):
     adapter_version: int | None
     created: float
     updated: float
+
+
+class JobPage(BaseModel):
+    jobs: list[Job] = Field(description="newest first")
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last page")
 
 
 class DomainInfo(BaseModel):

@@ -137,6 +137,15 @@ class StateDB:
         q = f"SELECT * FROM jobs WHERE status IN ({','.join('?' * len(status))}) ORDER BY created, rowid"
         return [_row(r) for r in self._all(q, status)]
 
+    def job_page(self, limit: int, before: tuple[float, str] | None = None) -> list[dict]:
+        """Up to ``limit`` jobs, newest first, strictly after ``before`` = ``(created, id)`` in that order."""
+        if before is None:
+            rows = self._all("SELECT * FROM jobs ORDER BY created DESC, id DESC LIMIT ?", (limit,))
+        else:
+            rows = self._all("SELECT * FROM jobs WHERE created < ? OR (created = ? AND id < ?) "
+                             "ORDER BY created DESC, id DESC LIMIT ?", (before[0], before[0], before[1], limit))
+        return [_row(r) for r in rows]
+
     # --- adapters, domains, accuracy -----------------------------------------------------------
     def record_version(self, job: dict | None, version: int, name: str, parent: int | None, method: str,
                        domains: list[str], metrics: dict, sha256: str, accuracy: dict[str, float],

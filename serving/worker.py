@@ -20,11 +20,19 @@ from training.buffer import ReplayBuffer
 from training.data import Domain
 from training.hyper import parse_hyper
 from training.lora import materialise, to_delta
-from training.online import ALPHA_METHODS, fit_adaptive, merge_into_global, train_domain_adapter, train_temporary
+from training.online import (
+    ALPHA_METHODS,
+    Progress,
+    fit_adaptive,
+    merge_into_global,
+    train_domain_adapter,
+    train_temporary,
+)
 from training.store import AdapterManifest, AdapterStore
 from training.strategies import LearnerContext
 from training.strategies.base import LoraLearner, accuracy
 
+from .archive import resize_images
 from .config import ServerConfig
 from .engine import build_task
 from .pipeline import crash_point, domain_file, save_domain
@@ -60,6 +68,9 @@ class IngestWorker:
         self.ctx = make_context(self.cfg)
         self.store = AdapterStore(self.cfg.path("adapters"))
         self.labels = labels_of(self.ctx, self.cfg)
+        # every stored domain is read at this one size, so the buffer, evaluation and the α fit, which
+        # read several domains together, never meet two sizes: the backbone's input, or the task's own
+        self.size = self.ctx.spec.img_size if self.ctx.task is None else self.cfg.vqa.image_size
 
     def initial(self) -> dict:
         """Persist ``global@v0``: the backbone's seeded head and LoRA at its initialisation (ΔW = 0)."""
@@ -69,25 +80,34 @@ class IngestWorker:
 
     # --- data ----------------------------------------------------------------------------------
     def domain(self, name: str, source: str | None = None) -> Domain:
-        """A stored domain; a built-in source (``builtin:<benchmark>/<domain>``) is written on first use."""
+        """A stored domain at the task's one image size (:attr:`size`), whatever size it was stored at (data
+        dirs written before sizes were canonical hold built-in domains at the benchmark's 32 px); a built-in
+        source (``builtin:<benchmark>/<domain>``) is written on first use."""
         path = domain_file(self.cfg, name)
         if not os.path.exists(path) and source and source.startswith(BUILTIN):
-            from training.data import load_benchmark
-
-            bench, dom = source[len(BUILTIN) :].split("/", 1)
-            d = load_benchmark(bench, domains=[dom]).domain(dom)
-            arrays = {"x_train": d.x_train, "y_train": d.y_train, "x_test": d.x_test, "y_test": d.y_test}
-            questions = {"q_train": d.q_train, "q_test": d.q_test} if hasattr(d, "q_train") else None
-            save_domain(self.cfg, name, {k: v.numpy() for k, v in arrays.items()}, questions)
-        t = load_file(path)
+            self._materialise(name, source[len(BUILTIN) :])
+        t = {k: v.numpy() for k, v in load_file(path).items()}
+        x_train, x_test = (torch.from_numpy(resize_images(t[k], self.size)) for k in ("x_train", "x_test"))
+        y_train, y_test = torch.from_numpy(t["y_train"]).long(), torch.from_numpy(t["y_test"]).long()
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
         if "q_train" in meta:  # a vqa domain: images, questions, answer ids
             from training.data.scenes import VqaDomain
 
-            return VqaDomain(name, t["x_train"], t["y_train"].long(), t["x_test"], t["y_test"].long(),
+            return VqaDomain(name, x_train, y_train, x_test, y_test,
                              q_train=json.loads(meta["q_train"]), q_test=json.loads(meta["q_test"]))
-        return Domain(name, t["x_train"], t["y_train"].long(), t["x_test"], t["y_test"].long())
+        return Domain(name, x_train, y_train, x_test, y_test)
+
+    def _materialise(self, name: str, source: str) -> None:
+        """Write built-in domain ``<benchmark>/<domain>`` as an upload would be stored: at :attr:`size`."""
+        from training.data import load_benchmark
+
+        bench, dom = source.split("/", 1)
+        d = load_benchmark(bench, domains=[dom]).domain(dom)
+        arrays = {"x_train": resize_images(d.x_train.numpy(), self.size), "y_train": d.y_train.numpy(),
+                  "x_test": resize_images(d.x_test.numpy(), self.size), "y_test": d.y_test.numpy()}
+        questions = {"q_train": d.q_train, "q_test": d.q_test} if hasattr(d, "q_train") else None
+        save_domain(self.cfg, name, arrays, questions)
 
     def _accuracy(self, adapter: dict[str, torch.Tensor], domains: list[Domain]) -> dict[str, float]:
         model = materialise(self.ctx.base, to_delta(adapter, self.ctx.lora)).to(self.ctx.device)
@@ -103,26 +123,62 @@ class IngestWorker:
             return 0
         path = self.cfg.path("buffer.safetensors")
         buf = ReplayBuffer.load(path) if os.path.exists(path) else ReplayBuffer(self.cfg.buffer_spc)
+        buf.map_images(lambda x: torch.from_numpy(resize_images(x.numpy(), self.size)))  # an older data dir's size
         if d.name not in buf.domains():
             buf.add(d.name, d.x_train, d.y_train)
             buf.save(path)
         return sum(len(v) for (dom, _), v in buf.slots.items() if dom == d.name)
 
-    # --- the two steps -------------------------------------------------------------------------
-    def train(self, job: dict, parent: dict, progress: Callable[[int, int, float], None] | None = None) -> tuple:
-        """Train ``job``'s temporary adapter starting from ``parent`` (a version row).
+    # --- one job -----------------------------------------------------------------------------
+    def run(self, job: dict, parent: dict, version: int, progress: Progress | None = None,
+            phase: Callable[[str], None] | None = None) -> dict:
+        """Train ``job``'s temporary adapter from ``parent`` (a version row), merge it into
+        ``global@v{version}``, evaluate every seen domain and persist the version atomically.
+
+        One call per job: the temporary adapter never leaves this process (the controller, which only
+        records numbers, never loads torch), the parent is loaded once and ``hyper`` parsed once.
+
+        Args:
+            job: The job row (``domain``, ``method``, ``hyper``, ``source``).
+            parent: The active version's row; its adapter is where training starts.
+            version: The number the new version takes (allocated by the pipeline).
+            progress: ``progress(step, total, loss)`` while training.
+            phase: Called with ``"merging"`` once training is done.
 
         Returns:
-            ``(adapter, info)``; ``info`` has ``zero_shot`` (the parent's accuracy on the new domain, for
-            the activation gate), ``A_t``, PAM's reset counts, ``n_train``/``n_heldout`` and ``buffer_size``.
+            ``{"manifest", "accuracy": {domain: acc}, "info", "metrics", "coefficients", "timings"}``;
+            ``info`` has ``zero_shot`` (the parent's accuracy on the new domain, for the activation gate),
+            ``A_t``, PAM's reset counts, ``n_train``/``n_heldout`` and ``buffer_size``.
         """
         t0 = time.perf_counter()
         hyper = parse_hyper(job["method"], job["hyper"], self.cfg.max_steps)
-        d = self.domain(job["domain"], job.get("source"))
         tensors, man = self.store.load(parent["name"], backbone=self.cfg.backbone)
-        zero_shot = self._accuracy(tensors, [d])[d.name]
-        n_seen = len(parent["domains"])
-        global_ = tensors if n_seen and man.format == "lora" else None
+        global_ = tensors if parent["domains"] and man.format == "lora" else None
+        temp, info = self._train(job, hyper, tensors, global_, len(parent["domains"]), progress)
+        if phase is not None:
+            phase("merging")
+        t1 = time.perf_counter()
+        if job["method"] in ALPHA_METHODS:
+            merged, extra = self._alpha_merge(job, parent, temp, version, hyper)
+        else:
+            merged, extra = merge_into_global(job["method"], global_, temp, hyper), {"metrics": {}, "coefficients": {}}
+        domains = [*parent["domains"], job["domain"]]
+        acc = self._accuracy(merged, [self.domain(n) for n in domains])
+        man = self.store.save(merged, AdapterManifest(
+            name=f"global@v{version}", backbone=self.cfg.backbone,
+            format="delta" if job["method"] in ALPHA_METHODS else "lora", lora=self.cfg.lora,
+            class_names=self.labels, parent=parent["name"], method=job["method"], domains=domains,
+            metrics={f"acc/{k}": v for k, v in acc.items()},
+        ))
+        timings = {"training": t1 - t0, "merging_and_evaluating": time.perf_counter() - t1}
+        return {"manifest": man.model_dump(mode="json"), "accuracy": acc, "info": info, "timings": timings, **extra}
+
+    def _train(self, job: dict, hyper: object, parent: dict[str, torch.Tensor], global_: dict | None, n_seen: int,
+               progress: Progress | None) -> tuple[dict[str, torch.Tensor], dict]:
+        """The temporary adapter (or, for the α methods, the domain's own) and what the gate needs to know."""
+        t0 = time.perf_counter()
+        d = self.domain(job["domain"], job.get("source"))
+        zero_shot = self._accuracy(parent, [d])[d.name]
 
         def report(step: int, total: int, loss: float) -> None:
             crash_point("during-training")
@@ -135,37 +191,7 @@ class IngestWorker:
             temp, info = train_temporary(self.ctx, job["method"], hyper, global_, n_seen, d, report)
         info.update(zero_shot=zero_shot, n_train=len(d.y_train), n_heldout=len(d.y_test),
                     buffer_size=self._buffer(d), train_seconds=time.perf_counter() - t0)
-        return {k: v.cpu() for k, v in temp.items()}, info
-
-    def merge(self, job: dict, parent: dict, temp: dict, version: int) -> dict:
-        """Merge ``temp`` into ``parent``, evaluate every seen domain, persist ``global@v{version}`` atomically.
-
-        Returns:
-            ``{"manifest": ..., "accuracy": {domain: acc}}``.
-        """
-        hyper = parse_hyper(job["method"], job["hyper"], self.cfg.max_steps)
-        seen = parent["domains"]
-        extra: dict = {"metrics": {}, "coefficients": {}}
-        if job["method"] in ALPHA_METHODS:
-            merged, extra = self._alpha_merge(job, parent, temp, version, hyper)
-        else:
-            global_ = self.store.load(parent["name"], backbone=self.cfg.backbone)[0] if seen else None
-            merged = merge_into_global(job["method"], global_, temp, hyper)
-        domains = [*seen, job["domain"]]
-        acc = self._accuracy(merged, [self.domain(n) for n in domains])
-        man = AdapterManifest(
-            name=f"global@v{version}",
-            backbone=self.cfg.backbone,
-            format="delta" if job["method"] in ALPHA_METHODS else "lora",
-            lora=self.cfg.lora,
-            class_names=self.labels,
-            parent=parent["name"],
-            method=job["method"],
-            domains=domains,
-            metrics={f"acc/{k}": v for k, v in acc.items()},
-        )
-        man = self.store.save(merged, man)
-        return {"manifest": man.model_dump(mode="json"), "accuracy": acc, **extra}
+        return temp, info
 
     def _alpha_merge(self, job: dict, parent: dict, temp: dict, version: int, hyper: object) -> tuple[dict, dict]:
         """Adaptive merging online: every domain's own adapter, merged with α fit on the replay buffer.

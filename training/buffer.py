@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -28,7 +29,16 @@ class ReplayBuffer:
         self.seen: dict[tuple[str, int], int] = {}
 
     def add(self, domain: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Offer a domain's samples (uint8 (N, 3, H, W), int64 (N,)) to the buffer."""
+        """Offer a domain's samples (uint8 (N, 3, H, W), int64 (N,)) to the buffer.
+
+        Raises:
+            ValueError: the images' shape differs from the buffered ones' (resize first: the buffer is
+                stacked into one tensor, for the α fit and when saved).
+        """
+        held = next((s[0].shape for s in self.slots.values() if s), None)
+        if held is not None and len(x) and tuple(x.shape[1:]) != tuple(held):
+            raise ValueError(f"{domain}: images of shape {tuple(x.shape[1:])} offered to a replay buffer holding "
+                             f"{tuple(held)}; resize them to one size first")
         for xi, yi in zip(x, y.tolist()):
             key = (domain, yi)
             slot = self.slots.setdefault(key, [])
@@ -49,6 +59,12 @@ class ReplayBuffer:
         if not xs:
             raise ValueError("the replay buffer is empty")
         return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+
+    def map_images(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every buffered image batch-wise: ``fn`` maps uint8 (N, 3, H, W) to (N, 3, H', W')."""
+        for key, xs in self.slots.items():
+            if xs:
+                self.slots[key] = list(fn(torch.stack(xs)))
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.slots.values())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 #: file name endings read as images (class folders, uploads)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -10,6 +10,8 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 class TrainSettings(BaseModel):
     """Per-domain training recipe (defaults: the offline ``digits5`` setting, see docs/results.md)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silently kept default
 
     steps: int = Field(80, ge=0, description="optimizer steps per domain")
     batch_size: int = Field(64, ge=1, description="images per step, sampled with replacement")
@@ -20,6 +22,8 @@ class TrainSettings(BaseModel):
 
 class LoraSettings(BaseModel):
     """LoRA hyper-parameters (defaults: small-backbone setting; PAM uses rank 32 on ViT-B/16)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     rank: int = Field(8, ge=1, description="LoRA rank r")
     alpha: float = Field(16.0, gt=0, description="lora_alpha; scaling s = alpha / r")

@@ -36,14 +36,11 @@ def submission(name: str, seed: int = 0, method: str = "pam", **kw) -> Submissio
 class LocalWorker:
     """The worker interface over an in-process :class:`IngestWorker` (methods run in a thread)."""
 
-    def __init__(self, cfg: ServerConfig) -> None:
-        self.w = IngestWorker(cfg)
+    def __init__(self, cfg: ServerConfig, cls: type[IngestWorker] = IngestWorker) -> None:
+        self.w = cls(cfg)
 
-    async def train(self, job: dict, parent: dict, progress: object) -> tuple:
-        return await asyncio.to_thread(self.w.train, job, parent, progress)
-
-    async def merge(self, job: dict, parent: dict, temp: dict, version: int) -> dict:
-        return await asyncio.to_thread(self.w.merge, job, parent, temp, version)
+    async def run(self, job: dict, parent: dict, version: int, progress: object, phase: object) -> dict:
+        return await asyncio.to_thread(self.w.run, job, parent, version, progress, phase)
 
     async def initial(self) -> dict:
         return await asyncio.to_thread(self.w.initial)

@@ -19,7 +19,8 @@ def _cfg(*argv: str):
 def test_no_flags_give_the_documented_defaults():
     cfg = _cfg()
     assert cfg.worker_idle_s == 120 and cfg.vqa.enabled and cfg.vqa.num_replicas == "auto"
-    assert cfg.vqa.autoscaling["min_replicas"] == 0 and cfg.vqa.autoscaling["initial_replicas"] == 1
+    # no VQA replica until the first question: ~1 GB that would sit beside the bootstrap's training worker
+    assert cfg.vqa.autoscaling["min_replicas"] == 0 and cfg.vqa.autoscaling["initial_replicas"] == 0
     assert cfg.bootstrap and cfg.vqa.bootstrap == []
     assert cfg.backbone == "efficientnet_lite0_offline"  # the measured choice (docs/results.md)
 
@@ -39,17 +40,76 @@ def test_serve_accepts_the_autoscaling_it_is_given():
     AutoscalingConfig(**_cfg("--vqa-replicas", "auto").vqa.autoscaling)  # Serve's own validation, not ours
 
 
+BAD_LABELS = ["a", "a,a,b", "cat,,dog", "cat,dog/x", ",".join(str(i) for i in range(1001)), "cat,..", " ,x"]
+
+
 @pytest.mark.parametrize("argv", [("--vqa-replicas", "many"), ("--worker-idle-s", "-1"), ("--direct-port", "-5"),
-                                  ("--direct-port", "65500")])
+                                  ("--direct-port", "65500"), *[("--labels", x) for x in BAD_LABELS]])
 def test_bad_flags_fail_before_anything_starts(argv, capsys):
     with pytest.raises(ValueError):
         _cfg(*argv)
+    assert _run(*argv) == 2  # a one-line message and exit status 2, no traceback, no Ray
+    err = capsys.readouterr().err
+    assert err.startswith("mergeserve serve: ") and err.count("\n") == 1, err
+
+
+def _run(*argv: str) -> int:
+    """``mergeserve serve ARGV`` in process, for arguments that must be refused: were they accepted, the test
+    fails at the data dir's claim instead of starting a server."""
+    from unittest import mock
+
     from serving.app import run
 
     p = argparse.ArgumentParser()
     add_arguments(p)
-    assert run(p.parse_args(list(argv))) == 2  # a one-line message and exit status 2, no traceback, no Ray
-    assert capsys.readouterr().err.startswith("mergeserve serve: ")
+    with mock.patch("serving.lifecycle.claim", side_effect=AssertionError("accepted: a server would start")):
+        return run(p.parse_args(list(argv)))
+
+
+def test_own_labels_turn_the_digit_bootstrap_off_and_show_in_the_config():
+    cfg = _cfg("--labels", "cat, dog,bird")
+    assert cfg.class_names == ["cat", "dog", "bird"] and cfg.bootstrap == []
+    assert _cfg().bootstrap == ["mnist"] and _cfg("--labels", ",".join(map(str, range(10)))).bootstrap == ["mnist"]
+
+
+@pytest.mark.parametrize("text, field", [
+    ("trian: {steps: 3}\n", "trian"),                      # a typo is not a silently kept default
+    ("train: {steps: -1}\n", "train.steps"),
+    ("train: {stpes: 3}\n", "train.stpes"),
+    ("vqa: {enabled: maybe}\n", "vqa.enabled"),
+    ("class_names: [cat, cat]\n", "duplicated"),
+    ("class_names: [cat, dog]\nbootstrap: [mnist]\n", "bootstrap"),
+    ("[1, 2]\n", "mapping"),
+    ("train: {steps: 3\n", "YAML"),
+])
+def test_a_bad_config_file_is_one_line_naming_the_key_and_exit_2(tmp_path, capsys, text, field):
+    f = tmp_path / "server.yaml"
+    f.write_text(text)
+    assert _run("--config", str(f)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mergeserve serve: ") and err.count("\n") == 1 and field in err, err
+
+
+def test_a_config_file_yaml_or_json_and_flags_win(tmp_path):
+    y = tmp_path / "server.yaml"
+    y.write_text("class_names: [cat, dog]\ntrain: {steps: 7}\nvqa: {enabled: false}\n")
+    cfg = _cfg("--config", str(y))
+    assert cfg.class_names == ["cat", "dog"] and cfg.train.steps == 7 and not cfg.vqa.enabled
+    assert cfg.train.batch_size == 64 and cfg.bootstrap == []  # the rest: defaults
+    j = tmp_path / "server.json"
+    j.write_text('{"class_names": ["cat", "dog"], "vqa": {"max_questions": 8}}')
+    cfg = _cfg("--config", str(j), "--labels", "x,y,z", "--no-vqa", "--worker-idle-s", "0")
+    assert cfg.class_names == ["x", "y", "z"] and not cfg.vqa.enabled and cfg.vqa.max_questions == 8
+    assert cfg.worker_idle_s == 0
+
+
+def test_a_data_dir_keeps_the_labels_it_started_with(tmp_path, capsys):
+    from serving.pipeline import Pipeline
+
+    Pipeline(_cfg("--data-dir", str(tmp_path), "--labels", "cat,dog")).db.put("labels", ["cat", "dog"])
+    assert _run("--data-dir", str(tmp_path), "--labels", "cat,dog,bird") == 2
+    err = capsys.readouterr().err
+    assert "['cat', 'dog']" in err and "another data dir" in err and err.count("\n") == 1
 
 
 def test_the_shipped_serve_configs_are_valid_server_configs():

@@ -203,7 +203,8 @@ def _flat_png(side: int) -> bytes:
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])
 @pytest.mark.parametrize("side", [16, 32, 40])
 def test_decode_matches_pil_convert_and_resize(mode: str, side: int):
-    """The same-size shortcut and the one-pass header read give what PIL's convert + resize give."""
+    """The same-size shortcut and the one-pass header read give what PIL's convert + resize give (RGBA:
+    composited over black first, so a half-transparent pixel is half as bright, not at full colour)."""
     from PIL import Image
 
     from serving.archive import decode_images
@@ -212,6 +213,8 @@ def test_decode_matches_pil_convert_and_resize(mode: str, side: int):
     want = []
     for raw in raws:
         with Image.open(io.BytesIO(raw)) as im:
+            if im.mode == "RGBA":
+                im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im)
             want.append(np.asarray(im.convert("RGB").resize((32, 32), Image.BILINEAR)))
     got = decode_images(raws, 32, Limits())
     assert got.shape == (3, 3, 32, 32) and got.dtype == np.uint8 and got.flags.c_contiguous
@@ -226,3 +229,57 @@ def test_truncated_pixel_data_is_bad_image_and_names_the_image():
     with pytest.raises(Problem) as e:
         decode_images([good, cut], 32, Limits())
     assert e.value.code == "bad-image" and "images[1]" in e.value.detail
+
+
+def _enc(im, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_images_decode_upright_and_at_8_bits_whatever_their_mode():
+    """What phones and scanners send: EXIF rotation, 16-bit grey, transparency, palettes, floats."""
+    from PIL import Image
+
+    from serving.archive import decode_image
+
+    def dec(raw: bytes, size: int = 8) -> np.ndarray:
+        return decode_image(raw, size, "x", 4096**2)
+
+    grey16 = np.full((16, 16), 65535, np.uint16)
+    grey16[8:] = 32896  # 128 × 257
+    got = dec(_enc(Image.fromarray(grey16)))
+    assert got[0, 0].tolist() == [255] * 3 and got[-1, 0].tolist() == [128] * 3  # scaled, not clipped to 255
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 128
+    assert dec(_enc(Image.fromarray(rgba, "RGBA")))[0, 0].tolist() == [100, 0, 0]  # over black: half as bright
+    pal = Image.new("P", (16, 16), 1)
+    pal.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    pal.paste(0, (0, 0, 16, 8))  # the top half: index 0, declared transparent
+    got = dec(_enc(pal, "GIF", transparency=0), 16)
+    assert got[0, 0].tolist() == [0, 0, 0] and got[-1, 0].tolist() == [0, 255, 0]
+    img = np.zeros((40, 80, 3), np.uint8)
+    img[:, :40] = 255  # left half white; stored so, EXIF says: rotate 90° clockwise to view
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    got = dec(_enc(Image.fromarray(img), "JPEG", exif=exif.tobytes()), 16)
+    assert got[0, :, 0].mean() > 200 and got[-1, :, 0].mean() < 50  # upright: white on top
+    unit = Image.fromarray(np.full((8, 8), 0.5, np.float32), "F")
+    assert dec(_enc(unit, "TIFF"))[0, 0].tolist() == [128] * 3
+
+
+@pytest.mark.parametrize("side", [20, 33, 64, 500, 4000])
+def test_any_size_decodes_to_the_size_asked(side: int):
+    from PIL import Image
+
+    from serving.archive import decode_image
+
+    raw = _enc(Image.new("RGB", (side, max(1, side // 2)), (10, 20, 30)), "JPEG")
+    assert decode_image(raw, 64, "x", 4096**2).shape == (64, 64, 3)
+
+
+def test_resize_images_is_the_upload_resize():
+    from serving.archive import resize_images
+
+    x = np.random.RandomState(0).randint(0, 255, (3, 3, 32, 32)).astype(np.uint8)
+    assert resize_images(x, 32) is x and resize_images(x, 64).shape == (3, 3, 64, 64)

@@ -10,6 +10,7 @@ from _pipeline_util import LocalWorker, activate_fn, config, run_all, submission
 
 from serving.errors import Problem
 from serving.pipeline import Pipeline, gate
+from serving.worker import IngestWorker
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +67,14 @@ def test_learn_then_gate_rejects_a_broken_merge(tmp_path):
     acc1 = pipe.db.accuracy(1)["d1"]
     assert acc1 > 0.6, "precondition: the first domain is learned"
 
-    class Broken(LocalWorker):  # what lr=1e30 did before hyper-parameters were bounded
-        async def train(self, job, parent, progress):
-            temp, info = await super().train(job, parent, progress)
+    class Broken(IngestWorker):  # what lr=1e30 did before hyper-parameters were bounded
+        def _train(self, *args, **kwargs):
+            temp, info = super()._train(*args, **kwargs)
             g = torch.Generator().manual_seed(0)
             return {k: torch.randn(v.shape, generator=g) * 100 for k, v in temp.items()}, info
 
     pipe.accept(submission("d2", seed=1, method="finetune"))
-    (bad,) = run_all(pipe, Broken(cfg))
+    (bad,) = run_all(pipe, LocalWorker(cfg, Broken))
     assert bad["status"] == "rejected" and pipe.active == 1, bad
     assert bad["gate"]["drops"]["d1"] > 0.2 and not bad["gate"]["passed"]
     assert pipe.db.version(bad["version"]) is not None and "d2" not in pipe.db.domain_names()
@@ -194,3 +195,27 @@ def test_vqa_rejects_classification_only_methods(tmp_path):
         pipe.accept(task_submission("vqa", "d1", method="adaptive"))
     assert e.value.code == "unknown-method" and "vqa" in e.value.detail
     assert pipe.db.jobs() == []
+
+
+def test_domains_from_every_source_meet_at_one_size(tmp_path):
+    """The default server's failure (issue 24): the bootstrap's built-in domain (digits5, made at 32 px), then
+    uploads at the backbone's 64 px; the replay buffer, evaluation and the α fit read them together."""
+    from serving.pipeline import Submission
+
+    digits = [str(i) for i in range(10)]
+    cfg = config(str(tmp_path), backbone="efficientnet_lite0_offline", class_names=digits,
+                 train={"steps": 2, "batch_size": 8, "lr": 1e-3, "eval_batch": 128})
+    pipe, worker = Pipeline(cfg), LocalWorker(cfg)
+    rng = np.random.RandomState(0)
+    upload = [(rng.randint(0, 255, (30, 3, 64, 64)).astype(np.uint8), np.arange(30) % 10) for _ in range(2)]
+    pipe.accept(Submission("mnist", None, {}, None, None, None, source="builtin:digits5/mnist"))
+    pipe.accept(Submission("up1", "adaptive", {"fit_steps": 2}, None, *upload[0]))
+    pipe.accept(Submission("up2", "adaptive", {"fit_steps": 2}, None, *upload[1]))
+    done = run_all(pipe, worker)
+    assert [(j["domain"], j["status"]) for j in done] == [("mnist", "succeeded"), ("up1", "succeeded"),
+                                                          ("up2", "succeeded")], [j["error"] for j in done]
+    assert {worker.w.domain(d).x_train.shape[-1] for d in ("mnist", "up1", "up2")} == {64}
+    from training.buffer import ReplayBuffer
+
+    buf = ReplayBuffer.load(cfg.path("buffer.safetensors"))
+    assert buf.domains() == ["mnist", "up1", "up2"] and buf.tensors()[0].shape[1:] == (3, 64, 64)

@@ -54,6 +54,17 @@ def test_buffer_balanced_and_persisted(tmp_path):
         ReplayBuffer(0)
 
 
+def test_buffer_holds_one_image_size_and_can_be_resized():
+    buf = ReplayBuffer(2)
+    buf.add("a", torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.arange(4) % 2)
+    with pytest.raises(ValueError, match=r"\(3, 64, 64\).*\(3, 32, 32\)"):  # said, not a torch.stack error
+        buf.add("b", torch.zeros(4, 3, 64, 64, dtype=torch.uint8), torch.arange(4) % 2)
+    assert buf.domains() == ["a"]  # nothing of the refused domain was kept
+    buf.map_images(lambda x: torch.nn.functional.interpolate(x.float(), size=64).to(torch.uint8))
+    buf.add("b", torch.zeros(4, 3, 64, 64, dtype=torch.uint8), torch.arange(4) % 2)
+    assert buf.tensors()[0].shape == (8, 3, 64, 64)
+
+
 def test_backbone_registry():
     m = create_backbone("vit_test", 7, seed=1)
     spec = get_spec("vit_test")

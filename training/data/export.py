@@ -4,7 +4,8 @@ A classification domain becomes ``class_name/image.png``; a VQA domain (``scenes
 ``images/i.png`` + ``questions.jsonl`` (one ``{"image", "question", "answer"}`` per line), the layouts
 ``POST /v1/domains`` reads. Useful to try ingestion with real data and no network, e.g.
 ``mergeserve export --domain sklearn --out sklearn.tar.gz`` or
-``mergeserve export --benchmark scenes_vqa --domain count --out count.tar.gz``.
+``mergeserve export --benchmark scenes_vqa --domain count --out count.tar.gz``; an ``--out`` without an
+archive suffix is a folder of the same layout (images to classify: ``--split test --out digits``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import sys
 import tarfile
 import zipfile
 
@@ -24,7 +27,7 @@ def export_domain(benchmark: str, domain: str, out: str, limit: int | None = Non
     """Write one domain's images; returns how many were written.
 
     Raises:
-        KeyError: unknown benchmark or domain. ValueError: ``out`` is neither .zip nor .tar.gz.
+        KeyError: unknown benchmark or domain. ValueError: ``out`` is an existing file or non-empty folder.
     """
     b = load_benchmark(benchmark, domains=[domain])
     d = b.domains[0]
@@ -53,8 +56,13 @@ def export_domain(benchmark: str, domain: str, out: str, limit: int | None = Non
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
-    else:
-        raise ValueError(f"output must end in .zip or .tar.gz, got {out!r}")
+    else:  # a folder: the same layout as files (what `mergeserve ingest` packs, `classify` reads)
+        if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+            raise ValueError(f"{out!r} is neither a .zip / .tar.gz name nor a new or empty folder")
+        for name, data in files:
+            os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
+            with open(os.path.join(out, name), "wb") as f:
+                f.write(data)
     return n
 
 
@@ -62,13 +70,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """CLI flags of ``mergeserve export``."""
     p.add_argument("--benchmark", default="digits5", help="benchmark (default digits5)")
     p.add_argument("--domain", required=True, help="domain name, e.g. sklearn")
-    p.add_argument("--out", required=True, help="output .zip or .tar.gz")
+    p.add_argument("--out", required=True, help="output .zip or .tar.gz, or else a new (or empty) folder")
     p.add_argument("--limit", type=int, help="at most this many images")
     p.add_argument("--split", choices=["train", "test"], default="train", help="which split (default train)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``mergeserve export``."""
-    n = export_domain(args.benchmark, args.domain, args.out, args.limit, args.split)
+    try:
+        n = export_domain(args.benchmark, args.domain, args.out, args.limit, args.split)
+    except (KeyError, ValueError) as e:
+        print(f"mergeserve export: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
     print(f"wrote {n} examples of {args.benchmark}/{args.domain} to {args.out}")
     return 0
