@@ -18,6 +18,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serving.app", "start the Ray Serve application (in-process Ray unless --address)"),
     "bench-serve": ("serving.bench", "measure serving throughput, latency during a hot swap, and ingest time"),
     "export": ("training.data.export", "write a benchmark domain as a class_name/image archive for POST /v1/domains"),
+    # clients of a running server (HTTP only: MERGESERVE_URL, MERGESERVE_TOKEN)
+    "ingest": ("mergeserve.commands.ingest", "upload a domain (folder or archive) and follow its job to the end"),
+    "classify": ("mergeserve.commands.classify", "classify image files with the served model"),
+    "ask": ("mergeserve.commands.ask", "ask the VQA model a question about an image"),
+    "jobs": ("mergeserve.commands.jobs", "list ingest jobs, newest first"),
+    "activate": ("mergeserve.commands.activate", "serve another adapter version (roll back or forward)"),
+    "status": ("mergeserve.commands.status", "is the server ready; each task's model, labels, version, domains"),
 }
 
 
