@@ -1,16 +1,33 @@
 # Two commands do all set-up on a fresh machine: `make serve` (main job) and `make test`.
+#
+# .venv is the product exactly as it ships: `pip install .`, no extras, not editable (what the Dockerfile
+# installs), so `make serve` runs what users run, and the acceptance tests start the server from it.
+# .venv-dev holds the test tools only (pytest, ruff, the dev extra's packages) and sees .venv's packages
+# through a .pth file: one install of torch and ray, and nothing dev-only can leak into the product's venv.
 PY ?= python3
 VENV := .venv
+DEV := .venv-dev
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(DEV)/.installed
+SOURCES := pyproject.toml $(shell find merge training serving mergeserve -type f -not -name '*.pyc' 2>/dev/null)
 
 .PHONY: install serve test lint bench clean prometheus-tools
 
-$(STAMP): pyproject.toml
+$(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install .
+	rm -rf build
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	test -x $(DEV)/bin/python || $(PY) -m venv $(DEV)
+	$(BIN)/python -c "import site; print(site.getsitepackages()[0])" > $$($(DEV)/bin/python -c "import site; print(site.getsitepackages()[0])")/mergeserve-product.pth
+	$(DEV)/bin/pip install --upgrade pip
+	$(DEV)/bin/pip install '.[dev]'
+	rm -rf build
+	touch $(DEV_STAMP)
 
 install: $(STAMP)
 
@@ -24,12 +41,12 @@ prometheus-tools:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends prometheus; }
 
-test: $(STAMP) prometheus-tools
-	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+test: $(DEV_STAMP) prometheus-tools
+	$(DEV)/bin/ruff check .
+	$(DEV)/bin/python -m pytest
 
-lint: $(STAMP)
-	$(BIN)/ruff check .
+lint: $(DEV_STAMP)
+	$(DEV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(DEV) .pytest_cache .ruff_cache *.egg-info build
