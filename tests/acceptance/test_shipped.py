@@ -135,7 +135,9 @@ def default_server(root, labels_run):
     record("default server: SIGTERM → exit", s.stop())
 
 
-def test_the_readme_session_runs_as_written_on_the_default_server(default_server, root):
+@pytest.fixture(scope="module")
+def session_output(default_server, root) -> str:
+    """The README's session, run once as written against the default server; its standard output."""
     cwd = root / "session"
     cwd.mkdir()
     t0 = time.monotonic()
@@ -143,6 +145,11 @@ def test_the_readme_session_runs_as_written_on_the_default_server(default_server
     for cmd, dt in steps:
         record(f"README: {cmd}", dt)
     record("README session, all of it", time.monotonic() - t0)
+    return stdout
+
+
+def test_the_readme_session_runs_as_written_on_the_default_server(default_server, session_output):
+    stdout = session_output
     assert "succeeded: 'sklearn' is in adapter v2" in stdout
     assert "succeeded: 'printed' is in adapter v3" in stdout
     assert "succeeded: 'count' is in adapter v1" in stdout  # the vqa lineage's first learned version
@@ -159,9 +166,9 @@ def test_the_readme_session_runs_as_written_on_the_default_server(default_server
     assert min(acc.values()) > 0.5, acc  # every digit domain is served well by v3, the 32 px one included
 
 
-def test_no_torch_in_the_driver_and_the_controller_after_ingests(default_server):
+def test_no_torch_in_the_driver_and_the_controller_after_ingests(default_server, session_output):
     """Only replicas and the training worker need torch (~700 MB each with the default CUDA build)."""
-    assert default_server.job("count")["status"] == "succeeded"  # after ingests of both tasks
+    assert default_server.job("count")["status"] == "succeeded"  # after the session's ingests of both tasks
     driver = psutil.Process(default_server.proc.pid)
     procs = {" ".join(p.cmdline())[:40]: p.pid for p in driver.children(recursive=True)}
     controller = [pid for cmd, pid in procs.items() if cmd.startswith("ray::Controller")]
