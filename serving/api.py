@@ -35,7 +35,7 @@ from .archive import (
 from .batching import GreedyBatcher
 from .config import ServerConfig
 from .controller import NAME, NAMESPACE
-from .errors import FRAMEWORK_CODES, PROBLEM_TYPE, Problem, unwrap
+from .errors import FRAMEWORK_CODES, PROBLEM_TYPE, RETRY_AFTER_S, Problem, unwrap
 from .metrics import Recorder, RequestMiddleware
 from .pipeline import Submission, check_hyper
 from .schemas import (
@@ -73,7 +73,7 @@ def _doc(model: type, multipart: dict[str, Any]) -> dict:
 
 def _problem(request: Request, p: Problem) -> JSONResponse:
     rid = getattr(request.state, "request_id", None)
-    return JSONResponse(p.body(rid), status_code=p.status, media_type=PROBLEM_TYPE)
+    return JSONResponse(p.body(rid), status_code=p.status, media_type=PROBLEM_TYPE, headers=p.headers())
 
 
 @api.exception_handler(Problem)
@@ -94,6 +94,8 @@ async def _on_http(request: Request, e: HTTPException) -> JSONResponse:
 
 @api.exception_handler(Exception)
 async def _on_internal(request: Request, e: Exception) -> JSONResponse:
+    if isinstance(p := unwrap(e), Problem):  # a dependency restarting: 503 + Retry-After, not a 500
+        return _problem(request, p)
     return _problem(request, Problem(500, "internal-error", f"{type(e).__name__}: {e}"[:500]))
 
 
@@ -132,12 +134,13 @@ def _job_view(j: dict) -> dict:
     return {**j, "progress": progress, "adapter_version": j["version"]}
 
 
-async def _call(ref: ray.ObjectRef) -> Any:
-    """Await a controller call; a :class:`Problem` raised there is raised here."""
+async def _call(ref: ray.ObjectRef, what: str = "the controller") -> Any:
+    """Await a remote call; a :class:`Problem` raised there is raised here, and a dead or restarting actor
+    is a 503 with ``Retry-After`` (:func:`~serving.errors.unwrap`)."""
     try:
         return await ref
     except Exception as e:
-        raise unwrap(e) from None
+        raise unwrap(e, what) from None
 
 
 @serve.deployment(name="Model", health_check_period_s=5)
@@ -191,7 +194,8 @@ class Model:
         try:
             ctrl = await self.controller.ready.remote()
         except Exception as e:  # noqa: BLE001
-            raise Problem(503, "not-ready", f"controller unavailable: {type(e).__name__}") from e
+            raise Problem(503, "not-ready", f"controller unavailable: {type(e).__name__}",
+                          retry_after=RETRY_AFTER_S) from e
         version = self.engine.current[0]
         return {"status": "ready", "active_version": ctrl["active"], "ingest": ctrl["ingest"],
                 "replica": {"replica": self.engine.replica_id, "adapter_version": version,
@@ -330,10 +334,7 @@ class Model:
             raws, questions = [_b64(req.image, "image")], [req.question]
         else:
             raise Problem(422, "no-question", "send {'image': base64, 'question': str} or {'items': [...]}")
-        try:
-            results, version = await self.vqa.answer.remote(raws, questions, req.top_k)
-        except Exception as e:
-            raise unwrap(e) from None
+        results, version = await _call(self.vqa.answer.remote(raws, questions, req.top_k), "the VQA model")
         ids = [rid] if len(results) == 1 else [f"{rid}:{j}" for j in range(len(results))]
         self.recorder.predicted([(i, req.domain, r["answer"], "vqa") for i, r in zip(ids, results)])
         return JSONResponse({"request_id": rid, "adapter_version": version, "answers": results})

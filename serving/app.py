@@ -103,6 +103,13 @@ HAPROXY_SIDE_PORTS = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_HAPROXY_M
                       "RAY_SERVE_HAPROXY_STATS_PORT")
 
 
+#: where Serve's HAProxy keeps its files (it adds a folder per node under each one's directory); an
+#: in-process run points them into its own temporary directory (serving/lifecycle.py)
+HAPROXY_FILES = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+                 "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock"}
+
+
 #: ports reserved for direct ingress from ``--direct-port`` on: one per ``Model`` replica on a node
 DIRECT_PORTS = 64
 
@@ -187,6 +194,10 @@ def start(
 
     ``direct_port`` turns on direct ingress for an in-process Ray (:func:`ray_env`); a cluster
     (``address``) has it when its nodes were started with the same variables.
+
+    The app is built (controller up, every task's v0 made, recovery done, bootstrap queued: seconds, more on
+    a fresh data dir) before Serve opens the port: until its routes exist Serve's proxy answers every path
+    404, which a client cannot tell from a wrong URL; before it opens, a client's connection is refused.
     """
     ray_env(None if address else direct_port)
     if not ray.is_initialized():
@@ -194,8 +205,9 @@ def start(
         # gets it from `ray start --metrics-export-port` (deploy/docker-compose.yml)
         extra = {"_metrics_export_port": metrics_export_port} if metrics_export_port and not address else {}
         ray.init(address=address, namespace="mergeserve", include_dashboard=False, log_to_driver=True, **extra)
+    app = build_app(cfg.model_dump(mode="json"))
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(cfg.model_dump(mode="json")), name="mergeserve", route_prefix="/")
+    serve.run(app, name="mergeserve", route_prefix="/")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -345,13 +357,16 @@ def run(args: argparse.Namespace) -> int:
     if not args.address:
         ports = [args.port] + ([args.direct_port] if args.direct_port else [])
         try:
-            lock, tag = lifecycle.claim(cfg.data_dir, args.host, ports, {"port": args.port})
+            claimed = lifecycle.claim(cfg.data_dir, args.host, ports, {"port": args.port})
         except lifecycle.StartError as e:
             print(f"mergeserve serve: {e}", file=sys.stderr)
             return 1
         # the reaper's pipe closes when this process ends, however it ends
-        held = (lock, lifecycle.start_reaper(tag, os.path.join(cfg.data_dir, lifecycle.PROCS)))
-        os.environ[lifecycle.TAG] = tag  # before Ray starts: every process it starts inherits the tag
+        procs = os.path.join(cfg.data_dir, lifecycle.PROCS)
+        held = (claimed, lifecycle.start_reaper(claimed.tag, procs, claimed.tmp))
+        os.environ[lifecycle.TAG] = claimed.tag  # before Ray starts: every process it starts inherits the tag
+        for key, name in HAPROXY_FILES.items():  # HAProxy's files in the run's directory, removed with it
+            os.environ.setdefault(key, os.path.join(claimed.tmp, name))
     print(f"mergeserve: data in {cfg.data_dir}; starting Ray Serve on http://{args.host}:{args.port}", flush=True)
     start(cfg, args.port, args.host, args.address, args.metrics_export_port, args.direct_port)
     catch_stop_signals(stop)  # ray.init replaced the SIGTERM handler

@@ -16,12 +16,12 @@ import logging
 import time
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import NodeDiedError, OutOfMemoryError, RayActorError, WorkerCrashedError
 
 from .config import ServerConfig
 from .errors import Problem
 from .metrics import ServerMetrics
-from .pipeline import Pipeline, Submission
+from .pipeline import Pipeline, Submission, WorkerLost
 
 NAME, NAMESPACE, WORKER = "mergeserve-controller", "mergeserve", "mergeserve-worker"
 
@@ -163,15 +163,15 @@ class RemoteWorker:
         try:
             await self.slot.free.wait()
             return await getattr(self.get(), method).remote(self.task, *args)
-        except RayActorError as e:
+        except (RayActorError, WorkerCrashedError, NodeDiedError, OutOfMemoryError) as e:
             self.handle, self.last_error = None, f"training worker died during {what}: {type(e).__name__}"
-            raise RuntimeError(self.last_error) from e
+            raise WorkerLost(self.last_error) from e
         finally:
             self.slot.busy -= 1
             self.slot.last_used = time.monotonic()
 
     async def run(self, job: dict, parent: dict, version: int, progress: object, phase: object) -> dict:
-        return await self._call("the job", "run", job, parent, version, progress, phase)
+        return await self._call("a job", "run", job, parent, version, progress, phase)
 
     async def initial(self) -> dict:
         return await self._call("start-up", "initial")

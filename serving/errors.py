@@ -25,15 +25,20 @@ FRAMEWORK_CODES = {
 class Problem(Exception):
     """A client-facing error: HTTP ``status``, a machine-readable ``code`` and a human ``detail``.
 
-    ``extra`` holds structured context (e.g. the activation gate's numbers) and is merged into the body.
+    ``extra`` holds structured context (e.g. the activation gate's numbers) and is merged into the body;
+    ``retry_after`` (seconds) becomes a ``Retry-After`` header: the error is temporary.
     """
 
-    def __init__(self, status: int, code: str, detail: str, **extra: Any) -> None:
+    def __init__(self, status: int, code: str, detail: str, *, retry_after: int | None = None, **extra: Any) -> None:
         super().__init__(status, code, detail, extra)
         self.status, self.code, self.detail, self.extra = status, code, detail, extra
+        self.retry_after = retry_after
 
     def __reduce__(self) -> tuple:  # keep `extra` as keywords through pickling (Ray)
-        return (_rebuild, (self.status, self.code, self.detail, self.extra))
+        return (_rebuild, (self.status, self.code, self.detail, self.extra, self.retry_after))
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
 
     def body(self, request_id: str | None = None) -> dict[str, Any]:
         """The problem+json document."""
@@ -47,11 +52,32 @@ class Problem(Exception):
         }
 
 
-def _rebuild(status: int, code: str, detail: str, extra: dict) -> Problem:
-    return Problem(status, code, detail, **extra)
+def _rebuild(status: int, code: str, detail: str, extra: dict, retry_after: int | None = None) -> Problem:
+    return Problem(status, code, detail, retry_after=retry_after, **extra)
 
 
-def unwrap(e: BaseException) -> BaseException:
-    """The :class:`Problem` a remote Ray call raised, or ``e`` itself."""
+#: how long a client should wait before retrying a dependency that is restarting (an actor comes back in ~1-2 s)
+RETRY_AFTER_S = 2
+
+
+def unwrap(e: BaseException, what: str = "a server component") -> BaseException:
+    """What a failed remote call means for the client: the :class:`Problem` it raised; a 503 with
+    ``Retry-After`` when the actor or replica that should answer is dead, restarting or not up yet
+    (never the client's fault, and it passes); else ``e`` itself (a 500)."""
     cause = getattr(e, "cause", None)
-    return cause if isinstance(cause, Problem) else e
+    if isinstance(cause, Problem):
+        return cause
+    if unavailable(e):
+        return Problem(503, "unavailable", f"{what} is restarting or not up yet ({type(e).__name__}); retry",
+                       retry_after=RETRY_AFTER_S)
+    return e
+
+
+def unavailable(e: BaseException) -> bool:
+    """Whether ``e`` says a Ray actor, worker, node or Serve replica is gone or not (yet) reachable."""
+    from ray import exceptions as rx
+    from ray.serve import exceptions as sx
+
+    gone = (rx.RayActorError, rx.WorkerCrashedError, rx.NodeDiedError, rx.LocalRayletDiedError, rx.RaySystemError,
+            rx.GetTimeoutError, sx.BackPressureError, sx.DeploymentUnavailableError, sx.ReplicaUnavailableError)
+    return isinstance(e, gone)

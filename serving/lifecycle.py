@@ -12,7 +12,9 @@ next start fails inside Serve ("cannot bind socket"), after Ray is up. Three mec
   whose write end only the driver has, and notes the driver's descendants every second (Ray's workers
   rename themselves, which hides their environment, so the tag alone misses them). However the driver
   ends (a clean stop, SIGKILL, the OOM killer, a supervisor's short stop timeout), the pipe closes and the
-  reaper kills every process it noted or that carries the run's tag, within about a second.
+  reaper kills every process it noted or that carries the run's tag, within about a second, and removes
+  the run's temporary directory (where Serve's HAProxy keeps its config and sockets; by default they pile
+  up under /tmp/haproxy-serve, one folder per start).
 * **A lock on the data dir.** The driver holds ``flock`` on ``<data dir>/server.lock`` (JSON: pid, run,
   ports) for its whole life; the kernel releases it when the process dies. The next start on the same
   data dir takes the lock (a live server holding it is a one-line error), then kills whatever is still
@@ -30,18 +32,23 @@ import fcntl
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from typing import IO
 
 import psutil
 
 TAG = "MERGESERVE_RUN"
 LOCK = "server.lock"
+TMP_PREFIX = "ms-run-"  # short: HAProxy refuses socket paths over 97 bytes, and adds a 56-byte node id
+TMP_PREFIX_PATH = os.path.join("/tmp", TMP_PREFIX) if os.path.isdir("/tmp") else TMP_PREFIX
 PROCS = "server.procs.json"  # the reaper's last list of the run's processes: (pid, start time)
 
 
@@ -80,7 +87,7 @@ def kill_tagged(prefix: str, timeout: float = 10.0) -> list[int]:
 
 
 # --- the reaper ----------------------------------------------------------------------------------
-def start_reaper(tag: str, procs_file: str) -> subprocess.Popen:
+def start_reaper(tag: str, procs_file: str, tmp: str) -> subprocess.Popen:
     """Start the reaper of this process's run; keep the returned object (its stdin is the pipe) for the
     process's life.
 
@@ -88,19 +95,20 @@ def start_reaper(tag: str, procs_file: str) -> subprocess.Popen:
     tag (so it never kills itself). Closing its stdin, by exiting or explicitly, makes it act.
     """
     env = {k: v for k, v in os.environ.items() if k != TAG}
-    cmd = [sys.executable, "-m", "serving.lifecycle", tag, str(os.getpid()), procs_file]
+    cmd = [sys.executable, "-m", "serving.lifecycle", tag, str(os.getpid()), procs_file, tmp]
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def release(lock: IO[str], reaper: subprocess.Popen, timeout: float = 15.0) -> None:
-    """A clean stop's last step: the reaper ends whatever Ray left (nothing, usually), then the lock goes."""
+def release(run: Run, reaper: subprocess.Popen, timeout: float = 15.0) -> None:
+    """A clean stop's last step: the reaper ends whatever Ray left (nothing, usually) and removes the run's
+    temporary directory, then the lock goes."""
     reaper.stdin.close()
     try:
         reaper.wait(timeout)
     except subprocess.TimeoutExpired:
         reaper.kill()
-    lock.close()
+    run.lock.close()
 
 
 def _key(p: psutil.Process) -> tuple[int, float] | None:
@@ -125,7 +133,7 @@ def kill_known(known: list[list[float]] | set[tuple[int, float]], timeout: float
     return [p.pid for p in procs]
 
 
-def reap(tag: str, driver: int, procs_file: str, stdin: IO[bytes], every_s: float = 1.0) -> None:
+def reap(tag: str, driver: int, procs_file: str, tmp: str, stdin: IO[bytes], every_s: float = 1.0) -> None:
     """The reaper's body: until the driver goes (EOF on ``stdin``), note its descendants every ``every_s``
     (in ``procs_file`` too, for a next start in case the reaper is killed as well); then kill them and
     whatever carries ``tag``.
@@ -154,6 +162,7 @@ def reap(tag: str, driver: int, procs_file: str, stdin: IO[bytes], every_s: floa
             _write(procs_file, sorted(known))
     kill_known(known)
     kill_tagged(tag)  # this run only: a later run on the same data dir has another run id
+    shutil.rmtree(tmp, ignore_errors=True)
     if os.path.exists(procs_file):
         os.remove(procs_file)
 
@@ -205,12 +214,29 @@ def check_ports(host: str, ports: list[int], wait_s: float = 5.0) -> None:
             time.sleep(0.2)
 
 
-def claim(data_dir: str, host: str, ports: list[int], info: dict | None = None) -> tuple[IO[str], str]:
-    """Make this process the one server of ``data_dir`` on this machine; returns ``(lock file, tag)``.
+@dataclass
+class Run:
+    """What :func:`claim` hands the server: keep ``lock`` open for the process's life."""
 
-    Takes the data dir's lock, kills processes an earlier (dead) run of this data dir left behind, checks
-    the ports, and writes this run's pid, run id and ports into the lock file. Keep the file open for the
-    process's life: closing it (or dying) releases the lock.
+    lock: IO[str]  # the data dir's lock file, held (flock) until the process ends
+    tag: str  # MERGESERVE_RUN for every process of the run
+    tmp: str  # the run's own temporary directory (HAProxy's config and sockets): removed when it ends
+
+
+def _previous(f: IO[str]) -> dict:
+    f.seek(0)
+    try:
+        return json.loads(f.read() or "{}")
+    except ValueError:
+        return {}
+
+
+def claim(data_dir: str, host: str, ports: list[int], info: dict | None = None) -> Run:
+    """Make this process the one server of ``data_dir`` on this machine.
+
+    Takes the data dir's lock, kills processes an earlier (dead) run of this data dir left behind and
+    removes its temporary directory, checks the ports, makes this run's temporary directory, and writes
+    its pid, run id, ports and directory into the lock file.
 
     Raises:
         StartError: another live server holds the data dir, or a port is held by something else.
@@ -220,14 +246,11 @@ def claim(data_dir: str, host: str, ports: list[int], info: dict | None = None) 
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        try:
-            other = json.loads(f.read() or "{}")
-        except ValueError:
-            other = {}
+        other = _previous(f)
         f.close()
         raise StartError(f"another server (pid {other.get('pid', '?')}, port {other.get('port', '?')}) is running "
                          f"on the data dir {data_dir}; stop it, or give this one its own --data-dir") from None
+    before = _previous(f)
     procs_file = os.path.join(data_dir, PROCS)
     try:
         with open(procs_file) as pf:
@@ -238,19 +261,25 @@ def claim(data_dir: str, host: str, ports: list[int], info: dict | None = None) 
     if stale:
         print(f"mergeserve: stopped {len(stale)} processes an earlier run on {data_dir} left behind "
               f"(pids {stale[:8]})", file=sys.stderr, flush=True)
+    if before.get("tmp", "").startswith(TMP_PREFIX_PATH):  # the dead run's, reclaimed
+        shutil.rmtree(before["tmp"], ignore_errors=True)
     try:
         check_ports(host, ports, wait_s=5.0 if stale else 1.0)  # a just-ended process's sockets take a moment
     except StartError:
         f.close()
         raise
     run = uuid.uuid4().hex[:12]
+    # under /tmp, not $TMPDIR: HAProxy's Unix sockets go in <tmp>/<56-hex node id>/, and a socket path is
+    # limited to ~104 bytes (macOS's $TMPDIR alone is ~50)
+    tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir="/tmp" if os.path.isdir("/tmp") else None)
     f.seek(0)
     f.truncate()
-    f.write(json.dumps({"pid": os.getpid(), "run": run, "ports": ports, "started": time.time(), **(info or {})}))
+    f.write(json.dumps({"pid": os.getpid(), "run": run, "ports": ports, "started": time.time(), "tmp": tmp,
+                        **(info or {})}))
     f.flush()
-    return f, tag_of(data_dir, run)
+    return Run(f, tag_of(data_dir, run), tmp)
 
 
 if __name__ == "__main__":  # the reaper: python -m serving.lifecycle <tag>
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the driver's end (EOF) makes it act
-    reap(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.stdin.buffer)
+    reap(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.stdin.buffer)

@@ -40,6 +40,11 @@ ALPHA_METHODS = tuple(m for m, h in HYPER.items() if issubclass(h, AdaptiveFit))
 BENCHMARK_ONLY = ("pam_adaptive",)
 
 
+class WorkerLost(RuntimeError):
+    """The training worker's process ended during a job (killed, out of memory, its node lost): not the job's
+    fault, so the job runs again (:meth:`Pipeline.run`), as after a restart."""
+
+
 def crash_point(name: str) -> None:
     """Fault injection for tests: ``MERGESERVE_CRASH_AT=<name>`` kills the process here, as SIGKILL would."""
     if os.environ.get("MERGESERVE_CRASH_AT") == name:
@@ -307,16 +312,26 @@ class Pipeline:
             self.store.quarantine(n)
         done: dict[str, list] = {"quarantined": stray, "requeued": [], "gave_up": [], "resume_swap": []}
         for j in self.db.jobs(INTERRUPTED):
-            if j["attempts"] >= self.cfg.max_attempts:
-                self.db.update_job(j["id"], status="failed",
-                                   error=f"gave up after {j['attempts']} attempts, each interrupted by a restart")
-                done["gave_up"].append(j["id"])
-            else:
-                self.db.update_job(j["id"], status="queued",
-                                   error=f"attempt {j['attempts']} interrupted during {j['status']}; retrying")
-                done["requeued"].append(j["id"])
+            again = self.retry_or_fail(j, f"interrupted during {j['status']} by a restart")
+            done["requeued" if again else "gave_up"].append(j["id"])
         done["resume_swap"] = [j["id"] for j in self.db.jobs(("swapping",))]
         return done
+
+    def retry_or_fail(self, job: dict, cause: str) -> bool:
+        """An attempt of ``job`` ended for a reason that is not the job's (a restart, a lost worker): queue it
+        again, or fail it once it has had ``max_attempts``, naming every attempt's cause. Returns whether it
+        was queued again."""
+        history = [*(job.get("history") or []), {"attempt": job["attempts"], "cause": cause, "at": time.time()}]
+        if job["attempts"] < self.cfg.max_attempts:
+            self.db.update_job(job["id"], status="queued", history=history,
+                               error=f"attempt {job['attempts']} {cause}; retrying")
+            return True
+        causes = "; ".join(f"{h['attempt']}: {h['cause']}" for h in history)
+        hint = (" (the training worker died on every attempt: the domain may need more memory than it has)"
+                if all("worker" in h["cause"] for h in history) else "")
+        self.db.update_job(job["id"], status="failed", history=history,
+                           error=f"gave up after {job['attempts']} attempts{hint}: {causes}")
+        return False
 
     def next_version(self) -> int:
         """One above every version recorded, stored or quarantined: numbers are never reused."""
@@ -364,6 +379,8 @@ class Pipeline:
             timings["swap"] = await activate(version)
             timings["total"] = time.time() - t0
             self.db.update_job(jid, status="succeeded", timings=timings, error=None)
+        except WorkerLost as e:  # the process died, not the job: the same rule as a restart
+            self.retry_or_fail(self.db.job(jid), str(e))
         except Exception as e:  # noqa: BLE001 - any failure is reported on the job, never swallowed
             self.db.update_job(jid, status="failed", error=f"{type(e).__name__}: {e}"[:2000], timings=timings)
         return self.db.job(jid)

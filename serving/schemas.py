@@ -135,7 +135,9 @@ class Job(BaseModel):
     method: str
     hyper: dict[str, Any]
     status: Literal["queued", "training", "merging", "swapping", "succeeded", "failed", "rejected"]
-    attempts: int = Field(description="times the job was started; >1 after a restart resumed it")
+    attempts: int = Field(description="times the job was started; >1 after a restart or a lost worker")
+    history: list[dict[str, Any]] = Field(default_factory=list,
+                                          description="attempts that did not finish: attempt, cause, at")
     n_train: int | None = Field(None, description="images (or questions) it trains on")
     n_heldout: int | None = Field(None, description="held out for the activation gate")
     progress: Progress

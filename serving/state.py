@@ -45,10 +45,11 @@ MIGRATIONS = [
     ("jobs", "source", "TEXT"),
     ("domains", "buffer_size", "INTEGER NOT NULL DEFAULT 0"),
     ("adapters", "coefficients", "TEXT NOT NULL DEFAULT '{}'"),
+    ("jobs", "history", "TEXT NOT NULL DEFAULT '[]'"),  # attempts that did not finish: [{attempt, cause, at}]
 ]
 
 ACTIVE = ("queued", "training", "merging", "swapping")
-JSON_COLUMNS = ("hyper", "timings", "gate", "domains", "metrics", "coefficients")
+JSON_COLUMNS = ("hyper", "timings", "gate", "domains", "metrics", "coefficients", "history")
 
 
 class StateDB:
@@ -112,7 +113,7 @@ class StateDB:
         )
 
     def update_job(self, job_id: str, **fields: Any) -> None:
-        for k in ("timings", "gate"):
+        for k in ("timings", "gate", "history"):
             if k in fields and fields[k] is not None:
                 fields[k] = json.dumps(fields[k])
         fields["updated"] = time.time()

@@ -382,3 +382,38 @@ def test_the_model_replica_runs_the_api_on_serves_main_loop(server):
         roles.setdefault(_role(_cmd(p)), []).append(p.environ().get(key))
     assert roles["replica:mergeserve"] == ["0"]
     assert roles["proxy"] and set(roles["proxy"]) == {None}  # HAProxy and Serve's fallback Python proxy
+
+
+def test_a_worker_killed_mid_job_costs_an_attempt_not_the_job(server):
+    """An OOM kill or a lost node takes the worker's process: the job runs again (issue 29), as after a restart."""
+    import ray
+
+    from serving.controller import NAMESPACE, WORKER
+
+    job_id = server.ingest("domkill", make_archive(shift=5), hyper=json.dumps({"steps": 80})).json()["job_id"]
+    while (job := server.http.get(f"/v1/jobs/{job_id}").json())["progress"]["step"] < 10:
+        assert job["status"] in ("queued", "training"), job
+        time.sleep(0.05)
+    ray.kill(ray.get_actor(WORKER, namespace=NAMESPACE), no_restart=True)
+    job = server.wait(job_id, timeout=180)
+    assert job["status"] == "succeeded" and job["attempts"] == 2, job
+    assert len(job["history"]) == 1 and "training worker died" in job["history"][0]["cause"]
+
+
+def test_a_restarting_controller_is_a_503_with_retry_after_never_a_500(server):
+    import ray
+
+    from serving.controller import NAME, NAMESPACE
+
+    seen = []
+    ray.kill(ray.get_actor(NAME, namespace=NAMESPACE), no_restart=False)  # it restarts (max_restarts=-1)
+    t0 = time.time()
+    while time.time() - t0 < 8:
+        r = server.http.get("/v1/adapters")
+        seen.append(r.status_code)
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "2" and r.json()["type"].endswith("/unavailable"), r.text
+        if r.status_code == 200 and 503 in seen:
+            break
+        time.sleep(0.02)
+    assert set(seen) <= {200, 503} and 503 in seen and seen[-1] == 200, seen  # it was away, and said so

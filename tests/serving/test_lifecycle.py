@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -20,8 +21,8 @@ from serving import lifecycle
 DRIVER = textwrap.dedent("""
     import os, subprocess, sys, time
     from serving import lifecycle
-    tag, procs = sys.argv[1], sys.argv[2]
-    reaper = lifecycle.start_reaper(tag, procs)
+    tag, procs, tmp = sys.argv[1], sys.argv[2], sys.argv[3]
+    reaper = lifecycle.start_reaper(tag, procs, tmp)
     os.environ[lifecycle.TAG] = tag
     sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
     hidden = subprocess.Popen(sleeper, env={k: v for k, v in os.environ.items() if k != lifecycle.TAG})
@@ -33,7 +34,9 @@ DRIVER = textwrap.dedent("""
 
 def _driver(tmp_path, tag: str) -> tuple[subprocess.Popen, list[int]]:
     procs = str(tmp_path / lifecycle.PROCS)
-    p = subprocess.Popen([sys.executable, "-c", DRIVER, tag, procs], stdout=subprocess.PIPE, text=True,
+    (tmp_path / "run-tmp").mkdir()
+    p = subprocess.Popen([sys.executable, "-c", DRIVER, tag, procs, str(tmp_path / "run-tmp")], stdout=subprocess.PIPE,
+                         text=True,
                          cwd=os.getcwd(), start_new_session=True)
     pids = [int(x) for x in p.stdout.readline().split()]
     t0 = time.monotonic()
@@ -60,22 +63,26 @@ def test_whatever_kills_the_driver_its_processes_follow_within_seconds(tmp_path,
     driver.wait()
     assert _gone([hidden, detached], within=5), "the driver's processes outlived it"
     assert _gone([reaper], within=5) and not os.path.exists(tmp_path / lifecycle.PROCS)
+    assert not (tmp_path / "run-tmp").exists()  # the run's temporary directory went with it
 
 
-def test_a_clean_release_ends_the_reaper_and_the_lock(tmp_path):
-    lock, tag = lifecycle.claim(str(tmp_path), "127.0.0.1", [])
-    reaper = lifecycle.start_reaper(tag, str(tmp_path / lifecycle.PROCS))
-    lifecycle.release(lock, reaper)
-    assert reaper.returncode is not None
-    lock2, _ = lifecycle.claim(str(tmp_path), "127.0.0.1", [])  # the lock is free again
-    lock2.close()
+def test_a_clean_release_ends_the_reaper_the_run_directory_and_the_lock(tmp_path):
+    run = lifecycle.claim(str(tmp_path), "127.0.0.1", [])
+    assert os.path.isdir(run.tmp) and run.tmp.startswith(lifecycle.TMP_PREFIX_PATH)
+    reaper = lifecycle.start_reaper(run.tag, str(tmp_path / lifecycle.PROCS), run.tmp)
+    lifecycle.release(run, reaper)
+    assert reaper.returncode is not None and not os.path.exists(run.tmp)
+    again = lifecycle.claim(str(tmp_path), "127.0.0.1", [])  # the lock is free again
+    again.lock.close()
+    os.rmdir(again.tmp)
 
 
 def test_a_second_server_on_a_data_dir_is_refused_naming_the_first(tmp_path):
-    lock, _ = lifecycle.claim(str(tmp_path), "127.0.0.1", [], {"port": 8123})
+    run = lifecycle.claim(str(tmp_path), "127.0.0.1", [], {"port": 8123})
     with pytest.raises(lifecycle.StartError, match=rf"pid {os.getpid()}, port 8123"):
         lifecycle.claim(str(tmp_path), "127.0.0.1", [])
-    lock.close()
+    run.lock.close()
+    os.rmdir(run.tmp)
 
 
 def test_the_next_start_ends_what_a_dead_run_of_its_data_dir_left(tmp_path):
@@ -89,11 +96,15 @@ def test_the_next_start_ends_what_a_dead_run_of_its_data_dir_left(tmp_path):
                              start_new_session=True)
     note = [[noted.pid, psutil.Process(noted.pid).create_time()]]
     (tmp_path / lifecycle.PROCS).write_text(json.dumps(note))
+    dead_tmp = tempfile.mkdtemp(prefix=lifecycle.TMP_PREFIX, dir="/tmp")
+    (tmp_path / lifecycle.LOCK).write_text(json.dumps({"pid": 1, "tmp": dead_tmp}))  # what the dead run wrote
     try:
-        lock, tag = lifecycle.claim(str(tmp_path), "127.0.0.1", [])
+        run = lifecycle.claim(str(tmp_path), "127.0.0.1", [])
         tagged.wait(5), noted.wait(5)  # ended (their status was reaped by the claim's wait, so not -9 here)
-        assert other.poll() is None and tag.startswith(os.path.realpath(tmp_path) + "|")
-        lock.close()
+        assert other.poll() is None and run.tag.startswith(os.path.realpath(tmp_path) + "|")
+        assert not os.path.exists(dead_tmp)  # its temporary directory reclaimed
+        run.lock.close()
+        os.rmdir(run.tmp)
     finally:
         for p in (tagged, noted, other):
             p.kill()

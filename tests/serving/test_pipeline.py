@@ -219,3 +219,41 @@ def test_domains_from_every_source_meet_at_one_size(tmp_path):
 
     buf = ReplayBuffer.load(cfg.path("buffer.safetensors"))
     assert buf.domains() == ["mnist", "up1", "up2"] and buf.tensors()[0].shape[1:] == (3, 64, 64)
+
+
+class _DiesFirst(LocalWorker):
+    """A worker whose process 'dies' during the first ``n`` jobs it is given (OOM kill, node loss)."""
+
+    def __init__(self, cfg, n: int) -> None:
+        super().__init__(cfg)
+        self.n = n
+
+    async def run(self, *args):
+        if self.n > 0:
+            self.n -= 1
+            from serving.pipeline import WorkerLost
+
+            raise WorkerLost("training worker died during a job: ActorDiedError")
+        return await super().run(*args)
+
+
+def test_a_lost_worker_requeues_the_job_which_then_succeeds(tmp_path):
+    cfg = config(str(tmp_path))
+    pipe = Pipeline(cfg)
+    pipe.accept(submission("d1"))
+    done = run_all(pipe, _DiesFirst(cfg, 1))
+    assert [j["status"] for j in done] == ["queued", "succeeded"]  # the lost attempt went back in line
+    job = pipe.db.job(done[-1]["id"])
+    assert job["attempts"] == 2 and [h["attempt"] for h in job["history"]] == [1]
+    assert "ActorDiedError" in job["history"][0]["cause"] and pipe.active == 1
+
+
+def test_a_job_that_kills_its_worker_every_time_fails_naming_each_attempt(tmp_path):
+    cfg = config(str(tmp_path), max_attempts=3)
+    pipe = Pipeline(cfg)
+    pipe.accept(submission("d1"))
+    done = run_all(pipe, _DiesFirst(cfg, 99))
+    job = done[-1]
+    assert [j["status"] for j in done] == ["queued", "queued", "failed"] and job["attempts"] == 3
+    assert job["error"].startswith("gave up after 3 attempts (the training worker died on every attempt")
+    assert [h["attempt"] for h in job["history"]] == [1, 2, 3] and pipe.active == 0
