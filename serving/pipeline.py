@@ -27,6 +27,7 @@ import numpy as np
 from training.hyper import HYPER, AdaptiveFit, HyperError, parse_hyper
 from training.store import AdapterStore
 
+from . import versions
 from .config import ServerConfig
 from .errors import Problem
 from .state import StateDB
@@ -374,11 +375,13 @@ class Pipeline:
             if not verdict["passed"]:
                 self.db.update_job(jid, status="rejected", version=version, gate=verdict, timings=timings,
                                    error="activation gate: " + "; ".join(verdict["reasons"]))
+                versions.prune(self, self.cfg.keep_versions)
                 return self.db.job(jid)
             self.db.update_job(jid, gate=verdict)
             timings["swap"] = await activate(version)
             timings["total"] = time.time() - t0
             self.db.update_job(jid, status="succeeded", timings=timings, error=None)
+            versions.prune(self, self.cfg.keep_versions)
         except WorkerLost as e:  # the process died, not the job: the same rule as a restart
             self.retry_or_fail(self.db.job(jid), str(e))
         except Exception as e:  # noqa: BLE001 - any failure is reported on the job, never swallowed

@@ -183,6 +183,14 @@ class AdapterVersion(BaseModel):
     active: bool
 
 
+class AdapterImport(Strict):
+    """The form fields of ``POST /v1/adapters`` besides the ``archive`` file."""
+
+    task: TaskName = Field("classify", description="whose lineage the adapter joins")
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")] | None = Field(
+        None, description="SHA-256 of the uploaded file; refused when it differs")
+
+
 class Adapters(BaseModel):
     active: int
     versions: list[AdapterVersion]

@@ -176,6 +176,18 @@ class StateDB:
                 self.db.execute("UPDATE jobs SET status='swapping', version=?, updated=? WHERE id=?",
                                 (version, now, job["id"]))
 
+    def delete_version(self, version: int, domains: list[str]) -> None:
+        """One transaction: a version's row, its accuracy, and the domains listed (learned by it alone)."""
+        with self.tx():
+            self.db.execute("DELETE FROM adapters WHERE version=?", (version,))
+            self.db.execute("DELETE FROM accuracy WHERE version=?", (version,))
+            self.db.executemany("DELETE FROM domains WHERE name=?", [(d,) for d in domains])
+
+    def set_accuracy(self, version: int, accuracy: dict[str, float]) -> None:
+        with self.tx():
+            self.db.executemany("INSERT OR REPLACE INTO accuracy VALUES (?, ?, ?)",
+                                [(version, d, a) for d, a in accuracy.items()])
+
     def versions(self) -> list[dict]:
         return [_row(r) for r in self._all("SELECT * FROM adapters ORDER BY version")]
 

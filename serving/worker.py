@@ -153,8 +153,10 @@ class IngestWorker:
         t0 = time.perf_counter()
         hyper = parse_hyper(job["method"], job["hyper"], self.cfg.max_steps)
         tensors, man = self.store.load(parent["name"], backbone=self.cfg.backbone)
-        global_ = tensors if parent["domains"] and man.format == "lora" else None
-        temp, info = self._train(job, hyper, tensors, global_, len(parent["domains"]), progress)
+        # an imported adapter holds what it learned elsewhere: it counts as one domain's worth in the merge
+        n_seen = max(len(parent["domains"]), int(parent["method"] == "import"))
+        global_ = tensors if n_seen and man.format == "lora" else None
+        temp, info = self._train(job, hyper, tensors, global_, n_seen, progress)
         if phase is not None:
             phase("merging")
         t1 = time.perf_counter()
@@ -172,6 +174,11 @@ class IngestWorker:
         ))
         timings = {"training": t1 - t0, "merging_and_evaluating": time.perf_counter() - t1}
         return {"manifest": man.model_dump(mode="json"), "accuracy": acc, "info": info, "timings": timings, **extra}
+
+    def evaluate(self, name: str, domains: list[str]) -> dict[str, float]:
+        """Held-out accuracy of adapter ``name`` on each of ``domains`` (an imported version's numbers)."""
+        tensors, _ = self.store.load(name, backbone=self.cfg.backbone)
+        return self._accuracy(tensors, [self.domain(d) for d in domains]) if domains else {}
 
     def _train(self, job: dict, hyper: object, parent: dict[str, torch.Tensor], global_: dict | None, n_seen: int,
                progress: Progress | None) -> tuple[dict[str, torch.Tensor], dict]:

@@ -15,6 +15,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from .settings import LoraSettings
@@ -34,7 +35,7 @@ class AdapterManifest(BaseModel):
 
     name: str
     backbone: str  # registry name of the backbone it was trained on
-    format: Literal["lora", "delta"]  # see training.lora
+    format: Literal["lora", "delta"]  # see training.lora; an imported peft adapter is either (training.portable)
     lora: LoraSettings
     class_names: list[str]
     parent: str | None = None  # adapter this one was merged from / cloned from
@@ -79,18 +80,25 @@ class AdapterStore:
         base = os.path.join(self.root, name)
         return base + ".safetensors", base + ".json"
 
-    def save(self, tensors: dict[str, torch.Tensor], manifest: AdapterManifest) -> AdapterManifest:
-        """Write weights then manifest, atomically; returns the manifest with its checksum.
+    def save(self, tensors: dict[str, torch.Tensor] | dict[str, np.ndarray],
+             manifest: AdapterManifest) -> AdapterManifest:
+        """Write weights (torch tensors, or numpy arrays where torch is not loaded) then manifest, atomically;
+        returns the manifest with its checksum.
 
         Raises:
             AdapterError: for an invalid name or if the adapter already exists (adapters are immutable).
         """
-        from safetensors.torch import save_file  # torch only where tensors are written
-
         w, m = self._paths(manifest.name)
         if os.path.exists(m):
             raise AdapterError(f"adapter {manifest.name!r} already exists")
-        _atomic_write(w, lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, p))
+        if all(isinstance(v, np.ndarray) for v in tensors.values()):  # a caller without torch (the controller)
+            from safetensors.numpy import save_file as save_numpy
+
+            _atomic_write(w, lambda p: save_numpy({k: np.ascontiguousarray(v) for k, v in tensors.items()}, p))
+        else:
+            from safetensors.torch import save_file  # torch only where tensors are written
+
+            _atomic_write(w, lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, p))
         manifest = manifest.model_copy(update={"sha256": sha256_file(w)})
         _atomic_write(m, lambda p: open(p, "w").write(manifest.model_dump_json(indent=2)))
         return manifest
@@ -139,6 +147,14 @@ class AdapterStore:
             return load_file(w), man
         except SafetensorError as e:  # pragma: no cover - checksum catches corruption first
             raise AdapterError(f"adapter {name!r}: unreadable safetensors ({e})") from e
+
+    def delete(self, name: str) -> None:
+        """Remove an adapter: its manifest first (it stops being an adapter), then its weights. A crash in
+        between leaves weights without a manifest, which :meth:`sweep` reports for quarantine."""
+        w, m = self._paths(name)
+        for path in (m, w):
+            if os.path.exists(path):
+                os.remove(path)
 
     def names(self) -> list[str]:
         """Adapters that are complete (have a manifest), oldest first."""

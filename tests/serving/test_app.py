@@ -193,3 +193,10 @@ def test_the_server_stops_on_sigint_even_when_started_with_it_ignored(sig):
         child.kill()
     assert child.returncode == 0
     assert out.strip() == str(int(sig))
+
+
+def test_the_driver_and_the_control_plane_import_no_torch():
+    """``mergeserve serve``'s process and the controller actor need none (~700 MB each with the CUDA build)."""
+    code = ("import serving.app, serving.controller, serving.pipeline, mergeserve.cli, sys; "
+            "print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -257,3 +257,19 @@ def test_a_job_that_kills_its_worker_every_time_fails_naming_each_attempt(tmp_pa
     assert [j["status"] for j in done] == ["queued", "queued", "failed"] and job["attempts"] == 3
     assert job["error"].startswith("gave up after 3 attempts (the training worker died on every attempt")
     assert [h["attempt"] for h in job["history"]] == [1, 2, 3] and pipe.active == 0
+
+
+def test_retention_deletes_what_no_rollback_needs_and_frees_its_domains(tmp_path):
+    cfg = config(str(tmp_path), keep_versions=0)
+    pipe, worker = Pipeline(cfg), LocalWorker(cfg)
+    for i, name in enumerate(("d1", "d2")):
+        pipe.accept(submission(name, seed=i))
+        run_all(pipe, worker)
+    assert [v["version"] for v in pipe.db.versions()] == [0, 1, 2]  # a chain: every version is an ancestor
+    asyncio.run(activate_fn(pipe)(1))  # roll back: v2 is no longer on the active version's chain
+    pipe.accept(submission("d3", seed=3))
+    run_all(pipe, worker)  # v3 (parent v1) recorded: retention deletes v2
+    assert [v["version"] for v in pipe.db.versions()] == [0, 1, 3] and "global@v2" not in pipe.store.names()
+    assert "d2" not in pipe.db.domain_names()  # learned by v2 alone: it may be learned again
+    pipe.accept(submission("d2", seed=1))
+    assert [j["status"] for j in run_all(pipe, worker)] == ["succeeded"]
