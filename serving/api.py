@@ -37,7 +37,7 @@ from .config import ServerConfig
 from .controller import NAME, NAMESPACE
 from .errors import FRAMEWORK_CODES, PROBLEM_TYPE, RETRY_AFTER_S, Problem, unwrap
 from .metrics import Recorder, RequestMiddleware
-from .pipeline import Submission, check_hyper
+from .pipeline import Submission, check_hyper, method_catalog
 from .schemas import (
     ERRORS,
     Accepted,
@@ -51,6 +51,7 @@ from .schemas import (
     IngestSource,
     Job,
     JobPage,
+    Methods,
     TaskName,
     Tasks,
     VqaRequest,
@@ -343,6 +344,12 @@ class Model:
     async def tasks(self) -> dict:
         """Every task this server holds: its model, labels or answer vocabulary, active version, domains."""
         return {"tasks": await _call(self.controller.tasks.remote())}
+
+    @api.get("/v1/methods", response_model=Methods, responses=ERRORS)
+    async def methods(self) -> dict:
+        """Each online method's hyper-parameters (the JSON schema of the model ``POST /v1/domains`` validates
+        ``hyper`` with) and, per task, the methods offered, the default and the training defaults."""
+        return method_catalog(self.cfg)
 
     @api.get("/v1/jobs", response_model=JobPage, responses=ERRORS)
     async def jobs(self, limit: int = Query(20, ge=1, le=200), cursor: str | None = Query(None, max_length=200),
