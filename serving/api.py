@@ -34,6 +34,7 @@ from .archive import (
 )
 from .batching import GreedyBatcher
 from .config import ServerConfig
+from .console import HEADERS, asset
 from .controller import NAME, NAMESPACE
 from .errors import FRAMEWORK_CODES, PROBLEM_TYPE, RETRY_AFTER_S, Problem, unwrap
 from .metrics import Recorder, RequestMiddleware
@@ -405,6 +406,20 @@ class Model:
     async def metrics(self) -> Response:
         text = await _call(self.controller.metrics_text.remote())
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @api.get("/ui", include_in_schema=False)
+    async def console(self) -> Response:
+        """The built-in console (``serving/console.py``): a page that only calls the routes above."""
+        return self._asset("index.html")
+
+    @api.get("/ui/{name}", include_in_schema=False)
+    async def console_file(self, name: str = Path(max_length=64)) -> Response:
+        return self._asset(name)
+
+    @staticmethod
+    def _asset(name: str) -> Response:
+        body, media = asset(name)
+        return Response(body, media_type=media, headers=HEADERS)
 
     def reconfigure(self, user_config: dict) -> None:
         """Only batching knobs; adapter swaps never go through here (reconfigure is not zero-downtime)."""
