@@ -407,12 +407,12 @@ class Model:
         text = await _call(self.controller.metrics_text.remote())
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @api.get("/ui", include_in_schema=False)
+    @api.api_route("/ui", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: `curl -I`, link checkers
     async def console(self) -> Response:
         """The built-in console (``serving/console.py``): a page that only calls the routes above."""
         return self._asset("index.html")
 
-    @api.get("/ui/{name}", include_in_schema=False)
+    @api.api_route("/ui/{name}", methods=["GET", "HEAD"], include_in_schema=False)
     async def console_file(self, name: str = Path(max_length=64)) -> Response:
         return self._asset(name)
 

@@ -62,6 +62,7 @@ def test_console_files_are_served_from_the_package_with_a_strict_policy(server):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "default-src 'self'" in r.headers["content-security-policy"]
     assert server.http.get("/ui/console.js").headers["content-type"].startswith("text/javascript")
+    assert server.http.head("/ui").status_code == 200
     for bad in ("/ui/nope.js", "/ui/..%2Fapi.py", "/ui/%2E%2E%2Fconsole.py"):
         miss = server.http.get(bad)
         assert miss.status_code == 404 and miss.headers["content-type"] == "application/problem+json", bad
