@@ -12,18 +12,25 @@ export function progressText(j) {
   return `${j.status}: step ${p.step}/${p.total}${loss}`;
 }
 
+/** Earlier attempts that did not finish (a restart, a lost worker): the job ran again, and says why. */
+export function historyText(j) {
+  return (j.history || []).map((x) => `attempt ${x.attempt}: ${x.cause}`).join("; ");
+}
+
 function running(j) {
   const p = j.progress;
   return h("li", { class: "job running", "data-job": j.id },
     h("strong", {}, `${j.domain} `), `(${j.task}, ${j.method}, job ${j.id}) `,
     h("progress", { max: Math.max(p.total, 1), value: p.step, "aria-label": `job ${j.id} progress` }),
-    h("span", { class: "progress-text" }, ` ${progressText(j)}`));
+    h("span", { class: "progress-text" }, ` ${progressText(j)}`),
+    j.history && j.history.length ? h("div", { class: "history" }, `ran again after ${historyText(j)}`) : "");
 }
 
 function outcome(j) {
-  if (j.status === "failed") return h("span", { class: "error" }, j.error || "failed");
-  if (j.status === "rejected") return h("span", { class: "error" }, j.error || "rejected by the activation gate");
-  return j.adapter_version === null ? "" : `adapter v${j.adapter_version}`;
+  const earlier = j.history && j.history.length ? h("div", { class: "history" }, `earlier ${historyText(j)}`) : "";
+  if (j.status === "failed") return [h("span", { class: "error" }, j.error || "failed"), earlier];
+  if (j.status === "rejected") return [h("span", { class: "error" }, j.error || "rejected by the activation gate"), earlier];
+  return [j.adapter_version === null ? "" : `adapter v${j.adapter_version}`, earlier];
 }
 
 function finishedTable(jobs) {

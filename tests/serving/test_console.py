@@ -242,7 +242,7 @@ def test_try_it_shows_what_the_api_answers(console, server):
     page.select_option("#task", "classify")
 
 
-def test_jobs_view_shows_progress_the_queue_and_a_failures_error(console):
+def test_jobs_view_shows_progress_the_queue_a_failures_error_and_earlier_attempts(console):
     """The jobs view's rendering, on made-up jobs (a failure cannot be caused on demand on the live server)."""
     page, _ = console
     got = page.evaluate("""async () => {
@@ -253,7 +253,8 @@ def test_jobs_view_shows_progress_the_queue_and_a_failures_error(console):
         const el = document.createElement("div");
         renderJobs(el, [job("later", "queued", { created: 3 }), job("sooner", "queued", { created: 2 }),
             job("run", "training", { progress: { step: 3, total: 6, loss: 0.42101 } }),
-            job("bad", "failed", { error: "RuntimeError: worker died" })]);
+            job("bad", "failed", { error: "RuntimeError: worker died", attempts: 2,
+                history: [{ attempt: 1, cause: "training worker died during the job: RayActorError", at: 1 }] })]);
         const p = el.querySelector("progress");
         return { text: el.textContent, step: p.value, total: p.max,
                  queue: [...el.querySelectorAll("#jobs-queue li")].map((li) => li.dataset.job) };
@@ -261,6 +262,7 @@ def test_jobs_view_shows_progress_the_queue_and_a_failures_error(console):
     assert got["step"] == 3 and got["total"] == 6 and "training: step 3/6, loss 0.4210" in got["text"]
     assert got["queue"] == ["sooner", "later"]  # oldest first: the order they run in
     assert "RuntimeError: worker died" in got["text"]
+    assert "earlier attempt 1: training worker died during the job: RayActorError" in got["text"]
 
 
 def test_matrix_marks_a_gate_rejected_version_and_what_a_version_did_not_evaluate(console):
