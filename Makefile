@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(DEV)/.installed
 SOURCES := pyproject.toml $(shell find merge training serving mergeserve -type f -not -name '*.pyc' 2>/dev/null)
 
-.PHONY: install serve test lint bench clean prometheus-tools
+.PHONY: install serve test lint bench clean prometheus-tools browser-tools
 
 $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,7 +41,16 @@ prometheus-tools:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends prometheus; }
 
-test: $(DEV_STAMP) prometheus-tools
+# tests/serving/test_console.py drives the console (GET /ui) in a real browser: Debian's `chromium`, through
+# playwright (the dev extra), never playwright's own browser download (no network beyond the package
+# registries). Installed only when missing: 45 s on 2 cores, measured once (docs/console.md, "The browser test").
+browser-tools:
+	@command -v chromium > /dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends \
+	    chromium fonts-dejavu-core; }
+
+test: $(DEV_STAMP) prometheus-tools browser-tools
 	$(DEV)/bin/ruff check .
 	$(DEV)/bin/python -m pytest
 

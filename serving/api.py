@@ -36,10 +36,11 @@ from .archive import (
 )
 from .batching import GreedyBatcher
 from .config import ServerConfig
+from .console import HEADERS, asset
 from .controller import NAME, NAMESPACE
 from .errors import FRAMEWORK_CODES, PROBLEM_TYPE, RETRY_AFTER_S, Problem, unwrap
 from .metrics import Recorder, RequestMiddleware
-from .pipeline import Submission, check_hyper
+from .pipeline import Submission, check_hyper, method_catalog
 from .schemas import (
     ERRORS,
     Accepted,
@@ -55,6 +56,7 @@ from .schemas import (
     IngestSource,
     Job,
     JobPage,
+    Methods,
     TaskName,
     Tasks,
     VqaRequest,
@@ -361,6 +363,12 @@ class Model:
         """Every task this server holds: its model, labels or answer vocabulary, active version, domains."""
         return {"tasks": await _call(self.controller.tasks.remote())}
 
+    @api.get("/v1/methods", response_model=Methods, responses=ERRORS)
+    async def methods(self) -> dict:
+        """Each online method's hyper-parameters (the JSON schema of the model ``POST /v1/domains`` validates
+        ``hyper`` with) and, per task, the methods offered, the default and the training defaults."""
+        return method_catalog(self.cfg)
+
     @api.get("/v1/jobs", response_model=JobPage, responses=ERRORS)
     async def jobs(self, limit: int = Query(20, ge=1, le=200), cursor: str | None = Query(None, max_length=200),
                    task: TaskName | None = Query(None)) -> dict:
@@ -491,6 +499,20 @@ class Model:
     async def metrics(self) -> Response:
         text = await _call(self.controller.metrics_text.remote())
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @api.api_route("/ui", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: `curl -I`, link checkers
+    async def console(self) -> Response:
+        """The built-in console (``serving/console.py``): a page that only calls the routes above."""
+        return self._asset("index.html")
+
+    @api.api_route("/ui/{name}", methods=["GET", "HEAD"], include_in_schema=False)
+    async def console_file(self, name: str = Path(max_length=64)) -> Response:
+        return self._asset(name)
+
+    @staticmethod
+    def _asset(name: str) -> Response:
+        body, media = asset(name)
+        return Response(body, media_type=media, headers=HEADERS)
 
     def reconfigure(self, user_config: dict) -> None:
         """Only batching knobs; adapter swaps never go through here (reconfigure is not zero-downtime)."""

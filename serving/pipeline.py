@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from training.hyper import HYPER, AdaptiveFit, HyperError, parse_hyper
+from training.hyper import HYPER, AdaptiveFit, HyperError, allowed, parse_hyper
 from training.store import AdapterStore
 
 from . import versions
@@ -121,6 +121,28 @@ def check_hyper(method: str, hyper: dict, max_steps: int) -> dict:
     except HyperError as e:
         code = "unknown-method" if e.field is None and str(e).startswith("unknown method") else "bad-hyper-parameter"
         raise Problem(422, code, str(e)) from e
+
+
+def method_catalog(cfg: ServerConfig) -> dict[str, Any]:
+    """What ``POST /v1/domains`` accepts, from the models :func:`check_hyper` validates with (``GET /v1/methods``).
+
+    A client (the console's ingest form) builds its fields from these schemas instead of a copy of them,
+    so a form can never offer a field the server refuses, and a value out of range gets the server's 422.
+    """
+    online = [m for m in HYPER if m not in BENCHMARK_ONLY]
+    methods = {
+        m: {"description": " ".join((HYPER[m].__doc__ or "").replace("``", "").split()),
+            "hyper_schema": HYPER[m].model_json_schema(),
+            "allowed": {k: allowed(f) for k, f in HYPER[m].model_fields.items()}}
+        for m in online
+    }
+    tasks = {}
+    for task in cfg.tasks():
+        t = cfg.for_task(task)
+        tasks[task] = {"methods": [m for m in online if task == "classify" or m not in ALPHA_METHODS],
+                       "default_method": t.default_method, "steps": t.train.steps, "lr": t.train.lr,
+                       "heldout_fraction": t.heldout_fraction}
+    return {"methods": methods, "tasks": tasks, "max_steps": cfg.max_steps}
 
 
 def split(n: int, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -122,6 +122,26 @@ class Accepted(BaseModel):
     replayed: bool = Field(description="true when an Idempotency-Key replayed an earlier identical request")
 
 
+class MethodInfo(BaseModel):
+    description: str
+    hyper_schema: dict[str, Any] = Field(description="JSON schema of the model `hyper` is validated with")
+    allowed: dict[str, str] = Field(description="each field's type, range and default, as a 422 words them")
+
+
+class TaskMethods(BaseModel):
+    methods: list[str] = Field(description="methods this task's lineage accepts")
+    default_method: str = Field(description="used when a request names none")
+    steps: int = Field(description="training steps when `hyper` sets none")
+    lr: float = Field(description="learning rate when `hyper` sets none")
+    heldout_fraction: float = Field(description="held-out share of an upload when the request sets none")
+
+
+class Methods(BaseModel):
+    methods: dict[str, MethodInfo]
+    tasks: dict[str, TaskMethods]
+    max_steps: int = Field(description="largest `hyper.steps` a request may set")
+
+
 class Progress(BaseModel):
     step: int
     total: int

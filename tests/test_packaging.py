@@ -48,3 +48,18 @@ def test_the_scan_sees_imports_inside_functions():
     """Lazy imports count: ``httpx`` was imported inside ``serving/app.py: direct_ports`` only, and ``pip
     install .`` crashed after "ready" because of it; ``serving/bench.py`` still imports it in a function."""
     assert "serving/bench.py" in _imports()["httpx"]
+
+
+def test_every_console_file_is_package_data():
+    """``make serve`` installs with ``pip install .`` (not editable): a console file no package-data glob names
+    is missing from the product, and ``GET /ui`` would serve a page whose script 404s."""
+    import fnmatch
+
+    line = re.search(r"^serving = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    globs = re.findall(r'"([^"]+)"', line)
+    ui = sorted(p.relative_to(ROOT / "serving").as_posix() for p in (ROOT / "serving" / "ui").iterdir())
+    assert "ui/index.html" in ui and "ui/console.js" in ui
+    assert [f for f in ui if not any(fnmatch.fnmatch(f, g) for g in globs)] == []
+    from serving.console import files
+
+    assert sorted(f"ui/{name}" for name in files()) == ui  # and the server serves every one of them

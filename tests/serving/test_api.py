@@ -417,3 +417,15 @@ def test_a_restarting_controller_is_a_503_with_retry_after_never_a_500(server):
             break
         time.sleep(0.02)
     assert set(seen) <= {200, 503} and 503 in seen and seen[-1] == 200, seen  # it was away, and said so
+
+
+def test_methods_route_is_the_schemas_the_server_validates_with(server):
+    from training.hyper import HYPER
+
+    m = server.http.get("/v1/methods").json()
+    assert m["methods"]["ties"]["hyper_schema"] == HYPER["ties"].model_json_schema()
+    assert "pam_adaptive" not in m["methods"]  # benchmark-only: POST /v1/domains refuses it
+    assert m["tasks"]["classify"]["default_method"] == "pam" and "adaptive" in m["tasks"]["classify"]["methods"]
+    assert "adaptive" not in m["tasks"]["vqa"]["methods"]
+    assert m["tasks"]["classify"]["steps"] == 6 and m["max_steps"] == 2000
+    assert "(0, 1]" in m["methods"]["ties"]["allowed"]["density"]
