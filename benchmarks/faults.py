@@ -79,6 +79,7 @@ class Load:
         Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3)).astype(np.uint8)).save(buf, "PNG")
         self.body = {"image": base64.b64encode(buf.getvalue()).decode()}
         self.url, self.events = url, []  # (time, route, kind) of every answer or failure
+        self.slowest = 0.0  # the longest request since the scenario started (a held request shows here)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -89,6 +90,7 @@ class Load:
             while not self.stop.is_set():
                 route = ("POST", "/v1/classify") if i % 2 == 0 else ("GET", "/v1/adapters")
                 i += 1
+                t0 = time.monotonic()
                 try:
                     r = h.request(route[0], self.url + route[1], json=self.body if route[0] == "POST" else None)
                     kind = str(r.status_code) + ("+RA" if r.status_code == 503 and "retry-after" in r.headers else "")
@@ -97,6 +99,7 @@ class Load:
                 except httpx.HTTPError as e:
                     kind = type(e).__name__
                 self.events.append((time.monotonic(), route[1], kind))
+                self.slowest = max(self.slowest, time.monotonic() - t0)
                 time.sleep(0.02)
 
     def window(self, t_fault: float, settle_s: float = 5.0, timeout: float = 300) -> tuple[collections.Counter, float]:
@@ -147,6 +150,7 @@ def scenario(name: str, s: Server, load: Load, archive: bytes) -> dict:
         job = ingest(s.url, archive, f"d-{name}")
         wait_training(s.url, job)
     load.events.clear()
+    load.slowest = 0.0
     t_fault = time.monotonic()
     if name == "replica":
         os.kill(s.pid_of("ray::ServeReplica:mergeserve:Model"), signal.SIGKILL)
@@ -161,7 +165,7 @@ def scenario(name: str, s: Server, load: Load, archive: bytes) -> dict:
         s.start()
     answers, recovery = load.window(t_fault)
     ended = wait_job(s.url, job) if job else None
-    return {"scenario": name, "answers": answers, "recovery_s": recovery,
+    return {"scenario": name, "answers": answers, "recovery_s": recovery, "slowest_s": load.slowest,
             "job": f"{ended['status']} (attempts {ended['attempts']})" if ended else "-"}
 
 
@@ -193,12 +197,12 @@ def main() -> int:
             s.proc.send_signal(signal.SIGTERM)
             s.proc.wait(120)
     kinds = sorted({k for r in rows for k in r["answers"]})
-    print(f"\n| scenario | requests | {' | '.join(kinds)} | recovery s | job |")
-    print("|" + " --- |" * (len(kinds) + 4))
+    print(f"\n| scenario | requests | {' | '.join(kinds)} | recovery s | slowest request s | job |")
+    print("|" + " --- |" * (len(kinds) + 5))
     for r in rows:
         a = r["answers"]
         print(f"| {r['scenario']} | {sum(a.values())} | {' | '.join(str(a.get(k, 0)) for k in kinds)} | "
-              f"{r['recovery_s']:.1f} | {r['job']} |")
+              f"{r['recovery_s']:.1f} | {r['slowest_s']:.1f} | {r['job']} |")
     return 0
 
 

@@ -8,6 +8,7 @@ control routes (domains, jobs, adapters, feedback, metrics) call the controller 
 import asyncio
 import base64
 import binascii
+import functools
 import json
 from typing import Any, Literal
 
@@ -45,6 +46,7 @@ from .schemas import (
     ERRORS,
     Accepted,
     Activated,
+    ActivateRequest,
     AdapterImport,
     Adapters,
     AdapterVersion,
@@ -178,8 +180,12 @@ class Model:
         self.engine = Engine(self.cfg, self.controller)
         self.size = self.engine.spec.img_size
         # a batch is cut when the model is free; a long forward runs beside the event loop (batching.py)
+        inline = self.engine.device.type == "cpu"
         self.batcher = GreedyBatcher(self.engine.forward, self.cfg.max_batch_images, self.cfg.batch_wait_timeout_s,
-                                     inline=self.engine.device.type == "cpu")
+                                     inline=inline)
+        # a running canary's requests batch apart: one batch, one model (engine.pick decides who goes there)
+        self.canary_batcher = GreedyBatcher(functools.partial(self.engine.forward, candidate=True),
+                                            self.cfg.max_batch_images, self.cfg.batch_wait_timeout_s, inline=inline)
         self.recorder = Recorder(lambda req, pred: ray.get(self.controller.record.remote(req, pred)))
         api.add_middleware(RequestMiddleware, max_body=self.cfg.max_upload_bytes, record=self.recorder.add)
 
@@ -249,7 +255,8 @@ class Model:
         rid = request.state.request_id
         with self.batcher.incoming():  # a batch cut meanwhile may wait for this request (up to its wait)
             req, x, single = await self._classify_input(request)
-        probs, version = await self.batcher(x)
+        candidate = self.engine.pick(request.headers.get("x-client-id") or rid, req.adapter_version)
+        probs, version = await (self.canary_batcher if candidate else self.batcher)(x)
         top = np.argsort(-probs, axis=1)[:, : req.top_k]
         names = self.cfg.class_names
         results = [[{"label": names[i], "score": round(float(p[i]), 6)} for i in t] for p, t in zip(probs, top)]
@@ -353,7 +360,9 @@ class Model:
             raws, questions = [_b64(req.image, "image")], [req.question]
         else:
             raise Problem(422, "no-question", "send {'image': base64, 'question': str} or {'items': [...]}")
-        results, version = await _call(self.vqa.answer.remote(raws, questions, req.top_k), "the VQA model")
+        key = request.headers.get("x-client-id") or rid
+        results, version = await _call(self.vqa.answer.remote(raws, questions, req.top_k, key, req.adapter_version),
+                                       "the VQA model")
         ids = [rid] if len(results) == 1 else [f"{rid}:{j}" for j in range(len(results))]
         self.recorder.predicted([(i, req.domain, r["answer"], "vqa") for i, r in zip(ids, results)])
         return JSONResponse({"request_id": rid, "adapter_version": version, "answers": results})
@@ -396,9 +405,20 @@ class Model:
     async def activate(
         self, request: Request, version: int = Path(ge=0, le=2**31 - 1), task: TaskName = Query("classify")
     ) -> dict:
-        """Roll back or forward to a stored version (also one the activation gate rejected)."""
+        """Roll back or forward to a stored version (also one the activation gate rejected), or, with a body
+        ``{"traffic": 0.1, "promote_when": {"min_feedback": N, "max_drop": d}}``, start it as a canary that
+        answers that share of the requests (sticky per ``X-Client-ID``)."""
         self._auth(request)
-        return await _call(self.controller.activate.remote(version, self._task(task)))
+        body = await request.body()
+        act = _parse(ActivateRequest, body) if body.strip() else ActivateRequest()
+        promote = act.promote_when.model_dump() if act.promote_when else None
+        return await _call(self.controller.activate.remote(version, self._task(task), act.traffic, promote))
+
+    @api.delete("/v1/canary", responses=ERRORS)
+    async def stop_canary(self, request: Request, task: TaskName = Query("classify")) -> dict:
+        """End the running canary: every request goes to the active version again."""
+        self._auth(request)
+        return await _call(self.controller.end_canary.remote(self._task(task)))
 
     @api.get("/v1/adapters/{version}/download", response_class=Response, responses={
         **ERRORS, 200: {"content": {"application/zip": {}}, "description": "the adapter's files, zipped"}})
@@ -516,8 +536,9 @@ class Model:
 
     def reconfigure(self, user_config: dict) -> None:
         """Only batching knobs; adapter swaps never go through here (reconfigure is not zero-downtime)."""
-        self.batcher.max_items = int(user_config.get("max_batch_images", 512))
-        self.batcher.wait_s = float(user_config.get("batch_wait_timeout_s", 0.005))
+        for b in (self.batcher, self.canary_batcher):
+            b.max_items = int(user_config.get("max_batch_images", 512))
+            b.wait_s = float(user_config.get("batch_wait_timeout_s", 0.005))
 
 
 @serve.deployment(name="VqaModel", health_check_period_s=5)
@@ -538,15 +559,28 @@ class VqaModel:
         """The base model's name and parameter shapes (for adapter download and import)."""
         return {"base": self.engine.cfg.backbone, "shapes": self.engine.shapes}
 
-    async def answer(self, raws: list[bytes], questions: list[str], top_k: int) -> tuple[list[dict], int]:
-        """Decode (off the loop), then answer in a dynamic batch with other requests' questions."""
+    async def answer(self, raws: list[bytes], questions: list[str], top_k: int, key: str = "",
+                     pinned: int | None = None) -> tuple[list[dict], int]:
+        """Decode (off the loop), then answer in a dynamic batch with other requests' questions (the canary's
+        candidate model for the requests ``key`` routes there, or that pin its version)."""
+        candidate = self.engine.pick(key, pinned)
         x = await asyncio.to_thread(decode_images, raws, self.size, self.limits)
-        results, version = await self._batched((x, questions))
+        results, version = await self._batched((x, questions, candidate))
         return [{**r, "top_k": r["top_k"][:top_k]} for r in results], version
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _batched(self, reqs: list[tuple[np.ndarray, list[str]]]) -> list[tuple[list[dict], int]]:
-        sizes = np.cumsum([len(q) for _, q in reqs])[:-1]
+    async def _batched(self, reqs: list[tuple[np.ndarray, list[str], bool]]) -> list[tuple[list[dict], int]]:
+        out: list = [None] * len(reqs)
+        for candidate in (False, True):  # one forward per model in the batch
+            idx = [i for i, r in enumerate(reqs) if r[2] == candidate]
+            if idx:
+                for i, res in zip(idx, self._answer([reqs[i] for i in idx], candidate)):
+                    out[i] = res
+        return out
+
+    def _answer(self, reqs: list[tuple[np.ndarray, list[str], bool]], candidate: bool) -> list[tuple[list[dict], int]]:
+        sizes = np.cumsum([len(q) for _, q, _ in reqs])[:-1]
         k = len(self.engine.task.answers)  # full ranking once; each request keeps its own top_k
-        out, version = self.engine.answer(np.concatenate([x for x, _ in reqs]), sum((q for _, q in reqs), []), k)
+        out, version = self.engine.answer(np.concatenate([x for x, _, _ in reqs]), sum((q for _, q, _ in reqs), []),
+                                          k, candidate)
         return [(list(part), version) for part in np.split(np.array(out, dtype=object), sizes)]

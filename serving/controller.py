@@ -14,11 +14,12 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Callable
 
 import ray
 from ray.exceptions import NodeDiedError, OutOfMemoryError, RayActorError, WorkerCrashedError
 
-from . import versions
+from . import canary, versions
 from .config import ServerConfig
 from .errors import Problem
 from .metrics import ServerMetrics
@@ -360,8 +361,14 @@ class Controller:
             log.info("mergeserve: %s job %s %s in %.1fs", task, job["id"], done["status"], time.time() - t0)
 
     # --- versions and hot swap -----------------------------------------------------------------
-    async def activate(self, version: int, task: str = "classify") -> dict:
-        """Roll back or forward to a stored version through the same swap path. Raises :class:`Problem`."""
+    async def activate(self, version: int, task: str = "classify", traffic: float = 1.0,
+                       promote_when: dict | None = None) -> dict:
+        """Roll back or forward to a stored version through the same swap path; with ``traffic`` below 1, make
+        it a canary instead, beside the active version (``promote_when``: decided by live feedback).
+
+        Raises:
+            Problem: 404 unknown version, 409 corrupt adapter, 409 ``already-active`` (a canary of the active one).
+        """
         line = await self._start(task)
         row = line.pipe.db.version(version)
         if row is None:
@@ -370,7 +377,23 @@ class Controller:
             await asyncio.to_thread(line.pipe.store.verify, row["name"], line.cfg.backbone)
         except ValueError as e:
             raise Problem(409, "corrupt-adapter", str(e)) from e
-        return {"active": version, "swap_seconds": await self._activate(task, version)}
+        if traffic < 1:
+            canary.end(line.pipe, "replaced")
+            state = canary.start(line.pipe, version, traffic, promote_when)
+            dt = await self._publish(task, lambda served: served[1] == version)
+            return {"active": line.pipe.active, "swap_seconds": dt, "canary": state}
+        if (running := canary.current(line.pipe)) is not None:
+            canary.end(line.pipe, "promoted" if running["version"] == version else "stopped")
+        return {"active": version, "swap_seconds": await self._activate(task, version), "canary": None}
+
+    async def end_canary(self, task: str = "classify") -> dict:
+        """Stop the running canary: every request goes to the active version again."""
+        line = await self._start(task)
+        done = canary.end(line.pipe, "stopped")
+        if done is None:
+            raise Problem(404, "no-canary", f"no {task} canary is running")
+        await self._publish(task, lambda served: served[1] is None)
+        return done
 
     async def delete(self, version: int, task: str = "classify") -> dict:
         """Delete a version a rollback cannot need. Raises :class:`Problem` (404, 409 ``version-protected``)."""
@@ -396,35 +419,53 @@ class Controller:
 
     async def _activate(self, task: str, version: int) -> float:
         line = self.lines[task]
-        t0 = time.time()
         line.pipe.set_active(version)
-        line.changed.set()
-        line.changed = asyncio.Event()
-        while time.time() - t0 < self.cfg.swap_timeout_s:
-            live = [v for v, seen in line.replicas.values() if time.time() - seen < self.cfg.poll_timeout_s + 1]
-            if all(v == version for v in live):
-                break
-            await asyncio.sleep(0.02)
-        dt = time.time() - t0
+        dt = await self._publish(task, lambda served: served[0] == version)
         self.metrics.swap.observe(dt)
         return dt
 
+    async def _publish(self, task: str, done: Callable[[tuple], bool]) -> float:
+        """Wake every replica's long-poll and wait (``swap_timeout_s`` at most) until each live one serves what
+        ``done`` wants of its ``(active, canary)``; returns the seconds it took."""
+        line, t0 = self.lines[task], time.time()
+        line.changed.set()
+        line.changed = asyncio.Event()
+        while time.time() - t0 < self.cfg.swap_timeout_s:
+            live = [s for s, seen in line.replicas.values() if time.time() - seen < self.cfg.poll_timeout_s + 1]
+            if all(done(s) for s in live):
+                break
+            await asyncio.sleep(0.02)
+        return time.time() - t0
+
+    @staticmethod
+    def _serving(line: Lineage) -> tuple[dict, dict | None]:
+        row, c = line.pipe.db.version(line.pipe.active), canary.current(line.pipe)
+        return row, c
+
     async def wait_version(self, replica_id: str, known: int, timeout: float | None = None,
-                           task: str = "classify") -> dict:
-        """Long-poll: returns as soon as the active version differs from ``known`` (or after ``timeout``)."""
+                           task: str = "classify", known_canary: int | None = None) -> dict:
+        """Long-poll: returns as soon as what replicas should serve (the active version, and the canary's
+        candidate if any) differs from what this one serves (``known``, ``known_canary``), or after ``timeout``.
+
+        Returns:
+            ``{"version", "name", "canary": {"version", "name", "traffic"} | None}``.
+        """
         line = await self._start(task)
-        line.replicas[replica_id] = (known, time.time())
-        if line.pipe.active == known:
+        served = (known, known_canary)
+        line.replicas[replica_id] = (served, time.time())
+        row, c = self._serving(line)
+        if (row["version"], c and c["version"]) == served:
             try:
                 await asyncio.wait_for(line.changed.wait(), self.cfg.poll_timeout_s if timeout is None else timeout)
             except asyncio.TimeoutError:
                 pass
-        line.replicas[replica_id] = (known, time.time())
-        row = line.pipe.db.version(line.pipe.active)
-        return {"version": row["version"], "name": row["name"]}
+        line.replicas[replica_id] = (served, time.time())
+        row, c = self._serving(line)
+        cand = {k: c[k] for k in ("version", "name", "traffic")} if c else None
+        return {"version": row["version"], "name": row["name"], "canary": cand}
 
-    def ack(self, replica_id: str, version: int, task: str = "classify") -> None:
-        self._line(task).replicas[replica_id] = (version, time.time())
+    def ack(self, replica_id: str, version: int, task: str = "classify", canary_version: int | None = None) -> None:
+        self._line(task).replicas[replica_id] = ((version, canary_version), time.time())
 
     # --- feedback and metrics ------------------------------------------------------------------
     def record(

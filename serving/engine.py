@@ -47,7 +47,9 @@ class Engine:
         self.replica_id = uuid.uuid4().hex[:8]
         info = ray.get(controller.wait_version.remote(self.replica_id, -1, 0.0, self.task_name))
         self.current = (info["version"], self._build(info["name"]))
-        ray.get(controller.ack.remote(self.replica_id, info["version"], self.task_name))
+        self.candidate: tuple[int, torch.nn.Module, float] | None = None  # a canary's (version, model, traffic)
+        self._follow_canary(info["canary"])
+        ray.get(controller.ack.remote(self.replica_id, info["version"], self.task_name, self._canary_version))
         self.swaps: list[float] = []
         threading.Thread(target=self._poll, daemon=True, name="adapter-poller").start()
         if freed := release_unused_gpu_libraries():
@@ -61,26 +63,62 @@ class Engine:
         tensors, man = self.store.load(name, backbone=self.cfg.backbone)
         return materialise(self.base, to_delta(tensors, man.lora)).to(self.device)
 
+    @property
+    def _canary_version(self) -> int | None:
+        return self.candidate[0] if self.candidate else None
+
     def _poll(self) -> None:
         while True:
             version = self.current[0]
             try:
-                info = ray.get(self.controller.wait_version.remote(self.replica_id, version, None, self.task_name))
+                info = ray.get(self.controller.wait_version.remote(self.replica_id, version, None, self.task_name,
+                                                                   self._canary_version))
                 if info["version"] != version:
                     t0 = time.perf_counter()
-                    standby = self._build(info["name"])  # fully built before anyone can see it
+                    cand = self.candidate  # a promoted canary's model is already built
+                    standby = cand[1] if cand and cand[0] == info["version"] else self._build(info["name"])
                     self.current = (info["version"], standby)  # the swap: one reference assignment
                     self.swaps.append(time.perf_counter() - t0)
                     log.info("%s replica %s swapped to adapter v%s", self.task_name, self.replica_id, info["version"])
-                self.controller.ack.remote(self.replica_id, self.current[0], self.task_name)
+                self._follow_canary(info["canary"])
+                self.controller.ack.remote(self.replica_id, self.current[0], self.task_name, self._canary_version)
             except Exception:  # noqa: BLE001 - controller restarting or adapter unreadable: keep serving, retry
                 log.exception("adapter poll failed; serving v%s and retrying", version)
                 time.sleep(1.0)
 
+    def _follow_canary(self, canary: dict | None) -> None:
+        """Hold the canary's candidate model beside the active one (at most one), or drop it."""
+        if canary is None:
+            self.candidate = None
+        elif self.candidate and self.candidate[0] == canary["version"]:
+            self.candidate = (canary["version"], self.candidate[1], canary["traffic"])
+        else:
+            model = self.current[1] if canary["version"] == self.current[0] else self._build(canary["name"])
+            self.candidate = (canary["version"], model, canary["traffic"])
+
+    def pick(self, key: str, pinned: int | None = None) -> bool:
+        """Whether the request keyed ``key`` (its client id, else its request id) is the candidate's.
+
+        Raises:
+            Problem: 409 ``version-not-loaded`` for a pinned version this replica does not hold.
+        """
+        from .canary import route
+        from .errors import Problem
+
+        cand = self.candidate
+        if pinned is not None:
+            if pinned == self.current[0] or (cand and pinned == cand[0]):
+                return bool(cand) and pinned == cand[0]
+            held = [self.current[0], *([cand[0]] if cand else [])]
+            raise Problem(409, "version-not-loaded", f"adapter v{pinned} is not served now (served: {held})")
+        return bool(cand) and route(key, cand[2])
+
     @torch.inference_mode()
-    def forward(self, images: np.ndarray) -> tuple[np.ndarray, int]:
-        """uint8 (N, 3, H, W) → class probabilities (N, C) and the adapter version that produced them."""
-        version, model = self.current  # one consistent (version, weights) pair for the whole batch
+    def forward(self, images: np.ndarray, candidate: bool = False) -> tuple[np.ndarray, int]:
+        """uint8 (N, 3, H, W) → class probabilities (N, C) and the adapter version that produced them (the
+        canary's candidate with ``candidate``, when one is held; else the active version)."""
+        cand = self.candidate
+        version, model = cand[:2] if candidate and cand else self.current  # one (version, weights) per batch
         x = preprocess(self.spec, torch.from_numpy(images).to(self.device))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             return model(x).float().softmax(-1).cpu().numpy(), version
@@ -94,11 +132,14 @@ class TaskEngine(Engine):
         return self.task.build_base(self.cfg.seed)
 
     @torch.inference_mode()
-    def answer(self, images: np.ndarray, questions: list[str], top_k: int) -> tuple[list[dict], int]:
-        """uint8 (N, 3, H, W) images with one question each → the task's responses and the adapter version."""
+    def answer(self, images: np.ndarray, questions: list[str], top_k: int,
+               candidate: bool = False) -> tuple[list[dict], int]:
+        """uint8 (N, 3, H, W) images with one question each → the task's responses and the adapter version (the
+        canary's candidate with ``candidate``, when one is held)."""
         from training.data.scenes import VqaSamples
 
-        version, model = self.current
+        cand = self.candidate
+        version, model = cand[:2] if candidate and cand else self.current
         samples = VqaSamples(torch.from_numpy(images), list(questions), torch.full((len(questions),), -1))
         out = self.task.forward(model, self.task.make_batch(samples).to(self.device))
         return self.task.respond(out.cpu(), top_k), version

@@ -446,6 +446,8 @@ class Pipeline:
                 {**v, "accuracy": self.db.accuracy(v["version"]), "active": v["version"] == active}
                 for v in self.db.versions()
             ],
+            "canary": self.db.get("canary"),
+            "canary_history": self.db.get("canary_history", []),
         }
 
     def feedback(self, request_id: str | None, domain: str | None, label: str, prediction: str | None) -> dict:

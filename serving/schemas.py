@@ -38,6 +38,8 @@ class ClassifyRequest(Strict):
     images: list[str] | None = Field(None, min_length=1)
     top_k: int = Field(3, ge=1, description="labels returned per image (at most the label count)")
     domain: Text | None = Field(None, description="where the image comes from; monitoring only")
+    adapter_version: int | None = Field(None, ge=0, description="answer with this version (the active one or a "
+                                        "running canary's; 409 otherwise)")
 
 
 class Prediction(BaseModel):
@@ -70,6 +72,8 @@ class VqaRequest(Strict):
     items: list[VqaItem] | None = Field(None, min_length=1)
     top_k: int = Field(1, ge=1, description="answers returned per question (at most the answer vocabulary)")
     domain: Text | None = Field(None, description="which question family or source; monitoring only")
+    adapter_version: int | None = Field(None, ge=0, description="answer with this version (the active one or a "
+                                        "running canary's; 409 otherwise)")
 
 
 class Answer(BaseModel):
@@ -211,14 +215,45 @@ class AdapterImport(Strict):
         None, description="SHA-256 of the uploaded file; refused when it differs")
 
 
+class PromoteWhen(Strict):
+    """When a canary ends by itself, judged on live feedback per domain (``POST /v1/feedback``)."""
+
+    min_feedback: int = Field(ge=1, le=1_000_000, description="answers with feedback per domain, of each version")
+    max_drop: float = Field(ge=0, le=1, description="largest allowed fall of the candidate's live accuracy")
+
+
+class ActivateRequest(Strict):
+    """Optional body of ``POST /v1/adapters/{v}/activate``: without one (or ``traffic`` 1) the version becomes
+    the active one for every request; below 1 it is a canary for that share of the requests."""
+
+    traffic: float = Field(1.0, gt=0, le=1, description="share of requests the version answers (sticky per "
+                           "X-Client-ID)")
+    promote_when: PromoteWhen | None = Field(None, description="promote or roll back on live feedback")
+
+
+class Canary(BaseModel):
+    version: int
+    name: str
+    traffic: float
+    promote_when: dict[str, Any] | None
+    started: float
+    against: int = Field(description="the active version when it started")
+    outcome: str | None = Field(None, description="promoted, rolled-back, stopped or replaced (history only)")
+    ended: float | None = None
+    numbers: dict[str, Any] = Field(default_factory=dict, description="the live accuracies that decided it")
+
+
 class Adapters(BaseModel):
     active: int
     versions: list[AdapterVersion]
+    canary: Canary | None = Field(None, description="the version answering a share of the requests, if any")
+    canary_history: list[Canary] = Field(default_factory=list)
 
 
 class Activated(BaseModel):
     active: int
     swap_seconds: float
+    canary: Canary | None = None
 
 
 # --- feedback ------------------------------------------------------------------------------------
