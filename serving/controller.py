@@ -338,7 +338,7 @@ class Controller:
         after = decode_cursor(cursor, (int,))[0] if cursor else None
         view = pipe.adapters_view(limit + 1, after)
         versions, nxt = page(view["versions"], limit, lambda v: (v["version"],))
-        return {"active": view["active"], "versions": versions, "next_cursor": nxt}
+        return {**view, "versions": versions, "next_cursor": nxt}  # the canary and its history too
 
     async def labels(self, task: str = "classify") -> list[str]:
         """The task's class names or answer vocabulary (recorded with its v0)."""

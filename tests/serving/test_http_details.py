@@ -87,6 +87,9 @@ def test_adapters_and_domains_come_in_cursor_pages(server):
     everything = server.http.get("/v1/adapters").json()
     domains = server.http.get("/v1/domains").json()
     assert everything["next_cursor"] is None and domains["next_cursor"] is None
+    first = server.http.get("/v1/adapters", params={"limit": 1}).json()
+    assert {k: first[k] for k in ("active", "canary", "canary_history")} == {  # a page keeps the rest of the view
+        k: everything[k] for k in ("active", "canary", "canary_history")}
     assert len(everything["versions"]) >= 3 and len(domains["domains"]) >= 2
     for path, key, ident in (("/v1/adapters", "versions", "version"), ("/v1/domains", "domains", "name")):
         seen, cursor, pages = [], None, 0
