@@ -1,7 +1,8 @@
 # Two commands do all set-up on a fresh machine: `make serve` (main job) and `make test`.
 #
-# .venv is the product exactly as it ships: `pip install .`, no extras, not editable (what the Dockerfile
-# installs), so `make serve` runs what users run, and the acceptance tests start the server from it.
+# .venv is the product exactly as it ships: `pip install -c deploy/constraints.txt .`, no extras, not
+# editable (what the Dockerfile installs, at the same pinned versions), so `make serve` runs what users
+# run, and the acceptance tests start the server from it.
 # .venv-dev holds the test tools only (pytest, ruff, the dev extra's packages) and sees .venv's packages
 # through a .pth file: one install of torch and ray, and nothing dev-only can leak into the product's venv.
 PY ?= python3
@@ -10,14 +11,15 @@ DEV := .venv-dev
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(DEV)/.installed
-SOURCES := pyproject.toml $(shell find merge training serving mergeserve -type f -not -name '*.pyc' 2>/dev/null)
+CONSTRAINTS := deploy/constraints.txt
+SOURCES := pyproject.toml $(CONSTRAINTS) $(shell find merge training serving mergeserve -type f -not -name '*.pyc' 2>/dev/null)
 
-.PHONY: install serve test lint bench clean prometheus-tools browser-tools
+.PHONY: install serve test lint bench clean prometheus-tools browser-tools constraints
 
 $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install .
+	$(BIN)/pip install -c $(CONSTRAINTS) .
 	rm -rf build
 	touch $(STAMP)
 
@@ -25,21 +27,32 @@ $(DEV_STAMP): $(STAMP)
 	test -x $(DEV)/bin/python || $(PY) -m venv $(DEV)
 	$(BIN)/python -c "import site; print(site.getsitepackages()[0])" > $$($(DEV)/bin/python -c "import site; print(site.getsitepackages()[0])")/mergeserve-product.pth
 	$(DEV)/bin/pip install --upgrade pip
-	$(DEV)/bin/pip install '.[dev]'
+	$(DEV)/bin/pip install -c $(CONSTRAINTS) '.[dev]'
 	rm -rf build
 	touch $(DEV_STAMP)
 
 install: $(STAMP)
 
+# deploy/constraints.txt from a fresh venv's resolution of pyproject.toml (run after changing dependencies)
+constraints:
+	rm -rf build/constraints-venv && $(PY) -m venv build/constraints-venv
+	build/constraints-venv/bin/pip install --upgrade pip && build/constraints-venv/bin/pip install .
+	{ sed -n '/^#/p' $(CONSTRAINTS); build/constraints-venv/bin/pip freeze --exclude mergeserve; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS) && rm -rf build
+
 serve: $(STAMP)
 	$(BIN)/mergeserve serve
 
-# tests/deploy and tests/serving/test_prometheus.py run promtool and a real Prometheus: install Debian's
-# `prometheus` package (it ships promtool) only when either binary is missing (root, or sudo).
+# tests/deploy and tests/serving/test_prometheus.py run promtool, amtool, a real Prometheus and a real
+# Alertmanager: install Debian's `prometheus` (it ships promtool) and `prometheus-alertmanager` (amtool)
+# packages only when a binary is missing (root, or sudo). The alertmanager package adds ~14 s to a fresh
+# machine's first `make test` (apt-get update included), nothing after.
+PROM_TOOLS := promtool prometheus amtool prometheus-alertmanager
 prometheus-tools:
-	@command -v promtool > /dev/null && command -v prometheus > /dev/null || { \
+	@( for t in $(PROM_TOOLS); do command -v $$t > /dev/null || exit 1; done ) || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends prometheus; }
+	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends \
+	    prometheus prometheus-alertmanager; }
 
 # tests/serving/test_console.py drives the console (GET /ui) in a real browser: Debian's `chromium`, through
 # playwright (the dev extra), never playwright's own browser download (no network beyond the package

@@ -16,7 +16,7 @@ import os
 import tarfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import httpx
@@ -43,6 +43,7 @@ class Client:
         token = token if token is not None else os.environ.get("MERGESERVE_TOKEN")
         self.http = httpx.Client(base_url=self.url, timeout=timeout,
                                  headers={"Authorization": f"Bearer {token}"} if token else {})
+        self.followed: str | None = None  # how the last follow() saw its job end: "events" or "polling"
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
         try:
@@ -54,6 +55,11 @@ class Client:
             # every error of the API is problem+json: a plain 404 is Serve's, before the app's routes exist
             raise ClientError(f"404 from {self.url} before its routes exist (still starting?): {r.text[:200]}",
                               503, "not-ready")
+        self._check(r)
+        return r.json()
+
+    def _check(self, r: httpx.Response) -> None:
+        """Raise the :class:`ClientError` an error response stands for (its problem's status and code)."""
         if r.status_code >= 400:
             try:
                 body = r.json()
@@ -62,7 +68,6 @@ class Client:
             code = _code(body) if isinstance(body, dict) else "http-error"
             detail = body.get("detail", "") if isinstance(body, dict) else r.text[:500]
             raise ClientError(f"{r.status_code} {code}: {detail}", r.status_code, code)
-        return r.json()
 
     # --- routes --------------------------------------------------------------------------------
     def ingest(self, name: str, archive: bytes, method: str | None = None, hyper: dict | None = None,
@@ -91,16 +96,50 @@ class Client:
         params = {"limit": limit, **({"cursor": cursor} if cursor else {}), **({"task": task} if task else {})}
         return self.request("GET", "/v1/jobs", params=params)
 
-    def follow(self, job_id: str, on_update: Callable[[dict], None], poll_s: float = 0.5, patience_s: float = 180.0,
-               on_lost: Callable[[ClientError], None] | None = None) -> dict:
-        """Poll a job until it ends; ``on_update(job)`` sees every state. Returns the final job.
+    def events(self, job_id: str, read_timeout_s: float = 60.0) -> Iterator[tuple[str, dict]]:
+        """``GET /v1/jobs/{id}/events``: ``(event, job)`` pairs as the server sends them, until the stream ends.
 
-        An accepted job survives a server restart (it runs again), so an unreachable server or a 502/503/504
-        is waited out, up to ``patience_s`` seconds in a row (``on_lost`` hears of each miss).
+        The server sends a comment at least every 15 s, so ``read_timeout_s`` of silence means a lost stream.
+
+        Raises:
+            ClientError: the route refused (its problem), is missing (an older server), or the connection broke.
+        """
+        timeout = httpx.Timeout(self.http.timeout.connect, read=read_timeout_s)
+        try:
+            with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=timeout,
+                                  headers={"Accept": "text/event-stream"}) as r:
+                if r.status_code >= 400 or not r.headers.get("content-type", "").startswith("text/event-stream"):
+                    r.read()
+                    self._check(r)
+                    raise ClientError(f"{r.status_code}: not an event stream", r.status_code, "http-error")
+                yield from parse_events(r.iter_lines())
+        except httpx.HTTPError as e:
+            raise ClientError(f"event stream from {self.url} lost ({type(e).__name__}: {e})") from None
+
+    def follow(self, job_id: str, on_update: Callable[[dict], None], poll_s: float = 0.5, patience_s: float = 180.0,
+               on_lost: Callable[[ClientError], None] | None = None, stream: bool = True) -> dict:
+        """Follow a job until it ends; ``on_update(job)`` sees every state. Returns the final job.
+
+        The job's event stream (:meth:`events`) first, when ``stream``; polling ``GET /v1/jobs/{id}`` from
+        where it broke off when the stream is not there (an older server), breaks or reports an error.
+        An accepted job survives a server restart (it runs again), so, polling, an unreachable server or a
+        502/503/504 is waited out, up to ``patience_s`` seconds in a row (``on_lost`` hears of each miss).
+        ``self.followed`` says how the job was followed to its end: ``"events"`` or ``"polling"``.
 
         Raises:
             ClientError: the job is unknown, or the server stayed away longer than ``patience_s``.
         """
+        if stream:
+            try:
+                for kind, job in self.events(job_id):
+                    if kind in ("status", "progress"):
+                        on_update(job)
+                        if job.get("status") in TERMINAL:
+                            self.followed = "events"
+                            return job
+            except ClientError:
+                pass  # no stream, or it broke: polling picks up from the job's current state
+        self.followed = "polling"
         lost = None
         while True:
             try:
@@ -141,6 +180,20 @@ class Client:
                 raise
             ready = {"status": "not-ready", "detail": str(e)}
         return {"url": self.url, "ready": ready, "tasks": self.request("GET", "/v1/tasks")["tasks"]}
+
+
+def parse_events(lines: Iterable[str]) -> Iterator[tuple[str, dict]]:
+    """``(event, data)`` from text/event-stream lines: ``data`` is JSON; comments and ids are skipped."""
+    kind, data = "message", []
+    for line in lines:
+        if not line:
+            if data:
+                yield kind, json.loads("\n".join(data))
+            kind, data = "message", []
+        elif line.startswith("event:"):
+            kind = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
 
 
 def _code(body: dict) -> str:

@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 import numpy as np
 import ray
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import FastAPI, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from starlette.datastructures import UploadFile
@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 
 from training.store import AdapterStore
 
+from . import auth, problems, sse
 from .archive import (
     Limits,
     cheap_to_decode,
@@ -83,6 +84,10 @@ api = FastAPI(
     version="0.2.0",
     description="Inference with a continually merged global LoRA adapter; online domain ingestion.",
 )
+
+
+#: ``dependencies=`` of the routes that change state: OpenAPI marks them as needing the bearer token
+SECURED = [Security(auth.BEARER)]
 
 
 def _doc(model: type, multipart: dict[str, Any]) -> dict:
@@ -191,9 +196,7 @@ class Model:
 
     # --- helpers -------------------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
-        token = self.cfg.auth_token
-        if token and request.headers.get("authorization") != f"Bearer {token}":
-            raise Problem(401, "unauthorized", "this endpoint needs 'Authorization: Bearer <token>'")
+        auth.check(self.cfg.auth_token, request.headers.get("authorization"))
 
     async def _form(self, request: Request) -> Any:
         return await request.form(max_files=self.cfg.max_images, max_fields=32)
@@ -261,11 +264,11 @@ class Model:
         names = self.cfg.class_names
         results = [[{"label": names[i], "score": round(float(p[i]), 6)} for i in t] for p, t in zip(probs, top)]
         ids = [rid] if single else [f"{rid}:{j}" for j in range(len(results))]
-        self.recorder.predicted([(i, req.domain, r[0]["label"], "classify") for i, r in zip(ids, results)])
+        self.recorder.predicted([(i, req.domain, r[0]["label"], "classify", version) for i, r in zip(ids, results)])
         body = {"request_id": rid, "adapter_version": version}
         return JSONResponse({**body, "predictions": results[0]} if single else {**body, "results": results})
 
-    @api.post("/v1/domains", status_code=202, response_model=Accepted, responses=ERRORS,
+    @api.post("/v1/domains", status_code=202, response_model=Accepted, responses=ERRORS, dependencies=SECURED,
               openapi_extra=_doc(IngestSource, {
                   "name": {"type": "string"}, "archive": {"type": "string", "format": "binary"},
                   "method": {"type": "string"}, "hyper": {"type": "string", "description": "JSON object"},
@@ -364,7 +367,7 @@ class Model:
         results, version = await _call(self.vqa.answer.remote(raws, questions, req.top_k, key, req.adapter_version),
                                        "the VQA model")
         ids = [rid] if len(results) == 1 else [f"{rid}:{j}" for j in range(len(results))]
-        self.recorder.predicted([(i, req.domain, r["answer"], "vqa") for i, r in zip(ids, results)])
+        self.recorder.predicted([(i, req.domain, r["answer"], "vqa", version) for i, r in zip(ids, results)])
         return JSONResponse({"request_id": rid, "adapter_version": version, "answers": results})
 
     @api.get("/v1/tasks", response_model=Tasks, responses=ERRORS)
@@ -393,15 +396,35 @@ class Model:
             raise Problem(404, "unknown-job", f"no job {job_id!r}")
         return _job_view(j)
 
+    @api.get("/v1/jobs/{job_id}/events", responses={**ERRORS, 200: {
+        "content": {sse.MEDIA_TYPE: {"schema": {"type": "string"}}},
+        "description": "Server-Sent Events: `status` (each status, the first at once) and `progress` (step, "
+                       "loss), each with the job as GET /v1/jobs/{id} shows it; the stream ends after the "
+                       "terminal status (an `error` event with a problem if the controller is lost)"}})
+    async def job_events(self, job_id: str = Path(max_length=64)) -> StreamingResponse:
+        """Follow a job without polling: its status and progress as Server-Sent Events until it ends."""
+        job = await self.job(job_id)
+
+        async def fetch() -> dict:
+            return await self.job(job_id)
+
+        return StreamingResponse(sse.job_events(fetch, job), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+
     @api.get("/v1/domains", response_model=Domains, responses=ERRORS)
-    async def domains(self, task: TaskName = Query("classify")) -> dict:
-        return {"domains": await _call(self.controller.domains.remote(self._task(task)))}
+    async def domains(self, task: TaskName = Query("classify"), limit: int = Query(100, ge=1, le=1000),
+                      cursor: str | None = Query(None, max_length=400)) -> dict:
+        """Learned domains in learning order; pass ``next_cursor`` back as ``cursor`` for the next page
+        (``null``: this was the last; the default page holds every domain of a default server)."""
+        return await _call(self.controller.domain_page.remote(self._task(task), limit, cursor))
 
     @api.get("/v1/adapters", response_model=Adapters, responses=ERRORS)
-    async def adapters(self, task: TaskName = Query("classify")) -> dict:
-        return await _call(self.controller.adapters.remote(self._task(task)))
+    async def adapters(self, task: TaskName = Query("classify"), limit: int = Query(100, ge=1, le=1000),
+                       cursor: str | None = Query(None, max_length=200)) -> dict:
+        """The active version and the stored versions, oldest first; pass ``next_cursor`` back as
+        ``cursor`` for the next page (``null``: this was the last)."""
+        return await _call(self.controller.adapters.remote(self._task(task), limit, cursor))
 
-    @api.post("/v1/adapters/{version}/activate", response_model=Activated, responses=ERRORS)
+    @api.post("/v1/adapters/{version}/activate", response_model=Activated, responses=ERRORS, dependencies=SECURED)
     async def activate(
         self, request: Request, version: int = Path(ge=0, le=2**31 - 1), task: TaskName = Query("classify")
     ) -> dict:
@@ -414,7 +437,7 @@ class Model:
         promote = act.promote_when.model_dump() if act.promote_when else None
         return await _call(self.controller.activate.remote(version, self._task(task), act.traffic, promote))
 
-    @api.delete("/v1/canary", responses=ERRORS)
+    @api.delete("/v1/canary", responses=ERRORS, dependencies=SECURED)
     async def stop_canary(self, request: Request, task: TaskName = Query("classify")) -> dict:
         """End the running canary: every request goes to the active version again."""
         self._auth(request)
@@ -454,7 +477,8 @@ class Model:
         return peft_zip(config, sd, README.format(v=row["version"], task=task, method=row["method"],
                                                   domains=row["domains"], base=base, n=len(man.class_names)))
 
-    @api.post("/v1/adapters", status_code=201, response_model=AdapterVersion, responses=ERRORS, openapi_extra=_doc(
+    @api.post("/v1/adapters", status_code=201, response_model=AdapterVersion, responses=ERRORS, dependencies=SECURED,
+              openapi_extra=_doc(
         AdapterImport, {"archive": {"type": "string", "format": "binary"}, "task": {"type": "string"},
                         "sha256": {"type": "string"}}))
     async def import_adapter(self, request: Request) -> JSONResponse:
@@ -482,7 +506,7 @@ class Model:
         row = await _call(self.controller.import_adapter.remote(arrays, fmt, lora.model_dump(), task))
         return JSONResponse(row, status_code=201, headers={"Location": f"/v1/adapters?task={task}"})
 
-    @api.delete("/v1/adapters/{version}", responses=ERRORS)
+    @api.delete("/v1/adapters/{version}", responses=ERRORS, dependencies=SECURED)
     async def delete_adapter(self, request: Request, version: int = Path(ge=0, le=2**31 - 1),
                              task: TaskName = Query("classify")) -> dict:
         """Delete a version no rollback can need (not the active one, nor one it descends from)."""
@@ -501,7 +525,7 @@ class Model:
             raise Problem(422, "unknown-task", f"task {task!r} is not enabled; this server holds {self.cfg.tasks()}")
         return task
 
-    @api.post("/v1/feedback", response_model=FeedbackResult, responses=ERRORS,
+    @api.post("/v1/feedback", response_model=FeedbackResult, responses=ERRORS, dependencies=SECURED,
               openapi_extra={"requestBody": {"content": {"application/json": {
                   "schema": FeedbackRequest.model_json_schema()}}}})
     async def feedback(self, request: Request) -> dict:
@@ -514,6 +538,21 @@ class Model:
         except Exception:  # noqa: BLE001 - controller restarting: keep them for the next flush
             self.recorder.give_back(req, pred)
         return await _call(self.controller.feedback.remote(fb.request_id, fb.domain, fb.label, fb.prediction, fb.task))
+
+    @api.get("/problems", response_class=HTMLResponse)
+    async def problem_index(self) -> HTMLResponse:
+        """Every problem type (RFC 9457) this server answers with."""
+        return HTMLResponse(problems.index())
+
+    @api.get("/problems/{code}", response_class=HTMLResponse, responses=ERRORS)
+    async def problem_doc(self, request: Request, code: str = Path(max_length=64)) -> Response:
+        """What a problem ``type`` means (its body's ``type`` points here): HTML, or JSON when asked for."""
+        if code not in problems.PROBLEMS:
+            raise Problem(404, "not-found", f"no problem type {code!r}; GET /problems lists them")
+        name, text = problems.PROBLEMS[code]
+        if "application/json" in request.headers.get("accept", ""):
+            return JSONResponse({"type": f"/problems/{code}", "title": name, "description": text})
+        return HTMLResponse(problems.page(code))
 
     @api.get("/metrics")
     async def metrics(self) -> Response:

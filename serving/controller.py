@@ -22,24 +22,34 @@ from ray.exceptions import NodeDiedError, OutOfMemoryError, RayActorError, Worke
 from . import canary, versions
 from .config import ServerConfig
 from .errors import Problem
-from .metrics import ServerMetrics
+from .metrics import ServerMetrics, TaskState
 from .pipeline import Pipeline, Submission, WorkerLost
 
 NAME, NAMESPACE, WORKER = "mergeserve-controller", "mergeserve", "mergeserve-worker"
 
 
-def encode_cursor(created: float, job_id: str) -> str:
-    """An opaque page cursor: where the last job of a page stands in (created, id) order."""
-    return base64.urlsafe_b64encode(json.dumps([created, job_id]).encode()).decode().rstrip("=")
+def encode_cursor(*key: float | int | str) -> str:
+    """An opaque page cursor: the sort key of a page's last row (a job's ``(created, id)``, a domain's
+    ``(created, name)``, a version's ``(version,)``)."""
+    return base64.urlsafe_b64encode(json.dumps(list(key)).encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> tuple[float, str]:
-    """Inverse of :func:`encode_cursor`. Raises: Problem 422 ``bad-cursor``."""
+def decode_cursor(cursor: str, shape: tuple[type, ...] = (float, str)) -> tuple:
+    """Inverse of :func:`encode_cursor` for a key of types ``shape``. Raises: Problem 422 ``bad-cursor``."""
     try:
-        created, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return float(created), str(job_id)
+        key = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(key, list) or len(key) != len(shape) or any(isinstance(k, (list, dict)) for k in key):
+            raise ValueError(key)
+        return tuple(t(k) for t, k in zip(shape, key))
     except (ValueError, TypeError) as e:
-        raise Problem(422, "bad-cursor", "cursor is not one this server returned as next_cursor") from e
+        raise Problem(422, "bad-cursor", "cursor is not one this route returned as next_cursor") from e
+
+
+def page(rows: list[dict], limit: int, key: Callable[[dict], tuple]) -> tuple[list[dict], str | None]:
+    """The first ``limit`` of ``rows`` (fetched with one more, to know) and the cursor after them, or None."""
+    return rows[:limit], encode_cursor(*key(rows[limit - 1])) if len(rows) > limit else None
+
+
 log = logging.getLogger("ray")
 
 
@@ -227,15 +237,15 @@ class Controller:
 
     def __init__(self, cfg: dict) -> None:
         self.cfg = ServerConfig.model_validate(cfg)
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(tuple(self.cfg.tasks()))
         self.lines: dict[str, Lineage] = {}
         self.slot = slot = _Slot()  # one worker actor for every task
         self._reaper: asyncio.Task | None = None
         for task in self.cfg.tasks():
             line = self.lines[task] = Lineage(self.cfg.for_task(task), slot)
             recovered = line.pipe.recover()
-            self.metrics.jobs.labels("retried").inc(len(recovered["requeued"]))
-            self.metrics.jobs.labels("failed").inc(len(recovered["gave_up"]))
+            self.metrics.jobs.labels(task, "retried").inc(len(recovered["requeued"]))
+            self.metrics.jobs.labels(task, "failed").inc(len(recovered["gave_up"]))
             if any(recovered.values()):
                 log.warning("mergeserve: %s recovered after a restart: %s", task, recovered)
         self.healthy = True
@@ -298,15 +308,37 @@ class Controller:
         lines = [self._line(task)] if task else list(self.lines.values())
         rows = [{**j, "task": line.cfg.task} for line in lines for j in line.pipe.db.job_page(limit + 1, before)]
         rows.sort(key=lambda j: (j["created"], j["id"]), reverse=True)
-        page = rows[:limit]
-        more = len(rows) > limit
-        return {"jobs": page, "next_cursor": encode_cursor(page[-1]["created"], page[-1]["id"]) if more else None}
+        jobs, cursor = page(rows, limit, lambda j: (j["created"], j["id"]))
+        return {"jobs": jobs, "next_cursor": cursor}
 
     def domains(self, task: str = "classify") -> list[dict]:
         return self._line(task).pipe.domains_view()
 
-    def adapters(self, task: str = "classify") -> dict:
-        return self._line(task).pipe.adapters_view()
+    def domain_page(self, task: str = "classify", limit: int = 100, cursor: str | None = None) -> dict:
+        """Learned domains in learning order, ``limit`` at a time: ``{"domains", "next_cursor"}``.
+
+        Raises:
+            Problem: 422 ``bad-cursor`` for a cursor this route did not hand out.
+        """
+        after = decode_cursor(cursor) if cursor else None
+        rows = self._line(task).pipe.domains_view(limit + 1, after)
+        domains, nxt = page(rows, limit, lambda d: (d["created"], d["name"]))
+        return {"domains": domains, "next_cursor": nxt}
+
+    def adapters(self, task: str = "classify", limit: int | None = None, cursor: str | None = None) -> dict:
+        """The active version and the stored versions, oldest first; all of them, or ``limit`` at a time
+        (``next_cursor``: the page after; None on the last).
+
+        Raises:
+            Problem: 422 ``bad-cursor`` for a cursor this route did not hand out.
+        """
+        pipe = self._line(task).pipe
+        if limit is None:
+            return {**pipe.adapters_view(), "next_cursor": None}
+        after = decode_cursor(cursor, (int,))[0] if cursor else None
+        view = pipe.adapters_view(limit + 1, after)
+        versions, nxt = page(view["versions"], limit, lambda v: (v["version"],))
+        return {**view, "versions": versions, "next_cursor": nxt}  # the canary and its history too
 
     async def labels(self, task: str = "classify") -> list[str]:
         """The task's class names or answer vocabulary (recorded with its v0)."""
@@ -329,7 +361,7 @@ class Controller:
         async with self._accepting:  # one acceptance at a time: name checks and writes don't interleave
             job, replayed = await asyncio.to_thread(line.pipe.accept, s)  # hashing + fsync off the loop
         if not replayed:
-            self.metrics.jobs.labels("accepted").inc()
+            self.metrics.jobs.labels(s.task, "accepted").inc()
             line.work.set()
         return {"job": {**job, "task": s.task}, "replayed": replayed}
 
@@ -355,9 +387,9 @@ class Controller:
             activate = functools.partial(self._activate, task)
             done = await line.pipe.run(job, line.worker, activate, functools.partial(report, job["id"]),
                                        functools.partial(phase, job["id"]))
-            self.metrics.jobs.labels(done["status"]).inc()
+            self.metrics.jobs.labels(task, done["status"]).inc()
             if done["status"] != "failed" and "training" in (done["timings"] or {}):
-                self.metrics.train.observe(done["timings"]["training"])
+                self.metrics.train.labels(task).observe(done["timings"]["training"])
             log.info("mergeserve: %s job %s %s in %.1fs", task, job["id"], done["status"], time.time() - t0)
 
     # --- versions and hot swap -----------------------------------------------------------------
@@ -421,7 +453,7 @@ class Controller:
         line = self.lines[task]
         line.pipe.set_active(version)
         dt = await self._publish(task, lambda served: served[0] == version)
-        self.metrics.swap.observe(dt)
+        self.metrics.swap.labels(task).observe(dt)
         return dt
 
     async def _publish(self, task: str, done: Callable[[tuple], bool]) -> float:
@@ -468,15 +500,13 @@ class Controller:
         self._line(task).replicas[replica_id] = ((version, canary_version), time.time())
 
     # --- feedback and metrics ------------------------------------------------------------------
-    def record(
-        self, requests: list[tuple[str, str, float]], predictions: list[tuple[str, str | None, str, str]]
-    ) -> int:
-        """Request samples and predictions ``(request_id, domain, label, task)`` from the replicas (flushed
-        every second); returns rows dropped."""
+    def record(self, requests: list[tuple[str, str, float]], predictions: list[tuple]) -> int:
+        """Request samples and predictions ``(request_id, domain, label, task[, version])`` from the replicas
+        (flushed every second); returns rows dropped."""
         self.metrics.observe_requests(requests)
         by_task: dict[str, list] = {}
-        for rid, domain, label, task in predictions:
-            by_task.setdefault(task, []).append((rid, domain, label))
+        for rid, domain, label, task, *version in predictions:
+            by_task.setdefault(task, []).append((rid, domain, label, version[0] if version else None))
         dropped = 0
         for task, rows in by_task.items():
             if task in self.lines:
@@ -486,20 +516,42 @@ class Controller:
 
     def feedback(self, request_id: str | None, domain: str | None, label: str, prediction: str | None,
                  task: str | None = None) -> dict:
-        """Feedback for a prediction; with a ``request_id`` and no ``task`` the task that served it is found."""
+        """Feedback for a prediction; with a ``request_id`` and no ``task`` the task that served it is found.
+        Counted in ``mergeserve_feedback_total`` once per ``request_id`` (a replay counts nothing)."""
         if task is None:
             found = (t for t, line in self.lines.items() if request_id and line.pipe.db.prediction(request_id))
             task = next(found, "classify")
-        return {**self._line(task).pipe.feedback(request_id, domain, label, prediction), "task": task}
+        res = self._line(task).pipe.feedback(request_id, domain, label, prediction)
+        if not res["replayed"]:
+            self.metrics.count_feedback(task, res["domain"], res["version"], res["correct"])
+        return {**res, "task": task}
 
     def metrics_text(self) -> bytes:
         states = {}
         for task, line in self.lines.items():
-            db, active = line.pipe.db, line.pipe.active
-            row = db.version(active)
-            if row is not None:
-                states[task] = (active, db.accuracy(active), db.feedback(), row["coefficients"])
+            st = task_state(line.pipe)
+            if st is not None:
+                states[task] = st
         return self.metrics.render(states, self.healthy)
+
+
+def task_state(pipe: Pipeline, now: float | None = None) -> TaskState | None:
+    """What one task's gauges show (None before its v0 exists): accuracy of the active version and what it
+    lost against its parent, feedback accuracy, the queue and how long the running job has been silent."""
+    db, active, now = pipe.db, pipe.active, time.time() if now is None else now
+    row = db.version(active)
+    if row is None:
+        return None
+    holdout = db.accuracy(active)
+    parent = db.accuracy(row["parent"]) if row["parent"] is not None else {}
+    queued = db.jobs(("queued",))
+    running = db.jobs(("training", "merging", "swapping"))
+    return TaskState(
+        active=active, holdout=holdout, feedback=db.feedback(), coefficients=row["coefficients"] or {},
+        parent=row["parent"], drop={d: round(parent[d] - a, 6) for d, a in holdout.items() if d in parent},
+        queued=len(queued), oldest_queued_s=now - queued[0]["created"] if queued else 0.0,
+        stalled_s=max(now - j["updated"] for j in running) if running else 0.0,
+    )
 
 
 def get_or_create_controller(cfg: ServerConfig) -> ray.actor.ActorHandle:

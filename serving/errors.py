@@ -10,6 +10,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from .problems import title
+
 PROBLEM_TYPE = "application/problem+json"
 #: status -> code for errors raised by the framework itself (routing, body parsing).
 FRAMEWORK_CODES = {
@@ -26,25 +28,30 @@ class Problem(Exception):
     """A client-facing error: HTTP ``status``, a machine-readable ``code`` and a human ``detail``.
 
     ``extra`` holds structured context (e.g. the activation gate's numbers) and is merged into the body;
-    ``retry_after`` (seconds) becomes a ``Retry-After`` header: the error is temporary.
+    ``retry_after`` (seconds) becomes a ``Retry-After`` header: the error is temporary. ``header`` adds
+    response headers (a 401's ``WWW-Authenticate``).
     """
 
-    def __init__(self, status: int, code: str, detail: str, *, retry_after: int | None = None, **extra: Any) -> None:
+    def __init__(self, status: int, code: str, detail: str, *, retry_after: int | None = None,
+                 header: dict[str, str] | None = None, **extra: Any) -> None:
         super().__init__(status, code, detail, extra)
         self.status, self.code, self.detail, self.extra = status, code, detail, extra
-        self.retry_after = retry_after
+        self.retry_after, self.header = retry_after, dict(header or {})
 
     def __reduce__(self) -> tuple:  # keep `extra` as keywords through pickling (Ray)
-        return (_rebuild, (self.status, self.code, self.detail, self.extra, self.retry_after))
+        return (_rebuild, (self.status, self.code, self.detail, self.extra, self.retry_after, self.header))
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+        retry = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+        return {**self.header, **retry}
 
     def body(self, request_id: str | None = None) -> dict[str, Any]:
-        """The problem+json document."""
+        """The problem+json document; ``type`` is a relative reference to the page the server itself serves
+        for the code (``GET /problems/<code>``, :mod:`serving.problems`), so it resolves wherever the
+        answer came from (RFC 9457 §3.1.1)."""
         return {
-            "type": f"https://mergeserve.dev/problems/{self.code}",
-            "title": self.code.replace("-", " ").capitalize(),
+            "type": f"/problems/{self.code}",
+            "title": title(self.code),
             "status": self.status,
             "detail": self.detail,
             "request_id": request_id or uuid.uuid4().hex,
@@ -52,8 +59,9 @@ class Problem(Exception):
         }
 
 
-def _rebuild(status: int, code: str, detail: str, extra: dict, retry_after: int | None = None) -> Problem:
-    return Problem(status, code, detail, retry_after=retry_after, **extra)
+def _rebuild(status: int, code: str, detail: str, extra: dict, retry_after: int | None = None,
+             header: dict[str, str] | None = None) -> Problem:
+    return Problem(status, code, detail, retry_after=retry_after, header=header, **extra)
 
 
 #: how long a client should wait before retrying a dependency that is restarting (an actor comes back in ~1-2 s)

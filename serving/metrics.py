@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -24,33 +25,67 @@ log = logging.getLogger("ray.serve")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+@dataclass
+class TaskState:
+    """What one task's gauges show at a scrape (read from its database by the controller)."""
+
+    active: int  # the active adapter version
+    holdout: dict[str, float]  # held-out accuracy of the active version, per domain
+    feedback: dict[str, float]  # cumulative feedback accuracy per domain
+    coefficients: dict[str, float] = field(default_factory=dict)  # adaptive: learned α per domain
+    parent: int | None = None  # the version the active one was merged from
+    drop: dict[str, float] = field(default_factory=dict)  # parent's held-out accuracy minus the active one's
+    queued: int = 0  # jobs waiting
+    oldest_queued_s: float = 0.0  # how long the oldest of them has waited
+    stalled_s: float = 0.0  # seconds since the running job last reported (0: none runs)
+
+
 class ServerMetrics:
     """The controller's series (see docs/serving.md for the contract)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tasks: tuple[str, ...] = ("classify",)) -> None:
         self.registry = reg = CollectorRegistry()
         # task: one of ServerConfig.tasks() (bounded); domain: at most max_domains per task
         self.accuracy = Gauge(
             "mergeserve_domain_accuracy", "Accuracy per domain", ["task", "domain", "source"], registry=reg
+        )
+        self.drop = Gauge(
+            "mergeserve_domain_accuracy_drop",
+            "Held-out accuracy the active version lost per domain against the version it was merged from",
+            ["task", "domain", "version", "parent"], registry=reg,
         )
         self.version = Gauge("mergeserve_adapter_version", "Active global adapter version", ["task"], registry=reg)
         self.coefficient = Gauge(
             "mergeserve_merge_coefficient", "Learned merge coefficient per domain (adaptive)", ["task", "domain"],
             registry=reg,
         )
-        self.jobs = Counter("mergeserve_ingest_jobs_total", "Ingest jobs by status", ["status"], registry=reg)
+        # version: the adapter version that made the judged prediction (one series per version that got
+        # feedback; a restart of the controller starts them again, which rate() and increase() allow for)
+        self.feedback = Counter(
+            "mergeserve_feedback", "Feedback on served predictions, counted once per request_id",
+            ["task", "domain", "version", "correct"], registry=reg,
+        )
+        self.jobs = Counter("mergeserve_ingest_jobs_total", "Ingest jobs by status", ["task", "status"], registry=reg)
+        self.queued = Gauge("mergeserve_ingest_queued", "Ingest jobs waiting to run", ["task"], registry=reg)
+        self.oldest = Gauge("mergeserve_ingest_oldest_queued_seconds", "How long the oldest waiting job has waited",
+                            ["task"], registry=reg)
+        self.stalled = Gauge("mergeserve_ingest_stalled_seconds",
+                             "Seconds since the running job last reported progress (0: none runs)", ["task"],
+                             registry=reg)
         self.ingest_healthy = Gauge(
             "mergeserve_ingest_healthy", "1 when the training worker answers, else 0", registry=reg
         )
         self.train = Histogram(
             "mergeserve_training_seconds",
             "Training time per ingest job",
+            ["task"],
             registry=reg,
             buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
         )
         self.swap = Histogram(
             "mergeserve_swap_seconds",
             "Activation to last replica swapped",
+            ["task"],
             registry=reg,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
@@ -59,31 +94,44 @@ class ServerMetrics:
             "mergeserve_request_latency_seconds", "HTTP request latency", ["endpoint"], registry=reg,
             buckets=LATENCY_BUCKETS,
         )
-        for status in ("accepted", "succeeded", "failed", "rejected", "retried"):
-            self.jobs.labels(status)  # every status is a series from the start (alerts and rate() need one)
+        for task in tasks:  # every series an alert or rate() reads exists from the start
+            for status in ("accepted", "succeeded", "failed", "rejected", "retried"):
+                self.jobs.labels(task, status)
+            self.train.labels(task)
+            self.swap.labels(task)
 
     def observe_requests(self, samples: list[tuple[str, str, float]]) -> None:
         for endpoint, status, seconds in samples:
             self.requests.labels(endpoint, status).inc()
             self.latency.labels(endpoint).observe(seconds)
 
-    def render(self, states: dict[str, tuple[int, dict, dict, dict]], healthy: bool) -> bytes:
+    def count_feedback(self, task: str, domain: str, version: int | None, correct: bool) -> None:
+        """One new piece of feedback (never a replayed one: the caller checks)."""
+        v = "unknown" if version is None else str(version)
+        self.feedback.labels(task, domain, v, "true" if correct else "false").inc()
+
+    def render(self, states: dict[str, TaskState], healthy: bool) -> bytes:
         """Refresh the state gauges and return the exposition text.
 
         Args:
-            states: Per task, ``(active version, held-out accuracy, feedback accuracy, coefficients)``,
-                each dict keyed by domain.
+            states: Per task, what its database says now.
             healthy: Whether the training worker answers.
         """
         self.ingest_healthy.set(int(healthy))
         self.coefficient.clear()
-        for task, (active, holdout, feedback, coefficients) in states.items():
-            self.version.labels(task).set(active)
-            for source, values in (("holdout", holdout), ("feedback", feedback)):
+        self.drop.clear()  # only the active version's falls: a rollback ends the series (and its alert)
+        for task, st in states.items():
+            self.version.labels(task).set(st.active)
+            for source, values in (("holdout", st.holdout), ("feedback", st.feedback)):
                 for d, a in values.items():
                     self.accuracy.labels(task, d, source).set(a)
-            for d, a in (coefficients or {}).items():
+            for d, a in st.coefficients.items():
                 self.coefficient.labels(task, d).set(a)
+            for d, fall in st.drop.items():
+                self.drop.labels(task, d, str(st.active), str(st.parent)).set(fall)
+            self.queued.labels(task).set(st.queued)
+            self.oldest.labels(task).set(st.oldest_queued_s)
+            self.stalled.labels(task).set(st.stalled_s)
         return generate_latest(self.registry)
 
 
@@ -97,15 +145,15 @@ class Recorder:
     def __init__(self, send: Callable[[list, list], Any], interval: float = 1.0, max_pending: int = 100_000) -> None:
         self.send, self.lock, self.max_pending = send, threading.Lock(), max_pending
         self.requests: list[tuple[str, str, float]] = []
-        self.predictions: list[tuple[str, str | None, str, str]] = []
+        self.predictions: list[tuple[str, str | None, str, str, int]] = []
         threading.Thread(target=self._loop, args=(interval,), daemon=True, name="metrics-flush").start()
 
     def add(self, endpoint: str, status: int, seconds: float) -> None:
         with self.lock:
             self.requests.append((endpoint, str(status), seconds))
 
-    def predicted(self, rows: list[tuple[str, str | None, str, str]]) -> None:
-        """``(request_id, domain, label, task)`` of served predictions, for delayed feedback."""
+    def predicted(self, rows: list[tuple[str, str | None, str, str, int]]) -> None:
+        """``(request_id, domain, label, task, version)`` of served predictions, for delayed feedback."""
         with self.lock:
             self.predictions.extend(rows)
 

@@ -426,49 +426,65 @@ class Pipeline:
         return verdict
 
     # --- views ---------------------------------------------------------------------------------
-    def domains_view(self) -> list[dict]:
+    def domains_view(self, limit: int | None = None, after: tuple[float, str] | None = None) -> list[dict]:
+        """Learned domains in learning order: all of them, or a page of ``limit`` after ``after``."""
         now, fb = self.db.accuracy(self.active), self.db.feedback()
+        rows = self.db.domains() if limit is None else self.db.domain_page(limit, after)
         return [
             {
                 "name": d["name"], "samples": d["samples"], "heldout": d["heldout"],
                 "learned_version": d["learned_version"], "accuracy_when_learned": d["acc_learned"],
                 "accuracy_now": now.get(d["name"]), "feedback_accuracy": fb.get(d["name"]),
-                "buffer_size": d["buffer_size"],
+                "buffer_size": d["buffer_size"], "created": d["created"],
             }
-            for d in self.db.domains()
+            for d in rows
         ]
 
-    def adapters_view(self) -> dict:
+    def adapters_view(self, limit: int | None = None, after: int | None = None) -> dict:
+        """The active version and the versions in ascending order: all, or a page of ``limit`` above ``after``."""
         active = self.active
+        rows = self.db.versions() if limit is None else self.db.version_page(limit, after)
         return {
             "active": active,
-            "versions": [
-                {**v, "accuracy": self.db.accuracy(v["version"]), "active": v["version"] == active}
-                for v in self.db.versions()
-            ],
+            "versions": [{**v, "accuracy": self.db.accuracy(v["version"]), "active": v["version"] == active}
+                         for v in rows],
             "canary": self.db.get("canary"),
             "canary_history": self.db.get("canary_history", []),
         }
 
     def feedback(self, request_id: str | None, domain: str | None, label: str, prediction: str | None) -> dict:
-        """Record one piece of delayed feedback; returns the domain's running feedback accuracy.
+        """Record one piece of delayed feedback, once per ``request_id``; returns the domain's running
+        feedback accuracy, the adapter version it judges and whether it was a replay.
+
+        A prediction's feedback counts once: a retry (same ``request_id``, same label) is answered as the
+        first one was, with ``replayed`` true, and counts nothing (the counter behind
+        ``mergeserve_feedback_total`` grows only when ``replayed`` is false). Explicit feedback (no
+        ``request_id``) judges the active version and cannot be recognised when sent again.
 
         Raises:
-            Problem: unknown label or prediction (422), unknown request (404), unknown domain (422).
+            Problem: unknown label or prediction (422), unknown request (404), unknown domain (422),
+                another label for a prediction that has feedback (409).
         """
         labels = self.labels
         if label not in labels:
             raise Problem(422, "unknown-label", f"label {label!r} is not one of {labels}")
+        version = self.active
         if request_id:
             p = self.db.prediction(request_id)
             if p is None:
                 raise Problem(404, "unknown-request", f"no recorded prediction for request {request_id!r}")
-            domain, prediction = domain or p["domain"], p["label"]
+            domain, prediction, version = domain or p["domain"], p["label"], p.get("version")
         if prediction is None or not domain:
             raise Problem(422, "incomplete-feedback", "give request_id, or domain + label + prediction")
         if prediction not in labels:
             raise Problem(422, "unknown-label", f"prediction {prediction!r} is not one of {labels}")
         if domain not in self.db.domain_names():
             raise Problem(422, "unknown-domain", f"domain {domain!r} is not learned (label values stay bounded)")
-        correct, total = self.db.add_feedback(domain, prediction == label)
-        return {"domain": domain, "correct": prediction == label, "feedback_accuracy": correct / total, "n": total}
+        got = self.db.add_feedback(domain, prediction == label, request_id or None, label, version)
+        first = got["first"]
+        if got["replayed"] and first["label"] != label:
+            raise Problem(409, "feedback-conflict", f"request {request_id!r} already has feedback {first['label']!r}; "
+                          "a prediction's feedback counts once")
+        correct = first["correct"] if got["replayed"] else prediction == label
+        return {"domain": first.get("domain", domain), "correct": correct, "version": first.get("version", version),
+                "feedback_accuracy": got["correct"] / got["total"], "n": got["total"], "replayed": got["replayed"]}

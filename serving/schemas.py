@@ -187,10 +187,12 @@ class DomainInfo(BaseModel):
     accuracy_now: float | None
     feedback_accuracy: float | None
     buffer_size: int
+    created: float
 
 
 class Domains(BaseModel):
-    domains: list[DomainInfo]
+    domains: list[DomainInfo] = Field(description="in learning order")
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; null on the last page")
 
 
 class AdapterVersion(BaseModel):
@@ -245,7 +247,8 @@ class Canary(BaseModel):
 
 class Adapters(BaseModel):
     active: int
-    versions: list[AdapterVersion]
+    versions: list[AdapterVersion] = Field(description="oldest first")
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; null on the last page")
     canary: Canary | None = Field(None, description="the version answering a share of the requests, if any")
     canary_history: list[Canary] = Field(default_factory=list)
 
@@ -271,8 +274,11 @@ class FeedbackResult(BaseModel):
     task: str
     domain: str
     correct: bool
+    version: int | None = Field(description="the adapter version that made the prediction (explicit feedback: "
+                                "the active one; null for a prediction recorded before versions were)")
     feedback_accuracy: float
     n: int
+    replayed: bool = Field(description="this prediction had feedback already: answered as before, counted once")
 
 
 class ProblemBody(BaseModel):

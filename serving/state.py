@@ -36,6 +36,10 @@ CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created);
 CREATE TABLE IF NOT EXISTS feedback (
   domain TEXT PRIMARY KEY, correct INTEGER NOT NULL, total INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS feedback_given (
+  request_id TEXT PRIMARY KEY, label TEXT NOT NULL, correct INTEGER NOT NULL, domain TEXT NOT NULL,
+  version INTEGER, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS feedback_given_created ON feedback_given (created);
 """
 #: columns added after the first release: (table, column, declaration); added on open when missing.
 MIGRATIONS = [
@@ -46,6 +50,7 @@ MIGRATIONS = [
     ("domains", "buffer_size", "INTEGER NOT NULL DEFAULT 0"),
     ("adapters", "coefficients", "TEXT NOT NULL DEFAULT '{}'"),
     ("jobs", "history", "TEXT NOT NULL DEFAULT '[]'"),  # attempts that did not finish: [{attempt, cause, at}]
+    ("predictions", "version", "INTEGER"),  # the adapter version that answered (NULL: recorded before 0.3)
 ]
 
 ACTIVE = ("queued", "training", "merging", "swapping")
@@ -191,6 +196,12 @@ class StateDB:
     def versions(self) -> list[dict]:
         return [_row(r) for r in self._all("SELECT * FROM adapters ORDER BY version")]
 
+    def version_page(self, limit: int, after: int | None = None) -> list[dict]:
+        """Up to ``limit`` versions in ascending order, strictly above ``after``."""
+        rows = self._all("SELECT * FROM adapters WHERE version > ? ORDER BY version LIMIT ?",
+                         (-1 if after is None else after, limit))
+        return [_row(r) for r in rows]
+
     def version(self, v: int) -> dict | None:
         row = self._one("SELECT * FROM adapters WHERE version=?", (v,))
         return _row(row) if row else None
@@ -204,31 +215,44 @@ class StateDB:
     def domains(self) -> list[dict]:
         return [dict(r) for r in self._all("SELECT * FROM domains ORDER BY created")]
 
+    def domain_page(self, limit: int, after: tuple[float, str] | None = None) -> list[dict]:
+        """Up to ``limit`` domains in learning order, strictly after ``after`` = ``(created, name)``."""
+        if after is None:
+            return [dict(r) for r in self._all("SELECT * FROM domains ORDER BY created, name LIMIT ?", (limit,))]
+        rows = self._all("SELECT * FROM domains WHERE created > ? OR (created = ? AND name > ?) "
+                         "ORDER BY created, name LIMIT ?", (after[0], after[0], after[1], limit))
+        return [dict(r) for r in rows]
+
     def domain_names(self) -> set[str]:
         return {r[0] for r in self._all("SELECT name FROM domains")}
 
     # --- live feedback -------------------------------------------------------------------------
-    def remember_predictions(self, rows: list[tuple[str, str | None, str]], keep: int, ttl_s: float) -> int:
-        """Store predictions for delayed feedback; keeps at most ``keep`` rows, none older than ``ttl_s``.
+    def remember_predictions(self, rows: list[tuple], keep: int, ttl_s: float) -> int:
+        """Store predictions ``(request_id, domain, label[, version])`` for delayed feedback; keeps at most
+        ``keep`` rows, none older than ``ttl_s`` (feedback already given is kept as long, so that a retry
+        within that time is recognised).
 
         Trimming is by rowid range and an index on ``created``, so its cost follows the rows removed,
         not the table size. A row SQLite refuses is dropped alone. Returns how many rows were dropped.
         """
         now, dropped = time.time(), 0
-        data = [(r, d, lab, now) for r, d, lab in rows]
+        data = [(r[0], r[1], r[2], now, r[3] if len(r) > 3 else None) for r in rows]
+        insert = ("INSERT OR REPLACE INTO predictions (request_id, domain, label, created, version)"
+                  " VALUES (?, ?, ?, ?, ?)")
         try:
             with self.tx():
-                self.db.executemany("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)", data)
+                self.db.executemany(insert, data)
         except (sqlite3.Error, ValueError):
             for row in data:
                 try:
-                    self._tx("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)", row)
+                    self._tx(insert, row)
                 except (sqlite3.Error, ValueError):
                     dropped += 1
         with self.tx():
-            top = self._one("SELECT MAX(rowid) FROM predictions")[0] or 0
-            self.db.execute("DELETE FROM predictions WHERE rowid <= ?", (top - keep,))
-            self.db.execute("DELETE FROM predictions WHERE created < ?", (now - ttl_s,))
+            for table in ("predictions", "feedback_given"):
+                top = self._one(f"SELECT MAX(rowid) FROM {table}")[0] or 0
+                self.db.execute(f"DELETE FROM {table} WHERE rowid <= ?", (top - keep,))
+                self.db.execute(f"DELETE FROM {table} WHERE created < ?", (now - ttl_s,))
         return dropped
 
     def count_predictions(self) -> int:
@@ -238,14 +262,30 @@ class StateDB:
         row = self._one("SELECT * FROM predictions WHERE request_id=?", (request_id,))
         return dict(row) if row else None
 
-    def add_feedback(self, domain: str, correct: bool) -> tuple[int, int]:
+    def add_feedback(self, domain: str, correct: bool, request_id: str | None = None, label: str | None = None,
+                     version: int | None = None) -> dict:
+        """Count one piece of feedback, once per ``request_id``; returns the domain's running counts.
+
+        Returns:
+            ``{"correct", "total"}`` of the domain, and ``replayed`` (feedback for this ``request_id`` was
+            counted before: nothing is counted again) with the first feedback's ``label``, ``correct`` and
+            ``version`` when replayed.
+        """
         with self.tx():
-            self.db.execute("INSERT INTO feedback VALUES (?, 0, 0) ON CONFLICT(domain) DO NOTHING", (domain,))
-            self.db.execute(
-                "UPDATE feedback SET correct=correct+?, total=total+1 WHERE domain=?", (int(correct), domain)
-            )
-        r = self._one("SELECT * FROM feedback WHERE domain=?", (domain,))
-        return r["correct"], r["total"]
+            prior = None if request_id is None else self.db.execute(
+                "SELECT * FROM feedback_given WHERE request_id=?", (request_id,)).fetchone()
+            if prior is None:
+                if request_id is not None:
+                    self.db.execute("INSERT INTO feedback_given VALUES (?, ?, ?, ?, ?, ?)",
+                                    (request_id, label or "", int(correct), domain, version, time.time()))
+                self.db.execute("INSERT INTO feedback VALUES (?, 0, 0) ON CONFLICT(domain) DO NOTHING", (domain,))
+                self.db.execute("UPDATE feedback SET correct=correct+?, total=total+1 WHERE domain=?",
+                                (int(correct), domain))
+            r = self.db.execute("SELECT * FROM feedback WHERE domain=?", (prior["domain"] if prior else domain,))
+            counts = dict(r.fetchone())
+        first = {} if prior is None else {"label": prior["label"], "correct": bool(prior["correct"]),
+                                          "version": prior["version"], "domain": prior["domain"]}
+        return {"correct": counts["correct"], "total": counts["total"], "replayed": prior is not None, "first": first}
 
     def feedback(self) -> dict[str, float]:
         return {r["domain"]: r["correct"] / r["total"] for r in self._all("SELECT * FROM feedback") if r["total"]}

@@ -2,7 +2,9 @@
 
 ``PATH`` is a folder (``class_name/image`` for classification; images + ``questions.jsonl`` for
 ``--task vqa``), packed in memory, or an archive (.zip, .tar.gz, ...) sent as it is. A progress bar shows
-the job's step, total and loss while it trains (plain lines when stderr is not a terminal); the exit
+the job's step, total and loss while it trains (plain lines when stderr is not a terminal), fed by the
+job's event stream (``GET /v1/jobs/{id}/events``), or by polling where the server has no stream or it
+breaks (a restart: polling waits it out); the exit
 status is 0 only when the job ``succeeded`` (1 with the gate's numbers when it is ``rejected``).
 """
 

@@ -27,12 +27,14 @@ ALERTS_TEST = DEPLOY / "alerts_test.yml"
 BUILTINS = {"__rate_interval": "1m", "__interval": "10s", "__range": "1h", "__range_s": "3600"}
 
 
-def tool(name: str) -> str:
-    """Absolute path of a Prometheus binary. Missing is a failure, never a skip: `make test` installs
-    Debian's `prometheus` package (which ships promtool) when it is absent."""
-    path = shutil.which(name)
+def tool(name: str, *aliases: str) -> str:
+    """Absolute path of a Prometheus binary (``name``, else the first of ``aliases`` found). Missing is a
+    failure, never a skip: `make test` installs Debian's `prometheus` and `prometheus-alertmanager`
+    packages (promtool and amtool come with them) when they are absent."""
+    path = next((p for n in (name, *aliases) if (p := shutil.which(n))), None)
     if path is None:
-        raise AssertionError(f"{name} not found on PATH; run `make test` (it installs Debian's prometheus package)")
+        raise AssertionError(f"{name} not found on PATH; run `make test` (it installs Debian's prometheus and "
+                             "prometheus-alertmanager packages)")
     return path
 
 
@@ -49,13 +51,18 @@ def _panels(panels: list) -> list:
 
 
 def dashboard_queries(path: Path = DASHBOARD) -> list[tuple[str, str]]:
-    """(``panel title / refId``, PromQL) for every Prometheus target of every panel."""
+    """(``panel title / refId``, PromQL) for every Prometheus target of every panel, and
+    (``annotation / name``, PromQL) for every Prometheus annotation query."""
     dash = json.loads(path.read_text())
     out = []
     for p in _panels(dash.get("panels", [])):
         for t in p.get("targets", []):
             if t.get("expr") and not t.get("hide"):
                 out.append((f"{p.get('title')} / {t.get('refId')}", t["expr"]))
+    for a in dash.get("annotations", {}).get("list", []):
+        expr = (a.get("target") or {}).get("expr") or a.get("expr")
+        if expr and a.get("enable", True):
+            out.append((f"annotation / {a['name']}", expr))
     return out
 
 
@@ -97,8 +104,9 @@ class Prometheus:
     """A real Prometheus on loopback (temporary storage, free port) scraping the given targets every
     second and evaluating deploy/alerts.yml every second. Use as a context manager."""
 
-    def __init__(self, targets: dict[str, str], rule_files: list[Path] = (ALERTS,)) -> None:
-        self.targets, self.rule_files = targets, list(rule_files)
+    def __init__(self, targets: dict[str, str], rule_files: list[Path] = (ALERTS,),
+                 alertmanager: str | None = None) -> None:
+        self.targets, self.rule_files, self.alertmanager = targets, list(rule_files), alertmanager
         self.dir = Path(tempfile.mkdtemp(prefix="mergeserve-prom-"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -106,6 +114,7 @@ class Prometheus:
         self.proc: subprocess.Popen | None = None
 
     def config(self) -> dict:
+        alerting = {"alerting": {"alertmanagers": [{"static_configs": [{"targets": [self.alertmanager]}]}]}}
         return {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(p) for p in self.rule_files],
@@ -113,6 +122,7 @@ class Prometheus:
                 {"job_name": job, "metrics_path": "/metrics", "static_configs": [{"targets": [target]}]}
                 for job, target in self.targets.items()
             ],
+            **(alerting if self.alertmanager else {}),
         }
 
     def __enter__(self) -> Prometheus:

@@ -54,6 +54,23 @@ def test_every_alert_is_complete_and_unit_tested_both_ways():
         assert False in cases.get(name, []), f"{name}: no unit test where it stays quiet"
 
 
+def test_every_alert_links_its_own_runbook_section():
+    """Each rule's runbook_url names a section of docs/runbooks.md that is about that alert."""
+    runbooks = (DEPLOY.parent / "docs" / "runbooks.md").read_text()
+    headings = {h.strip(): h.strip().lower() for h in re.findall(r"^## (.+)$", runbooks, re.M)}
+    alerts = _alerts()
+    for r in alerts:
+        url = r["annotations"].get("runbook_url", "")
+        assert url == f"docs/runbooks.md#{r['alert'].lower()}", (r["alert"], url)
+        assert headings.get(r["alert"]) == url.split("#")[1], f"docs/runbooks.md has no section ## {r['alert']}"
+    assert set(headings) == {r["alert"] for r in alerts}  # and no section for an alert that is gone
+
+
+def test_dashboard_marks_swaps_with_an_annotation():
+    queries = dict(dashboard_queries())
+    assert "mergeserve_adapter_version" in queries["annotation / Adapter swaps"]
+
+
 def test_dashboard_expressions_are_valid_promql(tmp_path):
     """promtool parses every dashboard expression (as a recording rule), variables substituted."""
     queries = dashboard_queries()
@@ -120,4 +137,4 @@ def test_every_cluster_the_project_starts_gets_the_same_serve_settings(monkeypat
     pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     for pod in pods:
         (c,) = pod["template"]["spec"]["containers"]
-        assert {e["name"]: e["value"] for e in c.get("env", [])}.get(key) == want
+        assert {e["name"]: e.get("value") for e in c.get("env", [])}.get(key) == want

@@ -54,6 +54,8 @@ def test_following_a_job_waits_out_a_restart():
                     httpx.Response(200, json={"status": "succeeded", "progress": {}})])
 
     def handler(request):
+        if request.url.path.endswith("/events"):
+            raise httpx.ConnectError("down")  # the stream is lost too: polling waits the restart out
         a = next(answers)
         if isinstance(a, Exception):
             raise a
@@ -106,3 +108,57 @@ def test_the_commands_are_registered():
 
     assert {"ingest", "classify", "ask", "jobs", "activate", "status"} <= set(COMMANDS)
 
+
+
+def _sse(*events: tuple[str, dict]) -> bytes:
+    import json
+
+    out = b": keep-alive\n\n"
+    for i, (kind, data) in enumerate(events):
+        out += f"id: {i}\nevent: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+    return out
+
+
+def _job(status: str, step: int) -> dict:
+    return {"status": status, "progress": {"step": step, "total": 4, "loss": 0.5}}
+
+
+def test_following_a_job_reads_its_event_stream_and_never_polls():
+    paths = []
+
+    def handler(request):
+        paths.append(request.url.path)
+        body = _sse(("status", _job("training", 0)), ("progress", _job("training", 2)),
+                    ("status", _job("succeeded", 4)))
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    c = _client(handler)
+    seen = []
+    job = c.follow("j1", lambda j: seen.append((j["status"], j["progress"]["step"])), poll_s=0)
+    assert job["status"] == "succeeded" and seen == [("training", 0), ("training", 2), ("succeeded", 4)]
+    assert paths == ["/v1/jobs/j1/events"] and c.followed == "events"
+
+
+def test_without_a_stream_or_when_it_breaks_following_falls_back_to_polling():
+    def old_server(request):  # no events route: the API's 404 problem
+        if request.url.path.endswith("/events"):
+            return httpx.Response(404, json={"type": "/problems/not-found"},
+                                  headers={"content-type": "application/problem+json"})
+        return httpx.Response(200, json=_job("succeeded", 4))
+
+    c = _client(old_server)
+    assert c.follow("j1", lambda j: None, poll_s=0)["status"] == "succeeded" and c.followed == "polling"
+
+    polls = []
+
+    def broken(request):  # the stream ends with an error event before the job does
+        if request.url.path.endswith("/events"):
+            body = _sse(("status", _job("training", 1)), ("error", {"type": "/problems/unavailable"}))
+            return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+        polls.append(1)
+        return httpx.Response(200, json=_job("succeeded" if len(polls) > 1 else "training", 4))
+
+    seen = []
+    c = _client(broken)
+    assert c.follow("j1", lambda j: seen.append(j["status"]), poll_s=0)["status"] == "succeeded"
+    assert seen == ["training", "training", "succeeded"] and len(polls) == 2 and c.followed == "polling"

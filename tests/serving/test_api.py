@@ -53,7 +53,7 @@ def test_ingest_two_domains_then_accuracy_everywhere(server):
     for d in ("dom1", "dom2"):
         assert _metric(m, "mergeserve_domain_accuracy", task="classify", domain=d, source="holdout") is not None
     assert _metric(m, "mergeserve_adapter_version", task="classify") == j2["adapter_version"]
-    assert _metric(m, "mergeserve_ingest_jobs_total", status="succeeded") >= 2
+    assert _metric(m, "mergeserve_ingest_jobs_total", task="classify", status="succeeded") >= 2
     v = server.http.get("/v1/adapters").json()
     assert v["active"] == j2["adapter_version"] and v["versions"][-1]["parent"] == j1["adapter_version"]
 

@@ -34,13 +34,19 @@ def test_dashboard_queries_return_data_from_a_real_prometheus(server):
     t0 = time.time()
     host = server.url.split("://", 1)[1]
     with Prometheus({"mergeserve": host, "ray": _ray_metrics_target()}) as prom:
-        # data for every panel: one ingested domain (jobs, training, swap, accuracy), classify traffic
-        # (latency, request counts, Serve's request counter) and feedback (live accuracy)
-        job = server.ingest(DOMAIN, make_archive(shift=2))
-        assert job.status_code == 202, job.text
-        done = server.wait(job.json()["job_id"])
-        assert done["status"] == "succeeded", (done["status"], done.get("error"))
+        # data for every panel: two ingested domains (jobs, training, swaps and their annotation, accuracy,
+        # the second version's fall against its parent on the first domain), classify and VQA traffic
+        # (latency, request counts, Serve's request counter) and feedback (live accuracy, its counter)
+        while not prom.query('up{job="mergeserve"} == 1') and time.time() - t0 < 30:
+            time.sleep(0.2)  # a version scraped before the swaps, so that the swap annotation sees them
+        for name, shift in ((DOMAIN, 2), (f"{DOMAIN}1", 1)):
+            job = server.ingest(name, make_archive(shift=shift))
+            assert job.status_code == 202, job.text
+            done = server.wait(job.json()["job_id"])
+            assert done["status"] == "succeeded", (done["status"], done.get("error"))
         img = base64.b64encode(png(1, 7)).decode()
+        ask = server.http.post("/v1/vqa", json={"image": img, "question": "what color is the shape?"})
+        assert ask.status_code == 200, ask.text
         for i in range(12):
             r = server.http.post(
                 "/v1/classify", json={"image": img, "domain": DOMAIN}, headers={"X-Request-ID": f"prom-{i}"}
