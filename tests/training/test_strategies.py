@@ -130,7 +130,7 @@ def test_adaptive_oracle_fits_on_the_held_out_sets(tiny_ctx, tiny_bench, monkeyp
 
     sizes, real = [], ad.fit_merge
     monkeypatch.setattr(ad, "fit_merge", lambda ctx, tvs, init, samples, h, c: sizes.append(
-        len(samples.tensors()[1])) or real(ctx, tvs, init, samples, h, c))
+        len(samples.domain().y_train)) or real(ctx, tvs, init, samples, h, c))
     s = create_strategy("adaptive", tiny_ctx, oracle=True, fit_steps=3)
     _learn(s, tiny_bench.domains[:2])
     n_test = [len(d.y_test) for d in tiny_bench.domains[:2]]
@@ -298,7 +298,7 @@ def test_run_dil_with_a_task(tmp_path):
                                                            patch=8), steps=2, batch_size=8, n_per_family=4, n_test=4,
                                       threads=1), progress=False)
     cfg = CONFIGS["scenes_vqa"].model_copy(update={
-        "task_args": {"weights": w}, "methods": ["pam", "joint"], "orders": 1,
+        "task_args": {"model_name": "vilt_scenes", "weights": w}, "methods": ["pam", "joint"], "orders": 1,
         "benchmark_args": {"domains": ["shape", "exist"], "n_train": 16, "n_test": 8},
         "train": TrainSettings(steps=2, batch_size=8, lr=1e-3),
     })
