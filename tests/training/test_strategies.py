@@ -316,3 +316,36 @@ def test_vqa_configs_ask_every_domain_they_name(name):
     cfg = CONFIGS[name]
     bench = load_benchmark(cfg.benchmark, **{**cfg.benchmark_args, "n_train": 2, "n_test": 2})
     assert [d.name for d in bench.domains] == cfg.benchmark_args["domains"]
+
+
+def test_run_dil_seeds_vary_the_data_and_pair_runs(tmp_path):
+    """The scenes_vqa_new preset, shrunk: film_scenes with cached features, every seed its own data, the
+    adaptive methods through the task's loss, paired intervals and a table that names its ddof."""
+    from training.bench import format_table, run_dil
+    from training.configs import CONFIGS
+    from training.tasks.film_scenes import FilmPretrainConfig, pretrain_film
+
+    w = str(tmp_path / "film")
+    tiny = {"embed_dim": 8, "question_dim": 16, "channels": 8, "blocks": 2, "classifier_channels": 16, "hidden": 16,
+            "norm_groups": 2, "image_size": 32}
+    pretrain_film(w, FilmPretrainConfig(model=tiny, steps=2, batch_size=8, n_per_family=4, n_test=2), progress=False)
+    cfg = CONFIGS["scenes_vqa_new"].model_copy(update={
+        "task_args": {"weights": w}, "methods": ["finetune", "average", "pam", "adaptive", "pam_adaptive"],
+        "orders": 1, "seeds": 2, "hyper": {"adaptive": {"fit_steps": 2}, "pam_adaptive": {"fit_steps": 2}},
+        "benchmark_args": {"domains": ["where", "rel_shape"], "n_train": 12, "n_test": 6},
+        "train": TrainSettings(steps=2, batch_size=4, lr=1e-3),
+    })
+    res = run_dil(cfg, progress=False)
+    runs = res["results"]["pam"]["runs"]
+    assert [r["seed"] for r in runs] == [0, 1] and res["std_ddof"] == 1
+    assert set(res["zero_shot"]) == {"where", "rel_shape"}
+    assert {(d["pair"], d["metric"]) for d in res["paired"]} == {
+        (p, k) for p in ("pam - average", "average - finetune", "pam - finetune") for k in ("ACC", "BWT")}
+    assert all(d["n"] == 2 for d in res["paired"])
+    table = format_table(res)
+    assert "ddof=1" in table and "rel_shape" in table and "pam - average" in table
+    assert len(res["results"]["adaptive"]["runs"][0]["alpha"]) == 2
+    from training.data import load_benchmark
+
+    a, b = (load_benchmark("scenes_vqa", domains=["where"], n_train=4, n_test=0, seed=s).domains[0] for s in (0, 1))
+    assert a.q_train != b.q_train  # what vary_data hands each seed
