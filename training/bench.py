@@ -138,7 +138,6 @@ def run_dil(cfg: BenchConfig, progress: bool = True) -> dict:
         task = get_task(cfg.task, **cfg.task_args)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     results: dict[str, dict] = {m: {"runs": []} for m in cfg.methods}
-    zero_shot: dict[str, list[float]] = {}
     bar = None
     for seed in seeds:
         bench, ctx = _setup(cfg, seed, task)
@@ -150,33 +149,64 @@ def run_dil(cfg: BenchConfig, progress: bool = True) -> dict:
             for o in orders:
                 run = run_one(m, ctx, bench, o, cfg.hyper.get(m, {}), bar)
                 results[m]["runs"].append({"seed": seed, **run})
-        for (name, _), acc in ctx.zero_shot_cache.items():
-            zero_shot.setdefault(name, []).append(acc)
     bar.close()
+    return summarize(json.loads(cfg.model_dump_json()), str(ctx.device), time.time() - t0, results)
+
+
+def summarize(config: dict, device: str, wall_s: float, results: dict) -> dict:
+    """The JSON record of runs: per method mean ± sample SD over its runs, per-domain zero-shot (from the
+    runs' zero-shot rows, mean over seeds) and the paired differences of ``config["pairs"]``."""
+    zero: dict[str, dict[int, float]] = {}
     for r in results.values():
         r["mean_std"] = {k: mean_sd([run["metrics"][k] for run in r["runs"]]) for k in r["runs"][0]["metrics"]}
+        for run in r["runs"]:
+            for name, z in zip(run["order"], run["zero_shot"]):
+                zero.setdefault(name, {})[run.get("seed", 0)] = z
     return {
-        "config": json.loads(cfg.model_dump_json()),
-        "device": str(ctx.device),
-        "wall_s": round(time.time() - t0, 1),
-        "seeds": seeds,
+        "config": config,
+        "device": device,
+        "wall_s": round(wall_s, 1),
+        "seeds": sorted({run.get("seed", 0) for r in results.values() for run in r["runs"]}),
         "std_ddof": 1,  # "± std" is the sample standard deviation over runs (seeds × orders)
-        "zero_shot": {k: float(np.mean(v)) for k, v in zero_shot.items()},  # per domain, mean over seeds
-        "paired": paired(results, cfg.pairs),
+        "zero_shot": {k: float(np.mean(list(v.values()))) for k, v in zero.items()},
+        "paired": paired(results, config.get("pairs", [])),
         "results": results,
     }
 
 
+def combine(parts: list[dict]) -> dict:
+    """Several ``bench dil`` outputs of one config (e.g. one process per seed) as one record: the runs
+    pooled per method, then :func:`summarize` (the config is the first part's, its seeds all of them).
+
+    Raises:
+        ValueError: the parts ran different methods or share a seed.
+    """
+    methods = [list(p["results"]) for p in parts]
+    if any(m != methods[0] for m in methods):
+        raise ValueError(f"the parts ran different methods: {methods}")
+    seeds = [s for p in parts for s in p.get("seeds", [p["config"]["seed"]])]
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"the parts share seeds: {seeds}")
+    results = {m: {"runs": [run for p in parts for run in p["results"][m]["runs"]]} for m in methods[0]}
+    return summarize(parts[0]["config"], parts[0]["device"], sum(p["wall_s"] for p in parts), results)
+
+
 def per_domain(res: dict) -> dict[str, dict[str, float]]:
-    """Per domain: zero-shot accuracy and A_t (the trained adapter on its own domain, before any merge),
-    A_t averaged over every method's runs."""
-    pre: dict[str, list[float]] = {}
-    for r in res["results"].values():
-        for run in r["runs"]:
-            for name, v in zip(run["order"], run["pre"]):
-                pre.setdefault(name, []).append(v)
+    """Per domain: zero-shot accuracy, A_t (each trained adapter on its own domain before any merge) averaged
+    over every method's runs, and ``independent``'s own adapter when that method ran."""
+
+    def pre(methods: list[str]) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for m in methods:
+            for run in res["results"][m]["runs"]:
+                for name, v in zip(run["order"], run["pre"]):
+                    out.setdefault(name, []).append(v)
+        return out
+
+    every, own = pre(list(res["results"])), pre([m for m in res["results"] if m == "independent"])
     zs = res.get("zero_shot", {})
-    return {n: {"zero_shot": zs.get(n, float("nan")), "A_t": float(np.mean(v))} for n, v in pre.items()}
+    return {n: {"zero_shot": zs.get(n, float("nan")), "A_t": float(np.mean(v)),
+                "independent": float(np.mean(own[n])) if n in own else float("nan")} for n, v in every.items()}
 
 
 def format_table(res: dict) -> str:
@@ -190,10 +220,10 @@ def format_table(res: dict) -> str:
         cells = "".join(f"{100 * r['mean_std'][k][0]:>9.1f} ± {100 * r['mean_std'][k][1]:<4.1f}" for k in METRICS)
         lines.append(f"{m:<12}{cells}")
     if res.get("zero_shot") and all("runs" in r for r in res["results"].values()):
-        lines += ["", f"{'domain':<12}{'zero-shot':>10}{'A_t':>8}{'A_t - zs':>10}"]
+        lines += ["", f"{'domain':<12}{'zero-shot':>10}{'A_t':>8}{'A_t - zs':>10}{'independent':>13}"]
         for name, v in per_domain(res).items():
             lines.append(f"{name:<12}{100 * v['zero_shot']:>10.1f}{100 * v['A_t']:>8.1f}"
-                         f"{100 * (v['A_t'] - v['zero_shot']):>+10.1f}")
+                         f"{100 * (v['A_t'] - v['zero_shot']):>+10.1f}{100 * v['independent']:>13.1f}")
     if res.get("paired"):
         lines += ["", f"{'paired difference':<24}{'metric':>7}{'mean':>8}{'95 % interval':>20}{'±':>6}{'n':>4}"]
         for d in res["paired"]:
@@ -287,11 +317,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "with --methods pam,pam@p30 one run compares settings (--hyper pam@p30.percent=30)",
     )
     p.add_argument("--out", default="results.json", help="JSON output path (default results.json)")
+    p.add_argument("--combine", nargs="+", metavar="JSON", help="pool earlier outputs of one config (one per "
+                   "seed) into one table and --out file instead of running")
     p.add_argument("--plot", help="write a PNG of accuracy per domain over time")
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``mergeserve bench``."""
+    if args.combine:
+        parts = []
+        for path in args.combine:
+            with open(path) as f:
+                parts.append(json.load(f))
+        res = combine(parts)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(format_table(res))
+        print(f"\n{len(parts)} files, seeds {res['seeds']}; results in {args.out}")
+        return 0
     cfg = CONFIGS["fast" if args.fast else args.config].model_copy(deep=True)
     upd: dict = {}
     for k in ("benchmark", "orders", "seed", "seeds", "backbone", "device"):

@@ -349,3 +349,12 @@ def test_run_dil_seeds_vary_the_data_and_pair_runs(tmp_path):
 
     a, b = (load_benchmark("scenes_vqa", domains=["where"], n_train=4, n_test=0, seed=s).domains[0] for s in (0, 1))
     assert a.q_train != b.q_train  # what vary_data hands each seed
+    from training.bench import combine
+
+    one = [run_dil(cfg.model_copy(update={"seed": s, "seeds": 1, "methods": ["finetune", "pam"]}), progress=False)
+           for s in (0, 1)]
+    both = combine(one)  # one process per seed, pooled: the same record as one run over both seeds
+    assert both["seeds"] == [0, 1] and [r["seed"] for r in both["results"]["pam"]["runs"]] == [0, 1]
+    assert both["results"]["pam"]["mean_std"] == res["results"]["pam"]["mean_std"]
+    with pytest.raises(ValueError, match="share seeds"):
+        combine([one[0], one[0]])
