@@ -28,7 +28,7 @@ from ..data.scenes import VqaDomain, VqaSamples
 from . import Batch, Task, linear_targets, register_task
 from .vilt import load_vilt
 
-MEAN, STD = 0.5, 0.5  # pixel normalisation of the offline ViLT
+MEAN, STD = 0.5, 0.5  # pixel normalisation of both offline models (the TF EfficientNet-Lite's [-1, 1] too)
 
 
 def pixels(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -40,10 +40,12 @@ def pixels(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class VqaTask:
-    """Offline VQA: ViLT + answer-vocabulary classifier; see :class:`training.tasks.Task`.
+    """Offline VQA over a fixed answer vocabulary; see :class:`training.tasks.Task`. This class is the ViLT
+    (``vilt_scenes``); :class:`FilmVqaTask` overrides the model-specific parts (loading, LoRA targets, inputs).
 
     Args:
-        weights: Pretrained safetensors; default the cached ``vilt_scenes`` (pretrained on first use).
+        weights: The model's pretrained weights; default the cached, else shipped, ones (pretrained on first
+            use when neither exists).
         model: Use this model instead of loading one (tests, pretraining); it is never modified.
         tokenizer: Its tokenizer (required with ``model``).
         answers: Its answer vocabulary (default: the model config's ``id2label``).
@@ -52,7 +54,7 @@ class VqaTask:
 
     name = "vqa"
     model_name = "vilt_scenes"  # the registry name of the model (VQA_MODELS; the adapters' ``backbone``)
-    modules_to_save: tuple[str, ...] = ()  # the answer head stays frozen and shared
+    modules_to_save: tuple[str, ...] = ()  # nothing trained in full: an adapter is LoRA factors only
     load: Callable[..., tuple[nn.Module, BertTokenizerFast, dict]] = staticmethod(load_vilt)  # (weights, ensure)
 
     def __init__(
