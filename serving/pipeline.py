@@ -139,7 +139,7 @@ def method_catalog(cfg: ServerConfig) -> dict[str, Any]:
     tasks = {}
     for task in cfg.tasks():
         t = cfg.for_task(task)
-        tasks[task] = {"methods": [m for m in online if task == "classify" or m not in ALPHA_METHODS],
+        tasks[task] = {"methods": online,  # every task: adaptive's buffer keeps a VQA sample's question
                        "default_method": t.default_method, "steps": t.train.steps, "lr": t.train.lr,
                        "heldout_fraction": t.heldout_fraction}
     return {"methods": methods, "tasks": tasks, "max_steps": cfg.max_steps}
