@@ -1,8 +1,9 @@
-"""Markdown table of `mergeserve bench dil` outputs: mean ± std over every (file, order) run, in %.
+"""Markdown table of `mergeserve bench dil` outputs: mean ± sample SD (ddof = 1) over every run, in %.
 
     .venv/bin/python benchmarks/table.py s0.json s1.json --methods adaptive,adaptive@ties_w1 --metrics ACC,BWT
 
-Several files (one per seed) pool their runs, so the std is over seeds × orders. ``--extra`` adds the
+Several files (one per seed) pool their runs, so the SD is over seeds × orders (tables committed before
+2026-12-08 printed the population SD, ddof = 0, and say so). ``--extra`` adds the
 mean of a per-run list the strategy reports (``fit_seconds`` summed per run; ``alpha`` as the final α;
 ``n_reset`` summed per run).
 """
@@ -28,13 +29,14 @@ def extra(files: list[dict], method: str, key: str) -> str:
 
 
 def rows(files: list[dict], methods: list[str], metrics: list[str], extras: list[str]) -> list[str]:
-    """One markdown row per method: mean ± std (points) of each metric, then the extras."""
-    out = [f"| method | {' | '.join(metrics + extras)} | runs |", "|" + " --- |" * (len(metrics) + len(extras) + 2)]
+    """One markdown row per method: mean ± sample SD (ddof = 1; points) of each metric, then the extras."""
+    head = [f"{k} (mean ± SD, ddof=1)" for k in metrics]
+    out = [f"| method | {' | '.join(head + extras)} | runs |", "|" + " --- |" * (len(metrics) + len(extras) + 2)]
     for m in methods:
         cells = []
         for k in metrics:
             v = 100 * np.array(per_run(files, m, k))
-            cells.append(f"{v.mean():.1f} ± {v.std():.1f}")
+            cells.append(f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}")
         cells += [extra(files, m, e) for e in extras]
         out.append(f"| {m} | {' | '.join(cells)} | {len(v)} |")
     return out

@@ -13,7 +13,8 @@ from . import __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mergeserve.demo", "merge random LoRA task vectors with every method and print a table"),
     "pretrain": ("training.pretrain", "pretrain the offline default backbone on procedural letters+shapes"),
-    "pretrain-vqa": ("training.tasks.vilt", "pretrain the offline VQA model (vilt_scenes) on scenes questions"),
+    "pretrain-vqa": ("training.tasks.pretrain_vqa", "pretrain an offline VQA model (--model film_scenes, the "
+                     "default, or vilt_scenes) on scenes questions"),
     "bench": ("training.bench", "run a continual-learning benchmark protocol and print the paper-style table"),
     "serve": ("serving.app", "start the Ray Serve application (in-process Ray unless --address)"),
     "bench-serve": ("serving.bench", "measure serving throughput, latency during a hot swap, and ingest time"),

@@ -582,7 +582,7 @@ class Model:
 
 @serve.deployment(name="VqaModel", health_check_period_s=5)
 class VqaModel:
-    """The ``vqa`` task's model replicas (ViLT + the task's global adapter), called by ``Model``'s
+    """The ``vqa`` task's model replicas (its model + the task's global adapter), called by ``Model``'s
     ``/v1/vqa`` route: decoding at the model's size, dynamic batching and the same hot swap as classification."""
 
     def __init__(self, cfg: dict) -> None:

@@ -391,6 +391,18 @@ QUESTIONS_FILE = "questions.jsonl"
 MAX_QUESTION_CHARS = 512
 
 
+def unknown_answers(unknown: list[str], answers: list[str]) -> str:
+    """The ``unknown-answer`` detail: the answers refused, the whole vocabulary, and how to extend it.
+
+    The answer layer is part of the served model and every version's adapters fit its rows, so a lineage
+    keeps one vocabulary (docs/vqa.md, "New answers"); a larger one is a new pretrained model and data dir.
+    """
+    return (f"{len(unknown)} answers are not in the model's {len(answers)}-answer vocabulary: {unknown[:10]}. "
+            f"The vocabulary: {answers}. To learn new answer words, pretrain a model with them "
+            f"(mergeserve pretrain-vqa --extra-answers {','.join(unknown[:10])} --out DIR) and serve it with "
+            f"vqa.weights: DIR on a new data dir (adapters of one lineage share one answer layer)")
+
+
 def read_vqa_domain(
     data: bytes, answers: list[str], size: int, limits: Limits = Limits()
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -416,8 +428,7 @@ def read_vqa_domain(
     rows = _question_rows(files[qfiles[0]])
     unknown = sorted({r["answer"] for r in rows} - set(answers))
     if unknown:
-        raise bad("unknown-answer", f"{len(unknown)} answers are not in the model's {len(answers)}-answer "
-                  f"vocabulary (the answer head is fixed): {unknown[:10]}")
+        raise bad("unknown-answer", unknown_answers(unknown, answers))
     missing = sorted({r["image"] for r in rows if root + posixpath.normpath(r["image"]) not in files})
     if missing:
         raise bad("missing-image", f"{len(missing)} images named in {QUESTIONS_FILE} are not in the archive: "

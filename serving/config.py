@@ -55,13 +55,18 @@ class VqaServing(Strict):
     """The ``vqa`` task: its own model deployment, adapter lineage and data under ``<data_dir>/vqa``."""
 
     enabled: bool = True  # serve POST /v1/vqa and accept task=vqa domains
-    weights: str | None = None  # ViLT safetensors; None = the cached, else shipped, ``vilt_scenes``
+    # the offline model (training.tasks.vqa.VQA_MODELS): FiLM on frozen ImageNet EfficientNet-Lite0 features,
+    # which learns a new question family online (docs/vqa.md), or the older ViLT trained from scratch
+    model: Literal["film_scenes", "vilt_scenes"] = "film_scenes"
+    # the model's weights (film_scenes: a save_pretrained directory; vilt_scenes: a safetensors file);
+    # None = the cached, else the shipped, pretrained ones
+    weights: str | None = None
     # scenes_vqa families learned on first start; none by default: v0 (the pretrained model) answers every
     # family, and one family costs minutes of CPU (docs/vqa.md)
     bootstrap: list[str] = Field(default_factory=list)
-    lora: LoraSettings = Field(default_factory=LoraSettings)  # rank 8 on every encoder linear (answer head frozen)
-    train: TrainSettings = Field(  # 100 steps of 32 questions: ~2 min on 2 CPU cores (docs/vqa.md)
-        default_factory=lambda: TrainSettings(steps=100, batch_size=32, lr=1e-3, eval_batch=256)
+    lora: LoraSettings = Field(default_factory=LoraSettings)  # rank 8 on every Linear / conv the model adapts
+    train: TrainSettings = Field(  # film_scenes' recipe (docs/vqa.md); vilt_scenes was run at 100 steps of 32, lr 1e-3
+        default_factory=lambda: TrainSettings(steps=400, batch_size=64, lr=3e-3, eval_batch=256)
     )
     # VqaModel replicas, or "auto" (the default) for `autoscaling`: none until the first question, none
     # again after 5 minutes without one (~1 GB a replica: started at once, it would sit beside the training
@@ -160,10 +165,9 @@ class ServerConfig(Strict):
             return self
         state = None if self.state_path is None else os.path.splitext(self.state_path)[0] + f"-{task}.sqlite"
         return self.model_copy(update={
-            "task": task, "data_dir": self.path(task), "state_path": state, "backbone": "vilt_scenes",
+            "task": task, "data_dir": self.path(task), "state_path": state, "backbone": self.vqa.model,
             "class_names": [],  # the model's answer vocabulary: recorded from global@v0's manifest
             "bootstrap": self.vqa.bootstrap, "lora": self.vqa.lora, "train": self.vqa.train,
-            "default_method": "pam" if self.default_method == "adaptive" else self.default_method,
         })
 
     def path(self, *parts: str) -> str:

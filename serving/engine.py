@@ -32,7 +32,7 @@ def build_task(cfg: ServerConfig) -> object:
     """The ``training.tasks`` entry for a non-classification config (its model loaded once)."""
     from training.tasks import get_task
 
-    return get_task(cfg.task, weights=cfg.vqa.weights)
+    return get_task(cfg.task, model_name=cfg.vqa.model, weights=cfg.vqa.weights)
 
 
 class Engine:

@@ -139,7 +139,7 @@ def method_catalog(cfg: ServerConfig) -> dict[str, Any]:
     tasks = {}
     for task in cfg.tasks():
         t = cfg.for_task(task)
-        tasks[task] = {"methods": [m for m in online if task == "classify" or m not in ALPHA_METHODS],
+        tasks[task] = {"methods": online,  # every task: adaptive's buffer keeps a VQA sample's question
                        "default_method": t.default_method, "steps": t.train.steps, "lr": t.train.lr,
                        "heldout_fraction": t.heldout_fraction}
     return {"methods": methods, "tasks": tasks, "max_steps": cfg.max_steps}
@@ -194,11 +194,20 @@ def save_domain(
 
 
 def check_labels(cfg: ServerConfig, db: StateDB | None = None) -> None:
-    """The configured labels are the ones the data dir's adapters were made for (recorded with v0).
+    """The configured labels and model are the ones the data dir's adapters were made for (recorded with v0).
 
     Raises:
-        ValueError: they differ (every adapter's head has one output per recorded label).
+        ValueError: they differ (every adapter's head has one output per recorded label, and its factors
+            fit one model only).
     """
+    v0 = os.path.join(cfg.path("adapters"), "global@v0.json")
+    if os.path.exists(v0):
+        with open(v0) as f:
+            made_for = json.load(f).get("backbone")
+        if made_for and made_for != cfg.backbone:
+            what = "vqa.model" if cfg.task == "vqa" else "backbone"
+            raise ValueError(f"the data dir {cfg.data_dir} holds adapters of {made_for!r}, not {cfg.backbone!r}; "
+                             f"set {what}: {made_for} to keep serving them, or use another data dir")
     path = cfg.state_path or cfg.path("state.sqlite")
     if not cfg.class_names or (db is None and not os.path.exists(path)):
         return
@@ -259,9 +268,6 @@ class Pipeline:
             raise Problem(422, "invalid-domain-name", "domain name must match [a-z0-9][a-z0-9_-]{0,62}")
         method = s.method or self.cfg.default_method
         hyper = check_hyper(method, s.hyper, self.cfg.max_steps)
-        if self.cfg.task != "classify" and method in ALPHA_METHODS:
-            raise Problem(422, "unknown-method", f"method {method!r} is not offered for task {self.cfg.task!r} "
-                          f"(its buffer fit is image classification only); use one of the global-LoRA methods")
         active = self.db.version(self.active)
         if active and active["method"] in ALPHA_METHODS and method not in ALPHA_METHODS:
             raise Problem(409, "incompatible-method",

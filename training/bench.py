@@ -9,9 +9,11 @@ over orders, as in the PAM paper's tables.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +25,7 @@ from .backbones import create_backbone, get_spec
 from .configs import CONFIGS, BenchConfig
 from .data import Benchmark, Domain, load_benchmark
 from .strategies import LearnerContext, create_strategy
+from .tasks import prepare
 
 METRICS = ["ACC", "BWT", "FWT", "A_t", "A_m"]
 
@@ -85,49 +88,148 @@ def run_one(
     return out
 
 
+def _setup(cfg: BenchConfig, seed: int, task: Any) -> tuple[Benchmark, LearnerContext]:
+    """Seed ``seed``'s benchmark (its data seeded too when ``cfg.vary_data``, and prepared by the task: e.g.
+    frozen-trunk features cached once per domain) and learner context."""
+    bargs = {**cfg.benchmark_args, **({"seed": seed} if cfg.vary_data else {})}
+    bench = load_benchmark(cfg.benchmark, **bargs)
+    spec = None
+    if task is not None:
+        bench = dataclasses.replace(bench, domains=[prepare(task, d) for d in bench.domains])
+        base = task.build_base(seed)
+    else:
+        spec = get_spec(cfg.backbone)
+        base = create_backbone(cfg.backbone, len(bench.classes), seed=seed)
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return bench, LearnerContext(spec, base.to(device), cfg.lora, cfg.train, seed, device, task=task)
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1; 0.0 for a single run)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def paired(results: dict, pairs: list[str], keys: tuple[str, ...] = ("ACC", "BWT")) -> list[dict]:
+    """Paired differences A − B per metric over the runs both methods made (same seed, same order), with
+    the 95 % t interval of :func:`training.metrics.paired_difference`; pairs naming a method not run are
+    skipped."""
+    out = []
+    for pair in pairs:
+        a, b = pair.split("-", 1)
+        if a not in results or b not in results:
+            continue
+        for k in keys:
+            d = metrics.paired_difference([r["metrics"][k] for r in results[a]["runs"]],
+                                              [r["metrics"][k] for r in results[b]["runs"]])
+            out.append({"pair": f"{a} - {b}", "metric": k, **d})
+    return out
+
+
 def run_dil(cfg: BenchConfig, progress: bool = True) -> dict:
-    """The whole protocol for ``cfg``; returns the JSON-ready results."""
+    """The whole protocol for ``cfg`` (``cfg.seeds`` seeds × ``cfg.orders`` orders); returns JSON-ready results."""
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    bench = load_benchmark(cfg.benchmark, **cfg.benchmark_args)
-    task = spec = None
+    task = None
     if cfg.task is not None:
         from .tasks import get_task
 
         task = get_task(cfg.task, **cfg.task_args)
-        base = task.build_base(cfg.seed)
-    else:
-        spec = get_spec(cfg.backbone)
-        base = create_backbone(cfg.backbone, len(bench.classes), seed=cfg.seed)
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    for p in base.parameters():
-        p.requires_grad_(False)
-    ctx = LearnerContext(spec, base.to(device), cfg.lora, cfg.train, cfg.seed, device, task=task)
-    orders = domain_orders([d.name for d in bench.domains], cfg.orders, cfg.seed)
-    bar = tqdm(total=len(cfg.methods) * len(orders) * len(bench.domains), desc="bench dil", disable=not progress)
-    results = {}
-    for m in cfg.methods:
-        runs = [run_one(m, ctx, bench, o, cfg.hyper.get(m, {}), bar) for o in orders]
-        summary = {
-            k: (float(np.mean([r["metrics"][k] for r in runs])), float(np.std([r["metrics"][k] for r in runs])))
-            for k in runs[0]["metrics"]
-        }
-        results[m] = {"runs": runs, "mean_std": summary}
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    results: dict[str, dict] = {m: {"runs": []} for m in cfg.methods}
+    bar = None
+    for seed in seeds:
+        bench, ctx = _setup(cfg, seed, task)
+        orders = domain_orders([d.name for d in bench.domains], cfg.orders, seed)
+        if bar is None:
+            total = len(seeds) * len(cfg.methods) * len(orders) * len(bench.domains)
+            bar = tqdm(total=total, desc="bench dil", disable=not progress)
+        for m in cfg.methods:
+            for o in orders:
+                run = run_one(m, ctx, bench, o, cfg.hyper.get(m, {}), bar)
+                results[m]["runs"].append({"seed": seed, **run})
     bar.close()
+    return summarize(json.loads(cfg.model_dump_json()), str(ctx.device), time.time() - t0, results)
+
+
+def summarize(config: dict, device: str, wall_s: float, results: dict) -> dict:
+    """The JSON record of runs: per method mean ± sample SD over its runs, per-domain zero-shot (from the
+    runs' zero-shot rows, mean over seeds) and the paired differences of ``config["pairs"]``."""
+    zero: dict[str, dict[int, float]] = {}
+    for r in results.values():
+        r["mean_std"] = {k: mean_sd([run["metrics"][k] for run in r["runs"]]) for k in r["runs"][0]["metrics"]}
+        for run in r["runs"]:
+            for name, z in zip(run["order"], run["zero_shot"]):
+                zero.setdefault(name, {})[run.get("seed", 0)] = z
     return {
-        "config": json.loads(cfg.model_dump_json()),
-        "device": str(device),
-        "wall_s": round(time.time() - t0, 1),
+        "config": config,
+        "device": device,
+        "wall_s": round(wall_s, 1),
+        "seeds": sorted({run.get("seed", 0) for r in results.values() for run in r["runs"]}),
+        "std_ddof": 1,  # "± std" is the sample standard deviation over runs (seeds × orders)
+        "zero_shot": {k: float(np.mean(list(v.values()))) for k, v in zero.items()},
+        "paired": paired(results, config.get("pairs", [])),
         "results": results,
     }
 
 
+def combine(parts: list[dict]) -> dict:
+    """Several ``bench dil`` outputs of one config (e.g. one process per seed) as one record: the runs
+    pooled per method, then :func:`summarize` (the config is the first part's, its seeds all of them).
+
+    Raises:
+        ValueError: the parts ran different methods or share a seed.
+    """
+    methods = [list(p["results"]) for p in parts]
+    if any(m != methods[0] for m in methods):
+        raise ValueError(f"the parts ran different methods: {methods}")
+    seeds = [s for p in parts for s in p.get("seeds", [p["config"]["seed"]])]
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"the parts share seeds: {seeds}")
+    results = {m: {"runs": [run for p in parts for run in p["results"][m]["runs"]]} for m in methods[0]}
+    return summarize(parts[0]["config"], parts[0]["device"], sum(p["wall_s"] for p in parts), results)
+
+
+def per_domain(res: dict) -> dict[str, dict[str, float]]:
+    """Per domain: zero-shot accuracy, A_t (each trained adapter on its own domain before any merge) averaged
+    over every method's runs, and ``independent``'s own adapter when that method ran."""
+
+    def pre(methods: list[str]) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for m in methods:
+            for run in res["results"][m]["runs"]:
+                for name, v in zip(run["order"], run["pre"]):
+                    out.setdefault(name, []).append(v)
+        return out
+
+    every, own = pre(list(res["results"])), pre([m for m in res["results"] if m == "independent"])
+    zs = res.get("zero_shot", {})
+    return {n: {"zero_shot": zs.get(n, float("nan")), "A_t": float(np.mean(v)),
+                "independent": float(np.mean(own[n])) if n in own else float("nan")} for n, v in every.items()}
+
+
 def format_table(res: dict) -> str:
-    """Paper-style table: mean ± std over orders, in percent."""
-    lines = [f"{'method':<12}" + "".join(f"{k:>16}" for k in METRICS)]
+    """Paper-style table: mean ± sample SD (ddof = 1) over runs, in percent; then, when the results carry
+    them, per-domain zero-shot / A_t and paired differences with 95 % intervals."""
+    ddof = res.get("std_ddof", 0)
+    n_runs = {len(r["runs"]) for r in res["results"].values() if "runs" in r}
+    head = f"mean ± SD (ddof={ddof}) over {'/'.join(map(str, sorted(n_runs))) or '?'} runs, %"
+    lines = [head, f"{'method':<12}" + "".join(f"{k:>16}" for k in METRICS)]
     for m, r in res["results"].items():
         cells = "".join(f"{100 * r['mean_std'][k][0]:>9.1f} ± {100 * r['mean_std'][k][1]:<4.1f}" for k in METRICS)
         lines.append(f"{m:<12}{cells}")
+    if res.get("zero_shot") and all("runs" in r for r in res["results"].values()):
+        lines += ["", f"{'domain':<12}{'zero-shot':>10}{'A_t':>8}{'A_t - zs':>10}{'independent':>13}"]
+        for name, v in per_domain(res).items():
+            lines.append(f"{name:<12}{100 * v['zero_shot']:>10.1f}{100 * v['A_t']:>8.1f}"
+                         f"{100 * (v['A_t'] - v['zero_shot']):>+10.1f}{100 * v['independent']:>13.1f}")
+    if res.get("paired"):
+        lines += ["", f"{'paired difference':<24}{'metric':>7}{'mean':>8}{'95 % interval':>20}{'±':>6}{'n':>4}"]
+        for d in res["paired"]:
+            half, interval = (d["hi"] - d["lo"]) / 2, f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+            lines.append(f"{d['pair']:<24}{d['metric']:>7}{100 * d['mean']:>+8.1f}{interval:>20}{100 * half:>6.1f}"
+                         f"{d['n']:>4}")
     return "\n".join(lines)
 
 
@@ -201,7 +303,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domains", help="comma-separated domain order (default: the benchmark's)")
     p.add_argument("--methods", help="comma-separated methods (default: all of the config's)")
     p.add_argument("--orders", type=int, help="number of task orders")
-    p.add_argument("--seed", type=int, help="seed")
+    p.add_argument("--seed", type=int, help="seed (the first one with --seeds)")
+    p.add_argument("--seeds", type=int, help="number of seeds (seed, seed+1, ...): runs = seeds × orders")
     p.add_argument("--steps", type=int, help="optimizer steps per domain")
     p.add_argument("--backbone", help="registered backbone name")
     p.add_argument("--device", help="cpu, cuda or auto")
@@ -214,14 +317,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "with --methods pam,pam@p30 one run compares settings (--hyper pam@p30.percent=30)",
     )
     p.add_argument("--out", default="results.json", help="JSON output path (default results.json)")
+    p.add_argument("--combine", nargs="+", metavar="JSON", help="pool earlier outputs of one config (one per "
+                   "seed) into one table and --out file instead of running")
     p.add_argument("--plot", help="write a PNG of accuracy per domain over time")
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``mergeserve bench``."""
+    if args.combine:
+        parts = []
+        for path in args.combine:
+            with open(path) as f:
+                parts.append(json.load(f))
+        res = combine(parts)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(format_table(res))
+        print(f"\n{len(parts)} files, seeds {res['seeds']}; results in {args.out}")
+        return 0
     cfg = CONFIGS["fast" if args.fast else args.config].model_copy(deep=True)
     upd: dict = {}
-    for k in ("benchmark", "orders", "seed", "backbone", "device"):
+    for k in ("benchmark", "orders", "seed", "seeds", "backbone", "device"):
         if getattr(args, k) is not None:
             upd[k] = getattr(args, k)
     if args.methods:

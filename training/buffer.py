@@ -1,14 +1,21 @@
-"""Class-balanced replay buffer: up to ``spc`` samples per (domain, class), persisted as safetensors."""
+"""Class-balanced replay buffer: up to ``spc`` samples per (domain, class), persisted as safetensors.
+
+A VQA domain's samples keep their questions (a class is then an answer): :meth:`ReplayBuffer.domain` gives the
+buffer back as a domain of the same kind, so a task's own batches and loss fit the merge coefficients.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from .data import Domain
 
 
 class ReplayBuffer:
@@ -26,30 +33,61 @@ class ReplayBuffer:
         self.spc, self.policy = spc, policy
         self.gen = torch.Generator().manual_seed(seed)
         self.slots: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self.questions: dict[tuple[str, int], list[str]] = {}  # aligned with slots; VQA domains only
         self.seen: dict[tuple[str, int], int] = {}
 
-    def add(self, domain: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Offer a domain's samples (uint8 (N, 3, H, W), int64 (N,)) to the buffer.
+    def add(self, domain: str, x: torch.Tensor, y: torch.Tensor, questions: list[str] | None = None) -> None:
+        """Offer a domain's samples (uint8 (N, 3, H, W), int64 (N,), and one question each for VQA).
 
         Raises:
             ValueError: the images' shape differs from the buffered ones' (resize first: the buffer is
-                stacked into one tensor, for the α fit and when saved).
+                stacked into one tensor, for the α fit and when saved), or questions are given for some
+                domains and not others.
         """
         held = next((s[0].shape for s in self.slots.values() if s), None)
         if held is not None and len(x) and tuple(x.shape[1:]) != tuple(held):
             raise ValueError(f"{domain}: images of shape {tuple(x.shape[1:])} offered to a replay buffer holding "
                              f"{tuple(held)}; resize them to one size first")
-        for xi, yi in zip(x, y.tolist()):
+        if self.slots and (questions is not None) != bool(self.questions):
+            raise ValueError(f"{domain}: a replay buffer holds questions for every domain or for none")
+        for i, (xi, yi) in enumerate(zip(x, y.tolist())):
             key = (domain, yi)
             slot = self.slots.setdefault(key, [])
+            qs = self.questions.setdefault(key, []) if questions is not None else None
             n = self.seen.get(key, 0)
             self.seen[key] = n + 1
-            if len(slot) < self.spc:
+            j = len(slot) if len(slot) < self.spc else None
+            if j is None and self.policy == "reservoir":
+                r = int(torch.randint(n + 1, (1,), generator=self.gen))
+                j = r if r < self.spc else None
+            if j is None:
+                continue
+            if j == len(slot):
                 slot.append(xi.clone())
-            elif self.policy == "reservoir":
-                j = int(torch.randint(n + 1, (1,), generator=self.gen))
-                if j < self.spc:
-                    slot[j] = xi.clone()
+                if qs is not None:
+                    qs.append(questions[i])
+            else:
+                slot[j] = xi.clone()
+                if qs is not None:
+                    qs[j] = questions[i]
+
+    def add_domain(self, d: Domain) -> None:
+        """:meth:`add` a domain's training split, with its questions when it has them (a VQA domain)."""
+        self.add(d.name, d.x_train, d.y_train, getattr(d, "q_train", None))
+
+    def domain(self, name: str = "buffer") -> Domain:
+        """The buffered samples as the training split of one domain (a ``VqaDomain`` when they carry
+        questions), ordered as :meth:`tensors`: what a task's batches and loss read."""
+        from .data import Domain
+
+        x, y = self.tensors()
+        empty = torch.empty(0)
+        if not self.questions:
+            return Domain(name, x, y, empty, empty)
+        from .data.scenes import VqaDomain
+
+        qs = [q for k in sorted(self.slots) for q in self.questions[k]]
+        return VqaDomain(name, x, y, empty, empty.long(), q_train=qs)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All buffered images and labels, ordered by (domain, class)."""
@@ -80,6 +118,8 @@ class ReplayBuffer:
             if dom in domains:
                 out.slots[(dom, c)] = xs[:spc]
                 out.seen[(dom, c)] = self.seen.get((dom, c), len(xs))
+                if self.questions:
+                    out.questions[(dom, c)] = self.questions[(dom, c)][:spc]
         return out
 
     def save(self, path: str) -> None:
@@ -94,6 +134,8 @@ class ReplayBuffer:
             "domains": json.dumps(doms),
             "seen": json.dumps([[k[0], k[1], self.seen[k]] for k in keys]),
         }
+        if self.questions:  # one per image, in the tensors' order
+            meta["questions"] = json.dumps([q for k in keys for q in self.questions[k]])
         tmp = path + ".tmp"
         save_file({"x": x.contiguous(), "y": y, "domain": d}, tmp, metadata=meta)
         os.replace(tmp, path)
@@ -108,7 +150,10 @@ class ReplayBuffer:
         t = load_file(path)
         buf = cls(int(meta["spc"]), meta["policy"])  # type: ignore[arg-type]
         doms = json.loads(meta["domains"])
-        for xi, yi, di in zip(t["x"], t["y"].tolist(), t["domain"].tolist()):
+        qs = json.loads(meta["questions"]) if "questions" in meta else None
+        for i, (xi, yi, di) in enumerate(zip(t["x"], t["y"].tolist(), t["domain"].tolist())):
             buf.slots.setdefault((doms[di], yi), []).append(xi)
+            if qs is not None:
+                buf.questions.setdefault((doms[di], yi), []).append(qs[i])
         buf.seen = {(d, c): n for d, c, n in json.loads(meta["seen"])}
         return buf

@@ -64,8 +64,9 @@ def materialise(base: nn.Module, delta: Mapping[str, torch.Tensor]) -> nn.Module
     return model.eval()
 
 
-def functional_forward(base: nn.Module, delta: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``base`` with ``delta`` applied, differentiably w.r.t. the delta (for learning merge coefficients).
+def functional_forward(base: nn.Module, delta: Mapping[str, torch.Tensor], *args: object, **kwargs: object) -> object:
+    """``base(*args, **kwargs)`` with ``delta`` applied, differentiably w.r.t. the delta (for learning merge
+    coefficients).
 
     Raises:
         KeyError: if a delta names a module the backbone does not have.
@@ -76,4 +77,4 @@ def functional_forward(base: nn.Module, delta: Mapping[str, torch.Tensor], x: to
     for k, v in delta.items():
         name, v = _target(params, k, v)
         over[name] = params[name] + v if k.endswith(".delta") else v
-    return torch.func.functional_call(base, over, (x,))
+    return torch.func.functional_call(base, over, args, kwargs)

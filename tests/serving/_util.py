@@ -54,6 +54,22 @@ def tiny_vilt() -> str:
     return path
 
 
+def tiny_film() -> str:
+    """A tiny pretrained ``film_scenes`` (the default vqa model: real ImageNet trunk, tiny head, 3 steps),
+    shared like :func:`tiny_vilt`."""
+    import tempfile
+
+    from training.tasks.film_scenes import FilmPretrainConfig, pretrain_film
+
+    path = os.path.join(tempfile.gettempdir(), "mergeserve-tests", "tiny_film_v1")
+    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        model = {"embed_dim": 8, "question_dim": 16, "channels": 8, "blocks": 2, "classifier_channels": 16,
+                 "hidden": 16, "norm_groups": 2, "image_size": 32}
+        pretrain_film(path, FilmPretrainConfig(model=model, steps=3, batch_size=8, n_per_family=6, n_test=4),
+                      progress=False)
+    return path
+
+
 def server_config(data_dir: str) -> dict:
     return {
         "data_dir": data_dir,
@@ -71,7 +87,7 @@ def server_config(data_dir: str) -> dict:
         "gate": {"max_drop": 1.0, "require_gain": False},
         # one VQA replica always up: the default scales to zero after 5 idle minutes, and a cold start in the
         # middle of a test would make its timing depend on test order (`bench-serve --rss` runs the default)
-        "vqa": {"weights": tiny_vilt(), "bootstrap": [], "train": {"steps": 6, "batch_size": 8, "lr": 1e-3},
+        "vqa": {"weights": tiny_film(), "bootstrap": [], "train": {"steps": 6, "batch_size": 8, "lr": 1e-3},
                 "num_replicas": 1},
     }
 

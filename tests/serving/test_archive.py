@@ -148,6 +148,19 @@ def test_exported_vqa_domain_reads_back(tmp_path):
     assert np.array_equal(x, d.x_train[:12].numpy()) and np.array_equal(y, d.y_train[:12].numpy())  # lossless PNG
 
 
+def test_unknown_answers_are_named_with_the_vocabulary_and_how_to_extend_it(tmp_path):
+    import json
+
+    out = tmp_path / "count.tar.gz"
+    export_domain("scenes_vqa", "count", str(out), limit=12)
+    x, questions, y = read_vqa_domain(out.read_bytes(), ["0", "1", "2", "3", "4", "5", "6"], 64)
+    with pytest.raises(Problem) as e:  # a model whose vocabulary lacks some count answers
+        read_vqa_domain(out.read_bytes(), ["0", "yes", "no"], 64)
+    assert e.value.status == 422 and e.value.code == "unknown-answer"
+    d = e.value.detail
+    assert json.dumps(["0", "yes", "no"]).replace('"', "'") in d and "--extra-answers" in d and "vqa.weights" in d
+
+
 def test_fuzzed_images_only_ever_raise_problem():
     from _util import _encodings, mutated_images
 

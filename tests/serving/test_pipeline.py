@@ -189,12 +189,25 @@ def test_each_task_has_its_own_lineage(tmp_path, task):
     assert e.value.code == "domain-exists"
 
 
-def test_vqa_rejects_classification_only_methods(tmp_path):
-    pipe = Pipeline(config(str(tmp_path)).for_task("vqa"))
-    with pytest.raises(Problem) as e:
-        pipe.accept(task_submission("vqa", "d1", method="adaptive"))
-    assert e.value.code == "unknown-method" and "vqa" in e.value.detail
-    assert pipe.db.jobs() == []
+def test_vqa_adaptive_fits_alpha_on_buffered_questions(tmp_path):
+    """``adaptive`` for VQA: each family's own LoRA, α fit through the task's loss on a replay buffer that
+    keeps every buffered image's question (a class being an answer)."""
+    from training.buffer import ReplayBuffer
+
+    cfg = config(str(tmp_path)).for_task("vqa")
+    pipe, worker = Pipeline(cfg), LocalWorker(cfg)
+    hyper = {"spc": 2, "fit_steps": 3}
+    pipe.accept(task_submission("vqa", "d1", method="adaptive", hyper=hyper))
+    pipe.accept(task_submission("vqa", "d2", seed=1, method="adaptive", family="shape", hyper=hyper))
+    done = run_all(pipe, worker)
+    assert [j["status"] for j in done] == ["succeeded", "succeeded"], [j["error"] for j in done]
+    v = pipe.db.version(2)
+    assert v["method"] == "adaptive" and set(v["coefficients"]) == {"d1", "d2"}
+    assert pipe.store.manifest("global@v2").format == "delta"
+    buf = ReplayBuffer.load(cfg.path("buffer.safetensors"))
+    d = buf.domain()
+    assert buf.domains() == ["d1", "d2"] and len(d.q_train) == len(d.y_train) == len(buf)
+    assert {q.split()[0] for q in d.q_train} == {"how", "what"}  # count and shape questions, kept with their images
 
 
 def test_domains_from_every_source_meet_at_one_size(tmp_path):

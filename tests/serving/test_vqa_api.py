@@ -1,5 +1,5 @@
 """The vqa task over HTTP: /v1/vqa, /v1/tasks, task=vqa ingestion (and its upload checks), per-task
-lineages, feedback and metrics, on the session server (tiny ViLT from ``_util.tiny_vilt``)."""
+lineages, feedback and metrics, on the session server (tiny film_scenes from ``_util.tiny_film``)."""
 
 import base64
 import io
@@ -69,7 +69,7 @@ def _vqa_state(server) -> tuple:
 def test_tasks_lists_both_lineages(server):
     tasks = {t["name"]: t for t in server.http.get("/v1/tasks").json()["tasks"]}
     assert set(tasks) == {"classify", "vqa"}
-    assert tasks["vqa"]["labels"] == ANSWERS and tasks["vqa"]["model"] == "vilt_scenes"
+    assert tasks["vqa"]["labels"] == ANSWERS and tasks["vqa"]["model"] == "film_scenes"
     assert tasks["classify"]["labels"] == ["a", "b", "c"]
     paths = server.http.get("/openapi.json").json()["paths"]
     assert {"/v1/vqa", "/v1/tasks"} <= set(paths)
@@ -130,7 +130,7 @@ def test_bad_vqa_uploads_change_nothing(server, archive, code):
 
 
 def test_vqa_method_and_task_checks(server):
-    r = server.ingest("vqaada", vqa_archive(), task="vqa", method="adaptive")
+    r = server.ingest("vqaada", vqa_archive(), task="vqa", method="pam_adaptive")  # benchmark only, every task
     assert r.status_code == 422 and r.json()["type"].endswith("unknown-method"), r.text
     r = server.ingest("x", vqa_archive(), task="detect")
     assert r.status_code == 422, r.text

@@ -130,7 +130,7 @@ def test_adaptive_oracle_fits_on_the_held_out_sets(tiny_ctx, tiny_bench, monkeyp
 
     sizes, real = [], ad.fit_merge
     monkeypatch.setattr(ad, "fit_merge", lambda ctx, tvs, init, samples, h, c: sizes.append(
-        len(samples.tensors()[1])) or real(ctx, tvs, init, samples, h, c))
+        len(samples.domain().y_train)) or real(ctx, tvs, init, samples, h, c))
     s = create_strategy("adaptive", tiny_ctx, oracle=True, fit_steps=3)
     _learn(s, tiny_bench.domains[:2])
     n_test = [len(d.y_test) for d in tiny_bench.domains[:2]]
@@ -298,7 +298,7 @@ def test_run_dil_with_a_task(tmp_path):
                                                            patch=8), steps=2, batch_size=8, n_per_family=4, n_test=4,
                                       threads=1), progress=False)
     cfg = CONFIGS["scenes_vqa"].model_copy(update={
-        "task_args": {"weights": w}, "methods": ["pam", "joint"], "orders": 1,
+        "task_args": {"model_name": "vilt_scenes", "weights": w}, "methods": ["pam", "joint"], "orders": 1,
         "benchmark_args": {"domains": ["shape", "exist"], "n_train": 16, "n_test": 8},
         "train": TrainSettings(steps=2, batch_size=8, lr=1e-3),
     })
@@ -316,3 +316,45 @@ def test_vqa_configs_ask_every_domain_they_name(name):
     cfg = CONFIGS[name]
     bench = load_benchmark(cfg.benchmark, **{**cfg.benchmark_args, "n_train": 2, "n_test": 2})
     assert [d.name for d in bench.domains] == cfg.benchmark_args["domains"]
+
+
+def test_run_dil_seeds_vary_the_data_and_pair_runs(tmp_path):
+    """The scenes_vqa_new preset, shrunk: film_scenes with cached features, every seed its own data, the
+    adaptive methods through the task's loss, paired intervals and a table that names its ddof."""
+    from training.bench import format_table, run_dil
+    from training.configs import CONFIGS
+    from training.tasks.film_scenes import FilmPretrainConfig, pretrain_film
+
+    w = str(tmp_path / "film")
+    tiny = {"embed_dim": 8, "question_dim": 16, "channels": 8, "blocks": 2, "classifier_channels": 16, "hidden": 16,
+            "norm_groups": 2, "image_size": 32}
+    pretrain_film(w, FilmPretrainConfig(model=tiny, steps=2, batch_size=8, n_per_family=4, n_test=2), progress=False)
+    cfg = CONFIGS["scenes_vqa_new"].model_copy(update={
+        "task_args": {"weights": w}, "methods": ["finetune", "average", "pam", "adaptive", "pam_adaptive"],
+        "orders": 1, "seeds": 2, "hyper": {"adaptive": {"fit_steps": 2}, "pam_adaptive": {"fit_steps": 2}},
+        "benchmark_args": {"domains": ["where", "rel_shape"], "n_train": 12, "n_test": 6},
+        "train": TrainSettings(steps=2, batch_size=4, lr=1e-3),
+    })
+    res = run_dil(cfg, progress=False)
+    runs = res["results"]["pam"]["runs"]
+    assert [r["seed"] for r in runs] == [0, 1] and res["std_ddof"] == 1
+    assert set(res["zero_shot"]) == {"where", "rel_shape"}
+    assert {(d["pair"], d["metric"]) for d in res["paired"]} == {
+        (p, k) for p in ("pam - average", "average - finetune", "pam - finetune") for k in ("ACC", "BWT")}
+    assert all(d["n"] == 2 for d in res["paired"])
+    table = format_table(res)
+    assert "ddof=1" in table and "rel_shape" in table and "pam - average" in table
+    assert len(res["results"]["adaptive"]["runs"][0]["alpha"]) == 2
+    from training.data import load_benchmark
+
+    a, b = (load_benchmark("scenes_vqa", domains=["where"], n_train=4, n_test=0, seed=s).domains[0] for s in (0, 1))
+    assert a.q_train != b.q_train  # what vary_data hands each seed
+    from training.bench import combine
+
+    one = [run_dil(cfg.model_copy(update={"seed": s, "seeds": 1, "methods": ["finetune", "pam"]}), progress=False)
+           for s in (0, 1)]
+    both = combine(one)  # one process per seed, pooled: the same record as one run over both seeds
+    assert both["seeds"] == [0, 1] and [r["seed"] for r in both["results"]["pam"]["runs"]] == [0, 1]
+    assert both["results"]["pam"]["mean_std"] == res["results"]["pam"]["mean_std"]
+    with pytest.raises(ValueError, match="share seeds"):
+        combine([one[0], one[0]])

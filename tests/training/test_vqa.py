@@ -161,7 +161,7 @@ def test_pretrain_is_deterministic_and_loads(tmp_path, monkeypatch, samples):
         p.requires_grad for p in model.parameters()
     )
     assert prov["sha256"] == hashlib.sha256(open(out, "rb").read()).hexdigest()
-    loaded = get_task("vqa")
+    loaded = get_task("vqa", model_name="vilt_scenes")
     assert loaded.answers == ANSWERS and loaded.image_size == TINY.image_size
     b = loaded.make_batch(samples.subset(slice(0, 4)))
     torch.testing.assert_close(_logits(loaded.build_base(), b), _logits(model, b))

@@ -6,6 +6,7 @@ the same classes (domain-incremental learning).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,10 @@ class Domain:
         """One domain holding the training data of ``domains`` (for joint training)."""
         empty = torch.empty(0)
         return cls(name, torch.cat([d.x_train for d in domains]), torch.cat([d.y_train for d in domains]), empty, empty)
+
+    def heldout_as_train(self) -> Domain:
+        """This domain with its held-out split in the training fields (an oracle that fits on test data)."""
+        return dataclasses.replace(self, x_train=self.x_test, y_train=self.y_test)
 
 
 @dataclass

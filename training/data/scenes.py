@@ -24,6 +24,7 @@ seeded per (seed, family, stream), so train, held-out and pretraining streams ne
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +56,10 @@ MAX_OBJECTS = len(COLORS)
 ANSWERS: list[str] = list(COLORS) + SHAPES + [str(i) for i in range(MAX_OBJECTS + 1)] + CELLS + LETTERS + ["yes", "no"]
 ANSWER_ID = {a: i for i, a in enumerate(ANSWERS)}
 FAMILIES = ["color", "shape", "count", "where", "relation", "text", "exist"]  # the domain order
+# Templates no model was pretrained on (the continual-VQA benchmark's new families, ``scenes_vqa_new``):
+# relation variants that answer a shape or yes/no, and position -> attribute (the inverse of ``where``).
+EXTRA_FAMILIES = ["rel_shape", "rel_exist", "color_at", "shape_at"]
+ALL_FAMILIES = FAMILIES + EXTRA_FAMILIES  # appended: the families above keep their generator seeds
 
 
 @dataclass(frozen=True)
@@ -74,16 +79,31 @@ class VqaSamples:
     images: torch.Tensor  # (N, 3, H, W) uint8
     questions: list[str]  # N questions
     answers: torch.Tensor  # (N,) int64 indices into the benchmark's answer list
+    # (N, C, h, w) float: the images through a model's frozen trunk, cached by its task (``Task.prepare``)
+    features: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.questions)
 
     def subset(self, idx: torch.Tensor | list[int] | slice) -> VqaSamples:
         """The examples at ``idx`` (a slice, index list or 1-D index tensor)."""
+        f = self.features
         if isinstance(idx, slice):
-            return VqaSamples(self.images[idx], self.questions[idx], self.answers[idx])
+            return VqaSamples(self.images[idx], self.questions[idx], self.answers[idx], None if f is None else f[idx])
         ids = torch.as_tensor(idx, dtype=torch.int64)
-        return VqaSamples(self.images[ids], [self.questions[i] for i in ids.tolist()], self.answers[ids])
+        return VqaSamples(self.images[ids], [self.questions[i] for i in ids.tolist()], self.answers[ids],
+                          None if f is None else f[ids])
+
+    @classmethod
+    def concat(cls, parts: list[VqaSamples]) -> VqaSamples:
+        """The examples of ``parts`` one after another (features kept only when every part has them)."""
+        feats = [p.features for p in parts]
+        return cls(
+            torch.cat([p.images for p in parts]),
+            sum((p.questions for p in parts), []),
+            torch.cat([p.answers for p in parts]),
+            None if any(f is None for f in feats) else torch.cat(feats),
+        )
 
 
 @dataclass
@@ -95,12 +115,19 @@ class VqaDomain(Domain):
 
     q_train: list[str] = field(default_factory=list)  # questions aligned with x_train
     q_test: list[str] = field(default_factory=list)  # questions aligned with x_test
+    f_train: torch.Tensor | None = None  # cached trunk features aligned with x_train (``Task.prepare``)
+    f_test: torch.Tensor | None = None  # ... with x_test
 
     @classmethod
     def pooled(cls, name: str, domains: list[Domain]) -> VqaDomain:
-        """One domain holding the training data (questions included) of ``domains``."""
+        """One domain holding the training data (questions and cached features included) of ``domains``."""
         d = super().pooled(name, domains)
-        return cls(name, d.x_train, d.y_train, d.x_test, d.y_test, q_train=sum((x.q_train for x in domains), []))
+        train = VqaSamples.concat([x.train for x in domains])
+        return cls(name, d.x_train, d.y_train, d.x_test, d.y_test, q_train=train.questions, f_train=train.features)
+
+    def heldout_as_train(self) -> VqaDomain:
+        """This domain with its held-out split (questions, features) in the training fields."""
+        return dataclasses.replace(super().heldout_as_train(), q_train=self.q_test, f_train=self.f_test)
 
     def batch(self, idx: torch.Tensor) -> tuple[VqaSamples, torch.Tensor]:
         """Training examples ``idx`` with their questions (the ``vqa`` task's samples) and answer ids."""
@@ -109,12 +136,12 @@ class VqaDomain(Domain):
     @property
     def train(self) -> VqaSamples:
         """The training split."""
-        return VqaSamples(self.x_train, self.q_train, self.y_train)
+        return VqaSamples(self.x_train, self.q_train, self.y_train, self.f_train)
 
     @property
     def test(self) -> VqaSamples:
         """The held-out split."""
-        return VqaSamples(self.x_test, self.q_test, self.y_test)
+        return VqaSamples(self.x_test, self.q_test, self.y_test, self.f_test)
 
 
 # --- scenes -------------------------------------------------------------------------------------------
@@ -224,6 +251,34 @@ def _q_relation(s: list[Obj], rng: np.random.RandomState) -> tuple[str, str] | N
     return f"what color is the object {rel} the {o.color} object?", n.color
 
 
+def _q_rel_shape(s: list[Obj], rng: np.random.RandomState) -> tuple[str, str] | None:
+    options = [(rel, o, n) for rel, st in RELATIONS.items() for o in s if (n := _neighbour(s, o, st))]
+    if not options:
+        return None
+    rel, o, n = options[rng.randint(len(options))]
+    return f"what shape is the object {rel} the {o.color} object?", n.shape
+
+
+def _q_rel_exist(s: list[Obj], rng: np.random.RandomState) -> tuple[str, str] | None:
+    pairs = [(rel, o, _neighbour(s, o, st) is not None) for rel, st in RELATIONS.items() for o in s]
+    want = bool(rng.rand() < 0.5)  # balanced yes/no where the scene allows it
+    options = [(rel, o) for rel, o, has in pairs if has == want]
+    if not options:
+        return None
+    rel, o = options[rng.randint(len(options))]
+    return f"is there an object {rel} the {o.color} object?", "yes" if want else "no"
+
+
+def _q_color_at(s: list[Obj], rng: np.random.RandomState) -> tuple[str, str]:
+    o = s[rng.randint(len(s))]
+    return f"what color is the object in the {CELLS[o.cell]}?", o.color
+
+
+def _q_shape_at(s: list[Obj], rng: np.random.RandomState) -> tuple[str, str]:
+    o = s[rng.randint(len(s))]
+    return f"what shape is the object in the {CELLS[o.cell]}?", o.shape
+
+
 def _q_text(s: list[Obj], rng: np.random.RandomState) -> tuple[str, str]:
     o = s[rng.randint(len(s))]
     return f"which letter is on the {o.color} object?", str(o.letter)
@@ -250,6 +305,10 @@ QUESTIONS: dict[str, tuple[QuestionFn, bool]] = {
     "relation": (_q_relation, False),
     "text": (_q_text, True),
     "exist": (_q_exist, False),
+    "rel_shape": (_q_rel_shape, False),
+    "rel_exist": (_q_rel_exist, False),
+    "color_at": (_q_color_at, False),
+    "shape_at": (_q_shape_at, False),
 }
 
 
@@ -259,7 +318,7 @@ def make_family(
     """``n`` deterministic examples of one question family.
 
     Args:
-        family: One of :data:`FAMILIES`.
+        family: One of :data:`ALL_FAMILIES`.
         n: Number of examples.
         seed: Benchmark seed.
         stream: Independent generator per use (0: benchmark splits, 1: pretraining), so streams never overlap.
@@ -270,9 +329,9 @@ def make_family(
         ValueError: when the family cannot ask about scenes of that many objects (``relation`` needs two).
     """
     if family not in QUESTIONS:
-        raise KeyError(f"unknown question family {family!r}; known: {FAMILIES}")
+        raise KeyError(f"unknown question family {family!r}; known: {ALL_FAMILIES}")
     ask, letters = QUESTIONS[family]
-    rng = np.random.RandomState([seed, FAMILIES.index(family), stream])
+    rng = np.random.RandomState([seed, ALL_FAMILIES.index(family), stream])
     imgs, qs, ans = [], [], []
     misses = 0
     while len(qs) < n:

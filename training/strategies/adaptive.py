@@ -31,6 +31,7 @@ from ..buffer import ReplayBuffer
 from ..data import Domain
 from ..hyper import AdaptiveFit, TrainHyper
 from ..lora import functional_forward, get_adapter, is_lora_factor, materialise, set_adapter, to_delta
+from ..tasks import prepare
 from .base import LearnerContext, accuracy
 from .merging import MergeLearner
 from .sequential import FineTune, Independent, register_parsed
@@ -77,8 +78,29 @@ class HeldOut:
     def __init__(self, domains: list[Domain]) -> None:
         self.domains = domains
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([d.x_test for d in self.domains]), torch.cat([d.y_test for d in self.domains])
+    def domain(self) -> Domain:
+        return type(self.domains[0]).pooled("heldout", [d.heldout_as_train() for d in self.domains])
+
+
+def fit_loss(ctx: LearnerContext, delta: Adapter, data: tuple) -> torch.Tensor:
+    """Loss of ``ctx.base`` with ``delta`` applied (differentiably) on the buffer: cross-entropy on
+    preprocessed images for classification, the task's own loss on its batch otherwise (Coleman et al.,
+    Eq. 4's objective)."""
+    if ctx.task is None:
+        x, y = data
+        return F.cross_entropy(functional_forward(ctx.base, delta, x), y)
+    return ctx.task.loss(lambda **inputs: functional_forward(ctx.base, delta, **inputs), data[0])
+
+
+def fit_data(ctx: LearnerContext, buffer: ReplayBuffer | HeldOut) -> tuple:
+    """The buffer, once, as the fit's inputs on ``ctx.device``: (images, labels) preprocessed for
+    classification; a task's one batch (prepared by the task: e.g. trunk features cached) otherwise."""
+    d = buffer.domain()
+    if ctx.task is None:
+        return preprocess(ctx.spec, d.x_train.to(ctx.device)), d.y_train.to(ctx.device)
+    d = prepare(ctx.task, d)
+    samples, _ = d.batch(torch.arange(len(d.y_train)))
+    return (ctx.task.make_batch(samples).to(ctx.device),)
 
 
 def fit_merge(
@@ -92,8 +114,8 @@ def fit_merge(
     """Learn α on the replay buffer by backprop through the merge, then merge (Coleman et al., Eq. 2-4).
 
     Adam on (c, b_raw) of :class:`merge.AdaptiveCoefficients` for ``hyper.fit_steps`` full-buffer steps
-    of cross-entropy through :func:`training.lora.functional_forward` (the merged weights are not
-    frozen copies, so gradients reach α).
+    of :func:`fit_loss` (cross-entropy, or the task's loss) through :func:`training.lora.functional_forward`
+    (the merged weights are not frozen copies, so gradients reach α).
 
     Args:
         ctx: Backbone (never trained) and device.
@@ -114,16 +136,15 @@ def fit_merge(
     c0 = torch.zeros(0) if c_init is None else c_init.detach().cpu().float()
     if n == 0 or len(c0) > n:
         raise ValueError(f"need 1 or more task vectors and at most as many initial logits; got {n} and {len(c0)}")
-    x, y = buffer.tensors()
     coef = merge.AdaptiveCoefficients(n, hyper.b_max, init_c=torch.cat([c0, torch.zeros(n - len(c0))]))
     coef = coef.to(ctx.device)
     opt = torch.optim.Adam(coef.parameters(), lr=hyper.fit_lr)
-    x, y = preprocess(ctx.spec, x.to(ctx.device)), y.to(ctx.device)
+    data = fit_data(ctx, buffer)
     base = ctx.base.to(ctx.device).eval()
     for p in base.parameters():
         p.requires_grad_(False)
     for _ in range(hyper.fit_steps):
-        loss = F.cross_entropy(functional_forward(base, merge_task_vectors(tvs, coef(), init_delta, hyper), x), y)
+        loss = fit_loss(ctx, merge_task_vectors(tvs, coef(), init_delta, hyper), data)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -166,7 +187,7 @@ class AdaptiveMerge:
         trained = get_adapter(self.trainer.learner.model)  # before the trainer merges it anywhere
         self.trainer.end_domain()
         self.tvs.append(task_vector(to_delta(trained, self.ctx.lora), self.init_delta))
-        self.buffer.add(self.domain.name, self.domain.x_train, self.domain.y_train)
+        self.buffer.add_domain(self.domain)
         self.seen.append(self.domain)
         t0 = time.perf_counter()
         fixed_w = getattr(self.hyper, "fixed_w", None)
@@ -186,7 +207,7 @@ class AdaptiveMerge:
     def evaluate(self, domain: Domain) -> float:
         if self.served is None or self.unmerged:
             return self.trainer.learner.evaluate(domain)
-        return accuracy(self.served, self.ctx.spec, domain, self.ctx.device, self.ctx.train.eval_batch)
+        return accuracy(self.served, self.ctx.spec, domain, self.ctx.device, self.ctx.train.eval_batch, self.ctx.task)
 
     def adapter(self) -> tuple[Adapter, str]:
         if self.merged is None:

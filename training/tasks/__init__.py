@@ -9,8 +9,9 @@ words, generated text), so scoring and responses need no task-specific types.
 ======================  ==================================================================================
 task                    model
 ======================  ==================================================================================
-``vqa``                 offline ViLT (``ViltForQuestionAnswering``, 0.65 M params) pretrained on ``scenes_vqa``;
-                        answer = classification over a fixed answer vocabulary (:mod:`.vqa`, :mod:`.vilt`)
+``vqa``                 offline, answer = classification over a fixed answer vocabulary (:mod:`.vqa`):
+                        ``film_scenes`` (default; FiLM on frozen ImageNet EfficientNet-Lite0 features,
+                        :mod:`.film`) or ``vilt_scenes`` (ViLT from scratch, 0.65 M params, :mod:`.vilt`)
 ``vlm``                 any hub image-text-to-text model (PaliGemma, LLaVA, …): answer = generated text
                         (:mod:`.vlm`); needs weights from a hub or local directory
 ======================  ==================================================================================
@@ -105,6 +106,17 @@ class Task(Protocol):
     def score(self, preds: Sequence[str], targets: Sequence[str]) -> float:
         """Accuracy of predicted against reference answers (the task's own matching rule)."""
         ...
+
+    # Optional: ``prepare(domain) -> domain``, what the task computes once per domain before training on
+    # it (e.g. frozen-trunk features, so each step skips the trunk). Callers go through :func:`prepare`.
+
+
+def prepare(task: Task | None, domain: Any) -> Any:
+    """``task.prepare(domain)`` where the task has one (a domain, a benchmark's domain, or samples), else
+    ``domain`` itself: the one hook through which the loop, the benchmark and the server cache per-domain
+    work. Idempotent for a prepared domain."""
+    fn = getattr(task, "prepare", None)
+    return domain if fn is None else fn(domain)
 
 
 TaskFactory = Callable[..., Task]

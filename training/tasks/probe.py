@@ -9,6 +9,7 @@ own ``materialise``) predicts exactly what the adapter model predicts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -19,7 +20,7 @@ import merge
 
 from ..data import Benchmark, load_benchmark
 from ..lora import PREFIX, LoraSettings, materialise
-from . import Task, attach_lora, evaluate, get_task, predict
+from . import Task, attach_lora, evaluate, get_task, predict, prepare
 
 
 def _predictions(task: Task, model: torch.nn.Module, bench: Benchmark, batch: int = 256) -> list[str]:
@@ -47,6 +48,7 @@ def probe(
         ``{"before": {family: acc}, "after": {...}, "forgetting": {...}, "fold_mismatches": {...}, "train_s": …}``.
     """
     lora = lora or LoraSettings()
+    bench = dataclasses.replace(bench, domains=[prepare(task, d) for d in bench.domains])  # e.g. trunk features
     base = task.build_base(seed)
     before = {d.name: round(evaluate(task, base, d.test), 4) for d in bench.domains}
     pm = attach_lora(task, task.build_base(seed), lora, seed)
@@ -92,16 +94,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--weights", default=None, help="vqa: pretrained safetensors (default: the cache)")
+    p.add_argument("--model", default=None, help="vqa: film_scenes (default) or vilt_scenes")
+    p.add_argument("--weights", default=None, help="vqa: the model's pretrained weights (default: cache, else shipped)")
+    p.add_argument("--batch", type=int, default=64, help="questions per step")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--families", help="scenes_vqa: comma-separated families to load (default all)")
     p.add_argument("--max-objects", type=int, help="scenes_vqa: scenes of 1..N objects (default 2..6)")
+    p.add_argument("--n-train", type=int, help="training examples per family (default: the benchmark's)")
+    p.add_argument("--n-test", type=int, help="held-out examples per family (default: the benchmark's)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    task = get_task(args.task, **({"weights": args.weights} if args.weights else {}))
-    kw = {"objects": (1, args.max_objects)} if args.max_objects else {}
-    bench = load_benchmark(args.benchmark, **kw, **({"domains": args.families.split(",")} if args.families else {}))
-    r = probe(task, bench, args.family, args.steps, lr=args.lr, lora=LoraSettings(rank=args.rank, alpha=2 * args.rank))
+    kw = {k: v for k, v in (("weights", args.weights), ("model_name", args.model)) if v}
+    task = get_task(args.task, **kw)
+    bkw = {"objects": (1, args.max_objects)} if args.max_objects else {}
+    bkw.update({k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test)) if v is not None})
+    bench = load_benchmark(args.benchmark, **bkw, **({"domains": args.families.split(",")} if args.families else {}))
+    lora = LoraSettings(rank=args.rank, alpha=2 * args.rank)
+    r = probe(task, bench, args.family, args.steps, batch_size=args.batch, lr=args.lr, lora=lora)
     print(f"{'family':10s} {'before':>7s} {'after':>7s}")
     for k in r["before"]:
         print(f"{k:10s} {r['before'][k]:7.3f} {r['after'][k]:7.3f}")

@@ -20,20 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import BertTokenizerFast, ViltConfig, ViltForQuestionAnswering
 
 from ..data.scenes import ANSWERS, FAMILIES, VqaSamples, make_family, scenes_vqa
 from ..store import sha256_file
+from .recipe import pinned_threads, run_record, supervised
 
 VOCAB_DIR = Path(__file__).with_name("vqa_vocab")  # holds the project's vocab.txt
 SHIPPED = Path(__file__).parents[1] / "assets" / "vilt_scenes.safetensors"  # package data, if shipped
@@ -192,12 +191,8 @@ def pretrain_vqa(out: str, cfg: VqaPretrainConfig | None = None, progress: bool 
         The provenance, with held-out accuracy per family and the wall time.
     """
     cfg = cfg or VqaPretrainConfig()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)  # pinned: the server's first-use build equals the CLI's
-    try:
+    with pinned_threads(cfg.threads):  # the server's first-use build equals the CLI's
         return _pretrain(out, cfg, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _pretrain(out: str, cfg: VqaPretrainConfig, progress: bool) -> dict:
@@ -206,29 +201,16 @@ def _pretrain(out: str, cfg: VqaPretrainConfig, progress: bool) -> dict:
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     pools = [  # one pool per curriculum stage, every family; stream 1 + stage: never the benchmark's stream 0
-        _concat([make_family(f, cfg.n_per_family, cfg.seed, 1 + i, (1, most)) for f in FAMILIES])
+        VqaSamples.concat([make_family(f, cfg.n_per_family, cfg.seed, 1 + i, (1, most)) for f in FAMILIES])
         for i, most in enumerate(cfg.stages)
     ]
     heldout = scenes_vqa(n_train=0, n_test=cfg.n_test, seed=cfg.seed)
     tok = tokenizer_from_vocab()
     model = build_vilt(cfg.model, len(tok), ANSWERS, cfg.seed).train()
     task = VqaTask(model=model, tokenizer=tok, answers=ANSWERS)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * _cosine(s, cfg.steps))
-    g = torch.Generator().manual_seed(cfg.seed)
     t_data = time.time() - t0
-    for step in range(cfg.steps):
-        train = pools[min(len(pools) - 1, step * len(pools) // max(1, cfg.steps))]
-        idx = torch.randint(len(train), (cfg.batch_size,), generator=g)
-        b = task.make_batch(train.subset(idx))
-        loss = F.cross_entropy(model(**b.inputs).logits, b.labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if progress and (step % 100 == 0 or step == cfg.steps - 1):
-            print(f"step {step:5d}  loss {loss.item():.3f}  {time.time() - t0:.0f} s", flush=True)
-    model.eval()
+    supervised(model, task, lambda step: pools[min(len(pools) - 1, step * len(pools) // max(1, cfg.steps))],
+               cfg, progress, t0)
     from . import evaluate
 
     acc = {d.name: round(evaluate(task, model, d.test), 4) for d in heldout.domains}
@@ -241,31 +223,13 @@ def _pretrain(out: str, cfg: VqaPretrainConfig, progress: bool) -> dict:
         "params": sum(p.numel() for p in model.parameters()),
         "heldout_acc": acc,
         "heldout_mean": round(sum(acc.values()) / len(acc), 4),
-        "wall_s": round(time.time() - t0, 1),
-        "data_s": round(t_data, 1),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),  # == cfg.threads
-        "machine": platform.machine(),
+        **run_record(t0, t_data),
     }
     prov = json.loads(json.dumps(prov))  # tuples -> lists: the record equals what the JSON file holds
     _save(out, model, tok, prov)
     if progress:
         print(f"saved {out} in {prov['wall_s']} s; held-out accuracy {acc}")
     return prov
-
-
-def _concat(parts: list[VqaSamples]) -> VqaSamples:
-    return VqaSamples(
-        torch.cat([p.images for p in parts]),
-        sum((p.questions for p in parts), []),
-        torch.cat([p.answers for p in parts]),
-    )
-
-
-def _cosine(step: int, total: int) -> float:
-    import math
-
-    return 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
 
 
 def _save(out: str, model: ViltForQuestionAnswering, tok: BertTokenizerFast, prov: dict) -> None:
