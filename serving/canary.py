@@ -58,6 +58,17 @@ def end(pipe: Pipeline, outcome: str, numbers: dict | None = None) -> dict | Non
     return done
 
 
+def judge(pipe: Pipeline) -> tuple[str | None, dict] | None:
+    """The running canary's verdict on the feedback given since it started (``verdict``), or None when no
+    canary with ``promote_when`` runs."""
+    state = current(pipe)
+    if state is None or not state.get("promote_when"):
+        return None
+    since, rule = state["started"], state["promote_when"]
+    return verdict(pipe.db.feedback_by_version(since, state["against"]),
+                   pipe.db.feedback_by_version(since, state["version"]), rule["min_feedback"], rule["max_drop"])
+
+
 def verdict(active: dict[str, tuple[int, int]], candidate: dict[str, tuple[int, int]], min_feedback: int,
             max_drop: float) -> tuple[str | None, dict]:
     """Promote or roll back on live per-domain accuracy: ``(decision, numbers)``.

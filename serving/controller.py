@@ -250,6 +250,7 @@ class Controller:
                 log.warning("mergeserve: %s recovered after a restart: %s", task, recovered)
         self.healthy = True
         self._accepting = asyncio.Lock()
+        self._background: set[asyncio.Task] = set()  # canary decisions' swaps, kept from the garbage collector
 
     def _line(self, task: str) -> Lineage:
         if task not in self.lines:
@@ -514,17 +515,36 @@ class Controller:
                     rows, self.cfg.prediction_retention, self.cfg.prediction_ttl_s)
         return dropped
 
-    def feedback(self, request_id: str | None, domain: str | None, label: str, prediction: str | None,
-                 task: str | None = None) -> dict:
+    async def feedback(self, request_id: str | None, domain: str | None, label: str, prediction: str | None,
+                       task: str | None = None) -> dict:
         """Feedback for a prediction; with a ``request_id`` and no ``task`` the task that served it is found.
-        Counted in ``mergeserve_feedback_total`` once per ``request_id`` (a replay counts nothing)."""
+        Counted in ``mergeserve_feedback_total`` once per ``request_id`` (a replay counts nothing); a canary
+        with ``promote_when`` is judged on it (``canary.judge``) and promoted or rolled back in the background."""
         if task is None:
             found = (t for t, line in self.lines.items() if request_id and line.pipe.db.prediction(request_id))
             task = next(found, "classify")
-        res = self._line(task).pipe.feedback(request_id, domain, label, prediction)
+        line = self._line(task)
+        res = line.pipe.feedback(request_id, domain, label, prediction)
         if not res["replayed"]:
             self.metrics.count_feedback(task, res["domain"], res["version"], res["correct"])
+            self._decide_canary(task, line)
         return {**res, "task": task}
+
+    def _decide_canary(self, task: str, line: Lineage) -> None:
+        """End a canary its live feedback has decided: the history keeps the numbers, then the replicas follow
+        (promoted: the candidate becomes the active version; rolled back: every request to the active one)."""
+        judged = canary.judge(line.pipe)
+        if judged is None or judged[0] is None:
+            return
+        decision, numbers = judged
+        done = canary.end(line.pipe, decision, numbers)  # at once, so the next feedback finds no canary
+        log.info("mergeserve: %s canary v%s %s on live feedback: %s", task, done["version"], decision, numbers)
+        if decision == "promoted":
+            swap = self._activate(task, done["version"])
+        else:
+            swap = self._publish(task, lambda served: served[1] is None)
+        self._background.add(task_ := asyncio.get_running_loop().create_task(swap))
+        task_.add_done_callback(self._background.discard)
 
     def metrics_text(self) -> bytes:
         states = {}
@@ -546,11 +566,13 @@ def task_state(pipe: Pipeline, now: float | None = None) -> TaskState | None:
     parent = db.accuracy(row["parent"]) if row["parent"] is not None else {}
     queued = db.jobs(("queued",))
     running = db.jobs(("training", "merging", "swapping"))
+    c = canary.current(pipe)
     return TaskState(
         active=active, holdout=holdout, feedback=db.feedback(), coefficients=row["coefficients"] or {},
         parent=row["parent"], drop={d: round(parent[d] - a, 6) for d, a in holdout.items() if d in parent},
         queued=len(queued), oldest_queued_s=now - queued[0]["created"] if queued else 0.0,
         stalled_s=max(now - j["updated"] for j in running) if running else 0.0,
+        canary=(c["version"], c["traffic"]) if c else None,
     )
 
 

@@ -38,6 +38,7 @@ class TaskState:
     queued: int = 0  # jobs waiting
     oldest_queued_s: float = 0.0  # how long the oldest of them has waited
     stalled_s: float = 0.0  # seconds since the running job last reported (0: none runs)
+    canary: tuple[int, float] | None = None  # the running canary's (candidate version, traffic share)
 
 
 class ServerMetrics:
@@ -55,6 +56,9 @@ class ServerMetrics:
             ["task", "domain", "version", "parent"], registry=reg,
         )
         self.version = Gauge("mergeserve_adapter_version", "Active global adapter version", ["task"], registry=reg)
+        # one series while a canary runs (its candidate), none otherwise: the dashboard marks its start and end
+        self.canary = Gauge("mergeserve_canary_traffic", "Share of requests the canary candidate answers",
+                            ["task", "version"], registry=reg)
         self.coefficient = Gauge(
             "mergeserve_merge_coefficient", "Learned merge coefficient per domain (adaptive)", ["task", "domain"],
             registry=reg,
@@ -120,8 +124,11 @@ class ServerMetrics:
         self.ingest_healthy.set(int(healthy))
         self.coefficient.clear()
         self.drop.clear()  # only the active version's falls: a rollback ends the series (and its alert)
+        self.canary.clear()
         for task, st in states.items():
             self.version.labels(task).set(st.active)
+            if st.canary is not None:
+                self.canary.labels(task, str(st.canary[0])).set(st.canary[1])
             for source, values in (("holdout", st.holdout), ("feedback", st.feedback)):
                 for d, a in values.items():
                     self.accuracy.labels(task, d, source).set(a)

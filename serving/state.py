@@ -290,6 +290,12 @@ class StateDB:
     def feedback(self) -> dict[str, float]:
         return {r["domain"]: r["correct"] / r["total"] for r in self._all("SELECT * FROM feedback") if r["total"]}
 
+    def feedback_by_version(self, since: float, version: int) -> dict[str, tuple[int, int]]:
+        """``{domain: (correct, total)}`` of the feedback given since ``since`` on answers of ``version``."""
+        rows = self._all("SELECT domain, SUM(correct) AS ok, COUNT(*) AS n FROM feedback_given"
+                         " WHERE created >= ? AND version = ? GROUP BY domain", (since, version))
+        return {r["domain"]: (int(r["ok"]), int(r["n"])) for r in rows}
+
 
 def _row(row: sqlite3.Row) -> dict:
     d = dict(row)

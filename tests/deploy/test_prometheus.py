@@ -69,6 +69,7 @@ def test_every_alert_links_its_own_runbook_section():
 def test_dashboard_marks_swaps_with_an_annotation():
     queries = dict(dashboard_queries())
     assert "mergeserve_adapter_version" in queries["annotation / Adapter swaps"]
+    assert "mergeserve_canary_traffic" in queries["annotation / Canary starts"]
 
 
 def test_dashboard_expressions_are_valid_promql(tmp_path):

@@ -2,6 +2,7 @@
 
 import base64
 import collections
+import time
 import uuid
 
 from _util import make_archive, png
@@ -55,7 +56,10 @@ def test_a_canary_answers_its_share_sticky_per_client_and_can_be_stopped(server)
     r = server.http.post("/v1/classify", json={"image": B64, "adapter_version": 99999})
     assert r.status_code == 409 and r.json()["type"].endswith("/version-not-loaded")
     assert server.http.get("/v1/adapters").json()["canary"]["traffic"] == 0.1
+    gauge = f'mergeserve_canary_traffic{{task="classify",version="{candidate}"}} 0.1'
+    assert gauge in server.http.get("/metrics").text  # the dashboard's "Canary starts" annotation reads it
     assert server.http.delete("/v1/canary", headers=server.auth).status_code == 200
+    assert "mergeserve_canary_traffic{" not in server.http.get("/metrics").text
     assert {_ask(server, uuid.uuid4().hex)["adapter_version"] for _ in range(50)} == {active}
     a = server.http.get("/v1/adapters").json()
     assert a["canary"] is None and a["canary_history"][-1]["outcome"] == "stopped"
@@ -74,3 +78,48 @@ def test_activating_the_canary_fully_promotes_it(server):
     bad = server.http.post(f"/v1/adapters/{active}/activate", json={"traffic": 1.5}, headers=server.auth)
     assert bad.status_code == 422
     server.http.post(f"/v1/adapters/{active}/activate", headers=server.auth).raise_for_status()
+
+
+def _judge(server, active: int, candidate: int, candidate_right: bool) -> dict:
+    """Run a canary with ``promote_when`` and give feedback on its answers (the active version's all right, the
+    candidate's right or wrong) until it decides; returns ``/v1/adapters`` once it has."""
+    domain = next(v for v in server.http.get("/v1/adapters").json()["versions"] if v["version"] == candidate)[
+        "domains"][0]
+    rule = {"traffic": 0.5, "promote_when": {"min_feedback": 5, "max_drop": 0.2}}
+    server.http.post(f"/v1/adapters/{candidate}/activate", json=rule, headers=server.auth).raise_for_status()
+    labels = server.http.get("/v1/tasks").json()["tasks"][0]["labels"]
+    given = collections.Counter()
+    while min(given[active], given[candidate]) < 5:
+        r = _ask(server, uuid.uuid4().hex, domain=domain)
+        v, said = r["adapter_version"], r["predictions"][0]["label"]
+        if given[v] >= 5:
+            continue
+        right = v == active or candidate_right
+        label = said if right else next(x for x in labels if x != said)
+        server.http.post("/v1/feedback", json={"request_id": r["request_id"], "label": label},
+                         headers=server.auth).raise_for_status()
+        given[v] += 1
+    for _ in range(100):  # the swap runs in the background
+        a = server.http.get("/v1/adapters").json()
+        if a["canary"] is None and {_ask(server, uuid.uuid4().hex)["adapter_version"] for _ in range(10)} == {
+                a["active"]}:
+            return {**a, "domain": domain}
+        time.sleep(0.1)
+    raise AssertionError(f"the canary was not decided: {a['canary']}")
+
+
+def test_a_canary_is_promoted_by_live_feedback(server):
+    active, candidate = _two_versions(server)
+    a = _judge(server, active, candidate, candidate_right=True)
+    done = a["canary_history"][-1]
+    assert a["active"] == candidate and done["outcome"] == "promoted" and done["version"] == candidate
+    assert done["numbers"][a["domain"]] == {"candidate": 1.0, "active": 1.0, "n": 5, "n_active": 5, "drop": 0.0}
+    server.http.post(f"/v1/adapters/{active}/activate", headers=server.auth).raise_for_status()
+
+
+def test_a_canary_that_answers_worse_is_rolled_back(server):
+    active, candidate = _two_versions(server)
+    a = _judge(server, active, candidate, candidate_right=False)
+    done = a["canary_history"][-1]
+    assert a["active"] == active and done["outcome"] == "rolled-back" and done["version"] == candidate
+    assert done["numbers"][a["domain"]]["drop"] == 1.0 and done["numbers"][a["domain"]]["n"] == 5
