@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import signal
@@ -177,7 +178,8 @@ def direct_ports(host: str = "127.0.0.1", app: str = "mergeserve", first: int | 
             with urllib.request.urlopen(f"http://{host}:{port}/-/routes", timeout=1.0) as r:
                 if r.status == 200 and app in json.loads(r.read()).values():
                     out.append(port)
-        except (OSError, ValueError, AttributeError):  # URLError and timeouts are OSErrors
+        # URLError and timeouts are OSErrors; a port of another protocol (gRPC) answers a BadStatusLine
+        except (OSError, ValueError, AttributeError, http.client.HTTPException):
             continue
     return out
 

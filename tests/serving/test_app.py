@@ -200,3 +200,28 @@ def test_the_driver_and_the_control_plane_import_no_torch():
     code = ("import serving.app, serving.controller, serving.pipeline, mergeserve.cli, sys; "
             "print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_direct_ports_skips_a_port_that_speaks_another_protocol():
+    """A gRPC listener in the scanned range answers HTTP/1 with binary frames (``BadStatusLine``): the scan goes
+    on instead of crashing ``mergeserve serve`` after it printed "ready" (seen once in the acceptance suite)."""
+    import socket
+    import threading
+
+    from serving.app import direct_ports
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+
+        def answer() -> None:
+            conn, _ = srv.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64")  # an HTTP/2 frame
+
+        t = threading.Thread(target=answer, daemon=True)
+        t.start()
+        assert direct_ports(first=srv.getsockname()[1]) == []
+        t.join(5)
+        assert not t.is_alive()  # the scan did talk to it

@@ -54,6 +54,10 @@ def test_dashboard_queries_return_data_from_a_real_prometheus(server):
             assert r.status_code == 200, r.text
         fb = server.http.post("/v1/feedback", json={"request_id": "prom-0", "label": "b"}, headers=server.auth)
         assert fb.status_code == 200, fb.text
+        a = server.http.get("/v1/adapters").json()  # a canary of the previous version, for its annotation
+        previous = max(v["version"] for v in a["versions"] if v["version"] != a["active"])
+        r = server.http.post(f"/v1/adapters/{previous}/activate", json={"traffic": 0.1}, headers=server.auth)
+        assert r.status_code == 200, r.text
 
         variables = {"task": "classify", "domain": DOMAIN}
         queries = [(name, substitute(expr, variables)) for name, expr in dashboard_queries()]
@@ -64,6 +68,7 @@ def test_dashboard_queries_return_data_from_a_real_prometheus(server):
             empty = {name: q for name, q in empty.items() if not prom.query(q)}
             if empty:
                 time.sleep(1)
+        server.http.delete("/v1/canary", headers=server.auth).raise_for_status()
         assert not empty, f"dashboard queries with no series after {time.time() - t0:.0f} s: {empty}"
 
         for var, selector, label in template_queries():
