@@ -206,6 +206,8 @@ def start(
         # Ray 2.60 reads no environment variable for this: in-process Ray gets the port here, a cluster
         # gets it from `ray start --metrics-export-port` (deploy/docker-compose.yml)
         extra = {"_metrics_export_port": metrics_export_port} if metrics_export_port and not address else {}
+        if not address:  # Serve's start-up gap answers 503 + Retry-After, not 404 (serving/startup_gap.py)
+            extra["runtime_env"] = {"worker_process_setup_hook": "serving.startup_gap.install"}
         ray.init(address=address, namespace="mergeserve", include_dashboard=False, log_to_driver=True, **extra)
     app = build_app(cfg.model_dump(mode="json"))
     serve.start(http_options={"host": host, "port": port})

@@ -47,6 +47,7 @@ class Served:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.starts = 0
+        self.answers: list[tuple[int, str | None]] = []  # (status, Retry-After) of every answer while starting
 
     def start(self, timeout: float = 240) -> float:
         """Start and wait for ``/readyz`` 200; returns the seconds it took."""
@@ -62,11 +63,13 @@ class Served:
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
             try:
+                r = httpx.get(f"{self.url}/v1/tasks", timeout=2)  # an API route, as a client's retry loop would
+                self.answers.append((r.status_code, r.headers.get("retry-after")))
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
                     return time.monotonic() - t0
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.1)
         raise AssertionError(f"{self.name} not ready after {timeout} s:\n{self.tail()}")
 
     def tail(self, n: int = 4000) -> str:

@@ -89,6 +89,7 @@ def own_labels_scenario(root) -> dict:
     out["leftovers"], out["gone_after_s"] = _leftovers(s, noted), time.monotonic() - t_kill
     record("labels server: SIGKILL of the process group → no process of the run left", out["gone_after_s"])
     out["restart_ready_s"] = s.start()
+    out["start_answers"] = s.answers
     record("labels server: restart on the same ports and data dir → /readyz 200", out["restart_ready_s"])
     out["job"] = s.wait_job("shapes", timeout=300)
     record("labels server: upload → the interrupted job succeeded (both attempts)", time.monotonic() - t0)
@@ -206,6 +207,8 @@ def test_own_labels_upload_of_any_size_and_mode_survives_sigkill(labels_run):
     assert out["cli_exit"] == 0 and "server unreachable" in out["cli_output"], out["cli_output"]
     assert "succeeded: 'shapes' is in adapter v1" in out["cli_output"], out["cli_output"]
     assert out["leftovers"] == [] and out["gone_after_s"] < 10, out
+    # while the restarted server came up, an API route answered 200 or 503 + Retry-After (never Serve's 404)
+    assert {(st, ra) for st, ra in out["start_answers"]} <= {(200, None), (503, "1")}, out["start_answers"]
     job = out["job"]
     assert job["status"] == "succeeded" and job["attempts"] == 2 and job["n_train"] + job["n_heldout"] == 72, job
     assert job["gate"]["new"] > 0.6, job["gate"]  # three shapes, learned from the mixed upload

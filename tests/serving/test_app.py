@@ -225,3 +225,17 @@ def test_direct_ports_skips_a_port_that_speaks_another_protocol():
         assert direct_ports(first=srv.getsockname()[1]) == []
         t.join(5)
         assert not t.is_alive()  # the scan did talk to it
+
+
+def test_the_startup_gap_template_answers_503_not_ready_in_a_fresh_interpreter():
+    """``serving.startup_gap.install`` (Ray's worker_process_setup_hook) rewrites Serve's HAProxy default backend
+    when the template module is imported after it, as in the HAProxyManager actor; the rest is unchanged."""
+    code = ("from serving.startup_gap import install, NEW, OLD; install()\n"
+            "from ray.serve._private import haproxy, haproxy_templates as t\n"
+            "assert NEW in haproxy.HAPROXY_CONFIG_TEMPLATE and OLD not in t.HAPROXY_CONFIG_TEMPLATE\n"
+            "print(len(haproxy.HAPROXY_CONFIG_TEMPLATE.splitlines()))\n")
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert fresh.returncode == 0, fresh.stderr
+    from ray.serve._private import haproxy_templates as t  # unpatched in this process
+    assert "status 404" in t.HAPROXY_CONFIG_TEMPLATE  # Ray's own line is there to replace (an upgrade shows here)
+    assert int(fresh.stdout) == len(t.HAPROXY_CONFIG_TEMPLATE.splitlines())
