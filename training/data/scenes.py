@@ -243,19 +243,23 @@ def _neighbour(s: list[Obj], ref: Obj, step: tuple[int, int]) -> Obj | None:
     return None
 
 
-def _q_relation(s: list[Obj], rng: np.random.RandomState) -> tuple[str, str] | None:
+def _related(s: list[Obj], rng: np.random.RandomState) -> tuple[str, Obj, Obj] | None:
+    """A random ``(relation, object, the object in that relation to it)`` of the scene, or None."""
     options = [(rel, o, n) for rel, st in RELATIONS.items() for o in s if (n := _neighbour(s, o, st))]
-    if not options:
+    return options[rng.randint(len(options))] if options else None
+
+
+def _q_relation(s: list[Obj], rng: np.random.RandomState) -> tuple[str, str] | None:
+    if (found := _related(s, rng)) is None:
         return None
-    rel, o, n = options[rng.randint(len(options))]
+    rel, o, n = found
     return f"what color is the object {rel} the {o.color} object?", n.color
 
 
 def _q_rel_shape(s: list[Obj], rng: np.random.RandomState) -> tuple[str, str] | None:
-    options = [(rel, o, n) for rel, st in RELATIONS.items() for o in s if (n := _neighbour(s, o, st))]
-    if not options:
+    if (found := _related(s, rng)) is None:
         return None
-    rel, o, n = options[rng.randint(len(options))]
+    rel, o, n = found
     return f"what shape is the object {rel} the {o.color} object?", n.shape
 
 
