@@ -31,7 +31,8 @@ def current(pipe: Pipeline) -> dict | None:
 
 
 def start(pipe: Pipeline, version: int, traffic: float, promote_when: dict | None) -> dict:
-    """Make ``version`` the candidate for ``traffic`` of the requests (replacing a running canary).
+    """Make ``version`` the candidate for ``traffic`` of the requests (replacing a running canary, which is
+    recorded as ``replaced``).
 
     Raises:
         Problem: 404 for an unknown version; 409 when it is the active one.
@@ -41,6 +42,7 @@ def start(pipe: Pipeline, version: int, traffic: float, promote_when: dict | Non
         raise Problem(404, "unknown-version", f"no adapter version {version}")
     if version == pipe.active:
         raise Problem(409, "already-active", f"v{version} is the active version; a canary is another version")
+    end(pipe, "replaced")  # only once the new one is valid: a refused request leaves the running canary be
     state = {"version": version, "name": row["name"], "traffic": traffic, "promote_when": promote_when,
              "started": time.time(), "against": pipe.active}
     pipe.db.put("canary", state)

@@ -14,7 +14,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 
 import ray
 from ray.exceptions import NodeDiedError, OutOfMemoryError, RayActorError, WorkerCrashedError
@@ -250,7 +250,7 @@ class Controller:
                 log.warning("mergeserve: %s recovered after a restart: %s", task, recovered)
         self.healthy = True
         self._accepting = asyncio.Lock()
-        self._background: set[asyncio.Task] = set()  # canary decisions' swaps, kept from the garbage collector
+        self._background: set[asyncio.Task] = set()  # what _spawn runs, kept from the garbage collector
 
     def _line(self, task: str) -> Lineage:
         if task not in self.lines:
@@ -411,7 +411,6 @@ class Controller:
         except ValueError as e:
             raise Problem(409, "corrupt-adapter", str(e)) from e
         if traffic < 1:
-            canary.end(line.pipe, "replaced")
             state = canary.start(line.pipe, version, traffic, promote_when)
             dt = await self._publish(task, lambda served: served[1] == version)
             return {"active": line.pipe.active, "swap_seconds": dt, "canary": state}
@@ -441,7 +440,7 @@ class Controller:
         async with self._accepting:
             row = await asyncio.to_thread(versions.record_import, line.pipe, tensors, fmt, lora, line.cfg.backbone)
         domains = [d["name"] for d in line.pipe.db.domains()]
-        asyncio.get_running_loop().create_task(self._evaluate(line, row, domains))
+        self._spawn(self._evaluate(line, row, domains))
         return {**row, "accuracy": {}, "active": False}
 
     async def _evaluate(self, line: Lineage, row: dict, domains: list[str]) -> None:
@@ -472,8 +471,7 @@ class Controller:
 
     @staticmethod
     def _serving(line: Lineage) -> tuple[dict, dict | None]:
-        row, c = line.pipe.db.version(line.pipe.active), canary.current(line.pipe)
-        return row, c
+        return line.pipe.db.version(line.pipe.active), canary.current(line.pipe)
 
     async def wait_version(self, replica_id: str, known: int, timeout: float | None = None,
                            task: str = "classify", known_canary: int | None = None) -> dict:
@@ -540,11 +538,15 @@ class Controller:
         done = canary.end(line.pipe, decision, numbers)  # at once, so the next feedback finds no canary
         log.info("mergeserve: %s canary v%s %s on live feedback: %s", task, done["version"], decision, numbers)
         if decision == "promoted":
-            swap = self._activate(task, done["version"])
+            self._spawn(self._activate(task, done["version"]))
         else:
-            swap = self._publish(task, lambda served: served[1] is None)
-        self._background.add(task_ := asyncio.get_running_loop().create_task(swap))
-        task_.add_done_callback(self._background.discard)
+            self._spawn(self._publish(task, lambda served: served[1] is None))
+
+    def _spawn(self, work: Coroutine) -> None:
+        """Run ``work`` in the background, referenced until it ends (the loop keeps only weak references)."""
+        job = asyncio.get_running_loop().create_task(work)
+        self._background.add(job)
+        job.add_done_callback(self._background.discard)
 
     def metrics_text(self) -> bytes:
         states = {}

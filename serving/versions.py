@@ -44,9 +44,10 @@ def delete(pipe: Pipeline, version: int) -> dict:
     if version in (keep := protected(pipe)):
         why = "is active" if version == pipe.active else f"is an ancestor of the active v{pipe.active}"
         raise Problem(409, "version-protected", f"v{version} {why}: a rollback needs it (protected: {sorted(keep)})")
-    held = {d for v in pipe.db.versions() if v["version"] != version for d in v["domains"]}
+    others = [v for v in pipe.db.versions() if v["version"] != version]  # what stays
+    held = {d for v in others for d in v["domains"]}
     pipe.db.delete_version(version, [d for d in row["domains"] if d not in held])
-    still = {k[2:] for v in pipe.db.versions() for k in v["metrics"] if k.startswith("c/")}
+    still = {k[2:] for v in others for k in v["metrics"] if k.startswith("c/")}
     own = [k[2:] for k in row["metrics"] if k.startswith("c/domain@") and k[2:] not in still]
     for name in [row["name"], *own]:  # a component that is another version (global@vK) stays, of course
         pipe.store.delete(name)
@@ -57,7 +58,8 @@ def prune(pipe: Pipeline, keep: int | None) -> list[int]:
     """Retention: delete the oldest unprotected versions beyond the newest ``keep``; returns the deleted ones."""
     if keep is None:
         return []
-    spare = [v["version"] for v in pipe.db.versions() if v["version"] not in protected(pipe)]
+    kept = protected(pipe)  # deleting an unprotected version changes neither the active one nor its chain
+    spare = [v["version"] for v in pipe.db.versions() if v["version"] not in kept]
     gone = spare[: max(0, len(spare) - keep)]
     for v in gone:
         delete(pipe, v)

@@ -123,3 +123,16 @@ def test_a_canary_that_answers_worse_is_rolled_back(server):
     done = a["canary_history"][-1]
     assert a["active"] == active and done["outcome"] == "rolled-back" and done["version"] == candidate
     assert done["numbers"][a["domain"]]["drop"] == 1.0 and done["numbers"][a["domain"]]["n"] == 5
+
+
+def test_a_refused_canary_leaves_the_running_one_as_it_was(server):
+    active, candidate = _two_versions(server)
+    rule = {"traffic": 0.2}
+    server.http.post(f"/v1/adapters/{candidate}/activate", json=rule, headers=server.auth).raise_for_status()
+    r = server.http.post(f"/v1/adapters/{active}/activate", json={"traffic": 0.3}, headers=server.auth)
+    assert r.status_code == 409 and r.json()["type"].endswith("/already-active")
+    a = server.http.get("/v1/adapters").json()
+    assert a["canary"]["version"] == candidate and a["canary"]["traffic"] == 0.2
+    assert not a["canary_history"] or a["canary_history"][-1]["outcome"] != "replaced"
+    assert {_ask(server, uuid.uuid4().hex)["adapter_version"] for _ in range(60)} == {active, candidate}
+    server.http.delete("/v1/canary", headers=server.auth).raise_for_status()
