@@ -55,15 +55,16 @@ def questions_per_second(batches: tuple[int, ...] = (1, 32), seconds: float = 2.
     with torch.inference_mode():
         for b in batches:
             # from pixels, as a request comes: film_scenes' trunk runs on every question
-            batches_ = {k: task.make_batch(s.subset(slice(0, b))) for k, (task, _) in runs.items()}
+            tasks = {name: task for (name, _), (task, _) in runs.items()}  # one batch per model, not per variant
+            batches_ = {name: t.make_batch(s.subset(slice(0, b))) for name, t in tasks.items()}
             rates: dict[tuple, list[float]] = {k: [] for k in runs}
             for _ in range(rounds):  # interleaved: robust to drift on a shared machine
                 for k, (task, m) in runs.items():
                     for _ in range(3):
-                        task.forward(m, batches_[k])
+                        task.forward(m, batches_[k[0]])
                     n, t0 = 0, time.perf_counter()
                     while time.perf_counter() - t0 < seconds:
-                        task.forward(m, batches_[k])
+                        task.forward(m, batches_[k[0]])
                         n += b
                     rates[k].append(n / (time.perf_counter() - t0))
             rows += [(*k, b, float(np.median(v))) for k, v in rates.items()]

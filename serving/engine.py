@@ -23,7 +23,9 @@ from training.fold import materialise, to_delta
 from training.memory import release_unused_gpu_libraries
 from training.store import AdapterStore
 
+from .canary import route
 from .config import ServerConfig
+from .errors import Problem
 
 log = logging.getLogger("ray.serve")
 
@@ -102,9 +104,6 @@ class Engine:
         Raises:
             Problem: 409 ``version-not-loaded`` for a pinned version this replica does not hold.
         """
-        from .canary import route
-        from .errors import Problem
-
         cand = self.candidate
         if pinned is not None:
             if pinned == self.current[0] or (cand and pinned == cand[0]):

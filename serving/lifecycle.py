@@ -48,7 +48,8 @@ import psutil
 TAG = "MERGESERVE_RUN"
 LOCK = "server.lock"
 TMP_PREFIX = "ms-run-"  # short: HAProxy refuses socket paths over 97 bytes, and adds a 56-byte node id
-TMP_PREFIX_PATH = os.path.join("/tmp", TMP_PREFIX) if os.path.isdir("/tmp") else TMP_PREFIX
+TMP_DIR = "/tmp" if os.path.isdir("/tmp") else None  # None: tempfile's default
+TMP_PREFIX_PATH = os.path.join(TMP_DIR, TMP_PREFIX) if TMP_DIR else TMP_PREFIX
 PROCS = "server.procs.json"  # the reaper's last list of the run's processes: (pid, start time)
 
 
@@ -271,7 +272,7 @@ def claim(data_dir: str, host: str, ports: list[int], info: dict | None = None) 
     run = uuid.uuid4().hex[:12]
     # under /tmp, not $TMPDIR: HAProxy's Unix sockets go in <tmp>/<56-hex node id>/, and a socket path is
     # limited to ~104 bytes (macOS's $TMPDIR alone is ~50)
-    tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir="/tmp" if os.path.isdir("/tmp") else None)
+    tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=TMP_DIR)
     f.seek(0)
     f.truncate()
     f.write(json.dumps({"pid": os.getpid(), "run": run, "ports": ports, "started": time.time(), "tmp": tmp,

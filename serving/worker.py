@@ -173,7 +173,7 @@ class IngestWorker:
         # an imported adapter holds what it learned elsewhere: it counts as one domain's worth in the merge
         n_seen = max(len(parent["domains"]), int(parent["method"] == "import"))
         global_ = tensors if n_seen and man.format == "lora" else None
-        temp, info = self._train(job, hyper, tensors, global_, n_seen, progress)
+        temp, info, d = self._train(job, hyper, tensors, global_, n_seen, progress)
         if phase is not None:
             phase("merging")
         t1 = time.perf_counter()
@@ -182,7 +182,7 @@ class IngestWorker:
         else:
             merged, extra = merge_into_global(job["method"], global_, temp, hyper), {"metrics": {}, "coefficients": {}}
         domains = [*parent["domains"], job["domain"]]
-        acc = self._accuracy(merged, [self.domain(n) for n in domains])
+        acc = self._accuracy(merged, [*(self.domain(n) for n in parent["domains"]), d])  # d: read once per job
         man = self.store.save(merged, AdapterManifest(
             name=f"global@v{version}", backbone=self.cfg.backbone,
             format="delta" if job["method"] in ALPHA_METHODS else "lora", lora=self.cfg.lora,
@@ -198,8 +198,9 @@ class IngestWorker:
         return self._accuracy(tensors, [self.domain(d) for d in domains]) if domains else {}
 
     def _train(self, job: dict, hyper: object, parent: dict[str, torch.Tensor], global_: dict | None, n_seen: int,
-               progress: Progress | None) -> tuple[dict[str, torch.Tensor], dict]:
-        """The temporary adapter (or, for the α methods, the domain's own) and what the gate needs to know."""
+               progress: Progress | None) -> tuple[dict[str, torch.Tensor], dict, Domain]:
+        """The temporary adapter (or, for the α methods, the domain's own), what the gate needs to know, and the
+        new domain as read."""
         t0 = time.perf_counter()
         d = self.domain(job["domain"], job.get("source"))
         zero_shot = self._accuracy(parent, [d])[d.name]
@@ -215,7 +216,7 @@ class IngestWorker:
             temp, info = train_temporary(self.ctx, job["method"], hyper, global_, n_seen, d, report)
         info.update(zero_shot=zero_shot, n_train=len(d.y_train), n_heldout=len(d.y_test),
                     buffer_size=self._buffer(d), train_seconds=time.perf_counter() - t0)
-        return temp, info
+        return temp, info, d
 
     def _alpha_merge(self, job: dict, parent: dict, temp: dict, version: int, hyper: object) -> tuple[dict, dict]:
         """Adaptive merging online: every domain's own adapter, merged with α fit on the replay buffer.

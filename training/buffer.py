@@ -56,17 +56,11 @@ class ReplayBuffer:
             qs = self.questions.setdefault(key, []) if questions is not None else None
             n = self.seen.get(key, 0)
             self.seen[key] = n + 1
-            j = len(slot) if len(slot) < self.spc else None
-            if j is None and self.policy == "reservoir":
-                r = int(torch.randint(n + 1, (1,), generator=self.gen))
-                j = r if r < self.spc else None
-            if j is None:
-                continue
-            if j == len(slot):
+            if len(slot) < self.spc:
                 slot.append(xi.clone())
                 if qs is not None:
                     qs.append(questions[i])
-            else:
+            elif self.policy == "reservoir" and (j := int(torch.randint(n + 1, (1,), generator=self.gen))) < self.spc:
                 slot[j] = xi.clone()
                 if qs is not None:
                     qs[j] = questions[i]

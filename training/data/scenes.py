@@ -121,9 +121,8 @@ class VqaDomain(Domain):
     @classmethod
     def pooled(cls, name: str, domains: list[Domain]) -> VqaDomain:
         """One domain holding the training data (questions and cached features included) of ``domains``."""
-        d = super().pooled(name, domains)
-        train = VqaSamples.concat([x.train for x in domains])
-        return cls(name, d.x_train, d.y_train, d.x_test, d.y_test, q_train=train.questions, f_train=train.features)
+        train, empty = VqaSamples.concat([x.train for x in domains]), torch.empty(0)
+        return cls(name, train.images, train.answers, empty, empty, q_train=train.questions, f_train=train.features)
 
     def heldout_as_train(self) -> VqaDomain:
         """This domain with its held-out split (questions, features) in the training fields."""
