@@ -69,9 +69,9 @@ def test_learn_then_gate_rejects_a_broken_merge(tmp_path):
 
     class Broken(IngestWorker):  # what lr=1e30 did before hyper-parameters were bounded
         def _train(self, *args, **kwargs):
-            temp, info = super()._train(*args, **kwargs)
+            temp, info, d = super()._train(*args, **kwargs)
             g = torch.Generator().manual_seed(0)
-            return {k: torch.randn(v.shape, generator=g) * 100 for k, v in temp.items()}, info
+            return {k: torch.randn(v.shape, generator=g) * 100 for k, v in temp.items()}, info, d
 
     pipe.accept(submission("d2", seed=1, method="finetune"))
     (bad,) = run_all(pipe, LocalWorker(cfg, Broken))
