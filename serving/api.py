@@ -23,6 +23,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from training.store import AdapterStore
+from training.ranking import top_k
 
 from . import auth, problems, sse
 from .archive import (
@@ -260,9 +261,7 @@ class Model:
             req, x, single = await self._classify_input(request)
         candidate = self.engine.pick(request.headers.get("x-client-id") or rid, req.adapter_version)
         probs, version = await (self.canary_batcher if candidate else self.batcher)(x)
-        top = np.argsort(-probs, axis=1)[:, : req.top_k]
-        names = self.cfg.class_names
-        results = [[{"label": names[i], "score": round(float(p[i]), 6)} for i in t] for p, t in zip(probs, top)]
+        results = [[{"label": n, "score": s} for n, s in row] for row in top_k(probs, self.cfg.class_names, req.top_k)]
         ids = [rid] if single else [f"{rid}:{j}" for j in range(len(results))]
         self.recorder.predicted([(i, req.domain, r[0]["label"], "classify", version) for i, r in zip(ids, results)])
         body = {"request_id": rid, "adapter_version": version}

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertTokenizerFast
 
+from .. import ranking
 from ..data.scenes import VqaDomain, VqaSamples
 from . import Batch, Task, linear_targets, register_task
 from .vilt import load_vilt
@@ -144,11 +145,10 @@ class VqaTask:
 
     def respond(self, outputs: torch.Tensor, top_k: int = 1) -> list[dict]:
         """Logits → ``{"answer", "score", "top_k": [{"answer", "score"}, …]}`` with softmax scores."""
-        p = outputs.float().softmax(-1)
-        vals, idx = p.topk(min(max(1, top_k), p.shape[-1]), dim=-1)
+        p = outputs.float().softmax(-1).numpy()
         out = []
-        for v, i in zip(vals.tolist(), idx.tolist()):
-            ranked = [{"answer": self.answers[k], "score": round(s, 6)} for s, k in zip(v, i)]
+        for row in ranking.top_k(p, self.answers, top_k):
+            ranked = [{"answer": a, "score": s} for a, s in row]
             out.append({"answer": ranked[0]["answer"], "score": ranked[0]["score"], "top_k": ranked})
         return out
 

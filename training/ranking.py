@@ -1,0 +1,23 @@
+"""Top-k ranking of scores into names: the one ranking every response (class labels, answer words) uses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def top_k(probs: np.ndarray, names: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
+    """The ``k`` best ``(name, score)`` pairs of each row, best first (scores rounded to 6 digits).
+
+    Args:
+        probs: (N, C) scores, one column per name.
+        names: The C names.
+        k: How many to keep per row (clipped to [1, C]).
+
+    Returns:
+        N lists of ``min(max(k, 1), C)`` pairs.
+    """
+    k = min(max(1, k), probs.shape[-1])
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k); stable: ties keep the names' order
+    return [[(names[i], round(float(p[i]), 6)) for i in row] for p, row in zip(probs, top)]
