@@ -17,9 +17,11 @@ from collections.abc import Callable
 import torch
 
 from training.backbones import create_backbone, get_spec, preprocess
+from training.data import ImageSamples
 from training.lora import LoraSettings
 from training.settings import TrainSettings
 from training.strategies import LearnerContext, create_strategy
+from training.tasks import get_task
 
 
 def rate(fn: Callable[[], object], seconds: float) -> float:
@@ -38,10 +40,10 @@ def measure(name: str, seconds: float) -> dict:
     y = torch.randint(0, 10, (64,))
     with torch.inference_mode():
         fwd = 32 * rate(lambda: base(preprocess(spec, x[:32])), seconds)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    s = create_strategy("finetune", LearnerContext(spec, base, LoraSettings(), TrainSettings(), 0))
-    step = 1 / rate(lambda: s.train_step(x, y), seconds)
+    task = get_task("classify", backbone=name, class_names=[str(i) for i in range(10)])
+    s = create_strategy("finetune", LearnerContext(task, task.build_base(0), LoraSettings(), TrainSettings(), 0))
+    samples = ImageSamples(x, y)
+    step = 1 / rate(lambda: s.train_step(samples, y), seconds)
     return {"params": sum(p.numel() for p in base.parameters()) / 1e6, "input": spec.img_size, "fwd": fwd, "step": step}
 
 

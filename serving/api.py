@@ -22,8 +22,8 @@ from ray import serve
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from training.store import AdapterStore
 from training.ranking import top_k
+from training.store import AdapterStore
 
 from . import auth, problems, sse
 from .archive import (

@@ -22,6 +22,7 @@ from training.backbones import create_backbone, get_spec, preprocess
 from training.fold import materialise, to_delta
 from training.memory import release_unused_gpu_libraries
 from training.store import AdapterStore
+from training.tasks import Task, get_task
 
 from .canary import route
 from .config import ServerConfig
@@ -30,10 +31,10 @@ from .errors import Problem
 log = logging.getLogger("ray.serve")
 
 
-def build_task(cfg: ServerConfig) -> object:
-    """The ``training.tasks`` entry for a non-classification config (its model loaded once)."""
-    from training.tasks import get_task
-
+def build_task(cfg: ServerConfig) -> Task:
+    """The ``training.tasks`` entry ``cfg.task`` serves (its model loaded once)."""
+    if cfg.task == "classify":
+        return get_task("classify", backbone=cfg.backbone, class_names=cfg.class_names)
     return get_task(cfg.task, model_name=cfg.vqa.model, weights=cfg.vqa.weights)
 
 

@@ -16,7 +16,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from training.backbones import create_backbone, get_spec
 from training.buffer import ReplayBuffer
 from training.data import Domain
 from training.hyper import parse_hyper
@@ -44,23 +43,11 @@ PREPARED_CACHE = 32  # prepared domains a worker keeps (a 1,000-question film_sc
 
 
 def make_context(cfg: ServerConfig) -> LearnerContext:
-    """The base model and settings for training and evaluation: the image backbone (pretrained trunk,
-    seeded head) for ``classify``, the task's pretrained model otherwise (``cfg.task``)."""
+    """The task's base model and settings for training and evaluation (``cfg.task``)."""
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # leave cores to the serving replicas
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.task != "classify":
-        task = build_task(cfg)
-        base = task.build_base(cfg.seed)
-        return LearnerContext(None, base.to(device), cfg.lora, cfg.train, cfg.seed, device, task=task)
-    base = create_backbone(cfg.backbone, len(cfg.class_names), seed=cfg.seed)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    return LearnerContext(get_spec(cfg.backbone), base.to(device), cfg.lora, cfg.train, cfg.seed, device)
-
-
-def labels_of(ctx: LearnerContext, cfg: ServerConfig) -> list[str]:
-    """What the adapters' manifests record as labels: class names, or the task's answer vocabulary."""
-    return list(ctx.task.answers) if ctx.task is not None else cfg.class_names
+    task = build_task(cfg)
+    return LearnerContext(task, task.build_base(cfg.seed).to(device), cfg.lora, cfg.train, cfg.seed, device)
 
 
 class IngestWorker:
@@ -70,10 +57,10 @@ class IngestWorker:
         self.cfg = ServerConfig.model_validate(cfg)
         self.ctx = make_context(self.cfg)
         self.store = AdapterStore(self.cfg.path("adapters"))
-        self.labels = labels_of(self.ctx, self.cfg)
+        self.labels = list(self.ctx.task.answers)  # what the adapters' manifests record
         # every stored domain is read at this one size, so the buffer, evaluation and the α fit, which
         # read several domains together, never meet two sizes: the backbone's input, or the task's own
-        self.size = self.ctx.spec.img_size if self.ctx.task is None else self.cfg.vqa.image_size
+        self.size = self.ctx.task.image_size if self.cfg.task == "classify" else self.cfg.vqa.image_size
         # prepared domains (a task's per-domain cache, e.g. frozen-trunk features) by (name, file identity):
         # computed once per stored file, reused by every later job's training and evaluation
         self._prepared: OrderedDict[tuple, Domain] = OrderedDict()
@@ -132,7 +119,7 @@ class IngestWorker:
 
     def _accuracy(self, adapter: dict[str, torch.Tensor], domains: list[Domain]) -> dict[str, float]:
         model = materialise(self.ctx.base, to_delta(adapter, self.ctx.lora)).to(self.ctx.device)
-        return {d.name: accuracy(model, self.ctx.spec, d, self.ctx.device, self.ctx.train.eval_batch, self.ctx.task)
+        return {d.name: accuracy(self.ctx.task, model, d, self.ctx.device, self.ctx.train.eval_batch)
                 for d in domains}
 
     def _buffer(self, d: Domain) -> int:

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import sys
 import time
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,11 +20,10 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from . import metrics
-from .backbones import create_backbone, get_spec
 from .configs import CONFIGS, BenchConfig
 from .data import Benchmark, Domain, load_benchmark
 from .strategies import LearnerContext, create_strategy
-from .tasks import prepare
+from .tasks import Task, get_task, prepare
 
 METRICS = ["ACC", "BWT", "FWT", "A_t", "A_m"]
 
@@ -88,22 +86,16 @@ def run_one(
     return out
 
 
-def _setup(cfg: BenchConfig, seed: int, task: Any) -> tuple[Benchmark, LearnerContext]:
+def _setup(cfg: BenchConfig, seed: int, task: Task | None) -> tuple[Benchmark, LearnerContext]:
     """Seed ``seed``'s benchmark (its data seeded too when ``cfg.vary_data``, and prepared by the task: e.g.
-    frozen-trunk features cached once per domain) and learner context."""
+    frozen-trunk features cached once per domain) and learner context. ``task`` None: ``classify`` on
+    ``cfg.backbone`` over the benchmark's classes."""
     bargs = {**cfg.benchmark_args, **({"seed": seed} if cfg.vary_data else {})}
     bench = load_benchmark(cfg.benchmark, **bargs)
-    spec = None
-    if task is not None:
-        bench = dataclasses.replace(bench, domains=[prepare(task, d) for d in bench.domains])
-        base = task.build_base(seed)
-    else:
-        spec = get_spec(cfg.backbone)
-        base = create_backbone(cfg.backbone, len(bench.classes), seed=seed)
+    task = task or get_task("classify", backbone=cfg.backbone, class_names=bench.classes)
+    bench = dataclasses.replace(bench, domains=[prepare(task, d) for d in bench.domains])
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    for p in base.parameters():
-        p.requires_grad_(False)
-    return bench, LearnerContext(spec, base.to(device), cfg.lora, cfg.train, seed, device, task=task)
+    return bench, LearnerContext(task, task.build_base(seed).to(device), cfg.lora, cfg.train, seed, device)
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -131,11 +123,7 @@ def run_dil(cfg: BenchConfig, progress: bool = True) -> dict:
     """The whole protocol for ``cfg`` (``cfg.seeds`` seeds × ``cfg.orders`` orders); returns JSON-ready results."""
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    task = None
-    if cfg.task is not None:
-        from .tasks import get_task
-
-        task = get_task(cfg.task, **cfg.task_args)
+    task = None if cfg.task is None else get_task(cfg.task, **cfg.task_args)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     results: dict[str, dict] = {m: {"runs": []} for m in cfg.methods}
     bar = None

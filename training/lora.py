@@ -99,11 +99,6 @@ def attach_lora(model: nn.Module, cfg: LoraSettings, seed: int = 0, spec: Backbo
     """
     head = spec.head if spec is not None else classifier_name(model)
     targets = cfg.targets if cfg.targets is not None else (spec.lora_targets if spec is not None else None)
-    # peft picks modules_to_save by `name.endswith(entry)`, with no way to anchor it: refuse a head name
-    # that is a suffix of another module's name instead of letting peft wrap (or fail on) that one too.
-    clash = [n for n, _ in model.named_modules() if n != head and n.endswith(head)]
-    if clash:
-        raise ValueError(f"classifier {head!r} is a suffix of {clash[:3]}: peft's modules_to_save would match them")
     lc = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
@@ -111,12 +106,28 @@ def attach_lora(model: nn.Module, cfg: LoraSettings, seed: int = 0, spec: Backbo
         target_modules=target_module_names(model, targets, head),
         modules_to_save=[head],
     )
+    return wrap(model, lc, seed)
+
+
+def wrap(model: nn.Module, lc: LoraConfig, seed: int = 0) -> PeftModel:
+    """``get_peft_model`` with the A factors seeded from ``seed`` and ``modules_to_save`` checked.
+
+    Raises:
+        ValueError: peft's name-suffix rule for ``modules_to_save`` would wrap more than the named modules
+            (e.g. ``head`` also matches ``conv_head``), or wrapped other ones.
+    """
+    keep = sorted(lc.modules_to_save or [])
+    # peft picks modules_to_save by `name.endswith(entry)`, with no way to anchor it: refuse a name that is
+    # a suffix of another module's name instead of letting peft wrap (or fail on) that one too
+    clash = [n for n, _ in model.named_modules() for h in keep if n != h and n.endswith(h)]
+    if clash:
+        raise ValueError(f"classifier {keep} is a suffix of {clash[:3]}: peft's modules_to_save would match them")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         pm = get_peft_model(model, lc)
-    wrapped = [n.removeprefix(PREFIX) for n, m in pm.named_modules() if isinstance(m, ModulesToSaveWrapper)]
-    if wrapped != [head]:
-        raise ValueError(f"peft wrapped {wrapped} for modules_to_save, expected exactly [{head!r}]")
+    wrapped = sorted(n.removeprefix(PREFIX) for n, m in pm.named_modules() if isinstance(m, ModulesToSaveWrapper))
+    if wrapped != keep:
+        raise ValueError(f"peft wrapped {wrapped} for modules_to_save, expected exactly {keep}")
     return pm
 
 

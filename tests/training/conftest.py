@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from training.backbones import create_backbone, get_spec
 from training.data import Benchmark, Domain
 from training.lora import LoraSettings
 from training.strategies import LearnerContext, TrainSettings
+from training.tasks import get_task
 
 
 def make_domain(name: str, seed: int, n: int = 24, classes: int = 3) -> Domain:
@@ -24,12 +24,10 @@ def tiny_bench() -> Benchmark:
 
 @pytest.fixture
 def tiny_ctx() -> LearnerContext:
-    base = create_backbone("vit_test", 3, seed=0)
-    for p in base.parameters():
-        p.requires_grad_(False)
+    task = get_task("classify", backbone="vit_test", class_names=["a", "b", "c"])
     return LearnerContext(
-        get_spec("vit_test"),
-        base,
+        task,
+        task.build_base(0),
         LoraSettings(rank=2, alpha=4.0),
         TrainSettings(steps=4, batch_size=8, lr=0.05),
         seed=0,

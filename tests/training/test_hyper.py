@@ -125,7 +125,7 @@ def _two_domains(s, bench):
     d0, d1 = bench.domains[:2]
     for d in (d0, d1):
         for _ in range(s.begin_domain(d)):
-            s.train_step(d.x_train[:8], d.y_train[:8])
+            s.train_step(*d.batch(torch.arange(8)))
         if d is d1:
             g, temp = s.global_, get_adapter(s.learner.model)
         s.end_domain()

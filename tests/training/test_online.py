@@ -73,7 +73,7 @@ def _drive(s, domains, ctx):
         gen = torch.Generator().manual_seed(ctx.seed)
         for _ in range(s.begin_domain(d)):
             idx = torch.randint(len(d.y_train), (ctx.train.batch_size,), generator=gen)
-            s.train_step(d.x_train[idx], d.y_train[idx])
+            s.train_step(*d.batch(idx))
         s.end_domain()
 
 
@@ -136,7 +136,7 @@ def test_adaptive_online_path(tiny_ctx, tiny_bench):
     assert any(k.endswith(".delta") for k in merged) and not any("lora_" in k for k in merged)
     model = materialise(tiny_ctx.base, merged)  # folds into the bare backbone
     for d in domains:
-        assert 0.0 <= accuracy(model, tiny_ctx.spec, d, tiny_ctx.device, 64) <= 1.0
+        assert 0.0 <= accuracy(tiny_ctx.task, model, d, tiny_ctx.device, 64) <= 1.0
     # adapters trained from the common initial adapter differ per domain
     assert any(not torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
 

@@ -33,7 +33,7 @@ def test_pam_aligns_on_schedule_and_changes_adapter(tiny_ctx, tiny_bench, monkey
     s = create_strategy("pam", tiny_ctx, every=2, percent=50.0)
     for i, d in enumerate(tiny_bench.domains):
         for _ in range(s.begin_domain(d)):
-            s.train_step(d.x_train[:8], d.y_train[:8])
+            s.train_step(*d.batch(torch.arange(8)))
         assert len(calls) == 3 * i  # never on the first domain (no global yet), then every 2 of 6 steps
         s.end_domain()
     assert s.align_calls == 6 and s.n_reset == sum(n for n, _ in calls) > 0
@@ -58,10 +58,10 @@ def test_pam_alignment_options(hyper, tiny_ctx, tiny_bench, monkeypatch):
     s = create_strategy("pam", tiny_ctx, every=2, percent=50.0, **hyper)
     d0, d1 = tiny_bench.domains[:2]
     for _ in range(s.begin_domain(d0)):
-        s.train_step(d0.x_train[:8], d0.y_train[:8])
+        s.train_step(*d0.batch(torch.arange(8)))
     s.end_domain()
     for _ in range(s.begin_domain(d1)):
-        s.train_step(d1.x_train[:8], d1.y_train[:8])
+        s.train_step(*d1.batch(torch.arange(8)))
     keys = sorted(get_adapter(s.learner.model))
     assert len(seen) == (2 if hyper.get("align_last") is False else 3)  # steps 2, 4 (and 6)
     lora_only = sorted(k for k in keys if "lora_" in k)
@@ -75,11 +75,11 @@ def test_merge_strategy_merges_into_global(tiny_ctx, tiny_bench):
     d0, d1 = tiny_bench.domains[:2]
     for d in (d0,):
         for _ in range(s.begin_domain(d)):
-            s.train_step(d.x_train[:8], d.y_train[:8])
+            s.train_step(*d.batch(torch.arange(8)))
         s.end_domain()
     g = get_adapter(s.learner.model)
     for _ in range(s.begin_domain(d1)):
-        s.train_step(d1.x_train[:8], d1.y_train[:8])
+        s.train_step(*d1.batch(torch.arange(8)))
     temp = get_adapter(s.learner.model)
     s.end_domain()
     after = get_adapter(s.learner.model)
@@ -92,7 +92,7 @@ def test_adaptive_coefficients_bounded_and_learned(tiny_ctx, tiny_bench, base):
     s = create_strategy("adaptive", tiny_ctx, base=base, b_max=3.0, spc=2, fit_steps=15)
     for d in tiny_bench.domains[:2]:
         for _ in range(s.begin_domain(d)):
-            s.train_step(d.x_train[:8], d.y_train[:8])
+            s.train_step(*d.batch(torch.arange(8)))
         s.end_domain()
     init = merge.AdaptiveCoefficients(2, 3.0)().detach()
     assert s.alpha.shape == (2,)
@@ -106,7 +106,7 @@ def test_adaptive_coefficients_bounded_and_learned(tiny_ctx, tiny_bench, base):
 def _learn(s, domains):
     for d in domains:
         for _ in range(s.begin_domain(d)):
-            s.train_step(d.x_train[:8], d.y_train[:8])
+            s.train_step(*d.batch(torch.arange(8)))
         s.end_domain()
 
 
@@ -215,7 +215,7 @@ def test_pam_adaptive_aligns_temporaries_and_learns_alpha(tiny_ctx, tiny_bench):
     s = create_strategy("pam_adaptive", tiny_ctx, every=2, percent=50.0, b_max=2.0, fit_steps=10)
     for i, d in enumerate(tiny_bench.domains):
         for _ in range(s.begin_domain(d)):
-            s.train_step(d.x_train[:8], d.y_train[:8])
+            s.train_step(*d.batch(torch.arange(8)))
         temp = get_adapter(s.trainer.learner.model)
         glob = s.trainer.global_
         s.end_domain()
@@ -278,8 +278,8 @@ def test_each_method_runs_on_the_vqa_task(method, vqa_task):
     from training.strategies import LearnerContext
 
     bench = load_benchmark("scenes_vqa", domains=["color", "count"], n_train=24, n_test=8)
-    ctx = LearnerContext(None, vqa_task.build_base(), LoraSettings(rank=2, alpha=4.0),
-                         TrainSettings(steps=3, batch_size=8, lr=1e-2), seed=0, task=vqa_task)
+    ctx = LearnerContext(vqa_task, vqa_task.build_base(), LoraSettings(rank=2, alpha=4.0),
+                         TrainSettings(steps=3, batch_size=8, lr=1e-2), seed=0)
     run = run_one(method, ctx, bench, ["color", "count"], {})
     assert len(run["A"]) == 2 and all(0.0 <= v <= 1.0 for r in run["A"] for v in r)
     s = create_strategy(method, ctx)

@@ -15,6 +15,22 @@ import torch
 
 
 @dataclass
+class ImageSamples:
+    """Stored classification examples: what the ``classify`` task turns into batches."""
+
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    labels: torch.Tensor  # (N,) int64 class indices
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: torch.Tensor | list[int] | slice) -> ImageSamples:
+        """The examples at ``idx`` (a slice, index list or 1-D index tensor)."""
+        idx = idx if isinstance(idx, slice) else torch.as_tensor(idx, dtype=torch.int64)
+        return ImageSamples(self.images[idx], self.labels[idx])
+
+
+@dataclass
 class Domain:
     """One domain's fixed splits."""
 
@@ -25,8 +41,16 @@ class Domain:
     y_test: torch.Tensor  # (M,) int64
 
     def batch(self, idx: torch.Tensor) -> tuple[Any, torch.Tensor]:
-        """Training examples ``idx`` as ``(model input, labels)``: what ``Strategy.train_step`` takes."""
-        return self.x_train[idx], self.y_train[idx]
+        """Training examples ``idx`` as ``(the task's samples, labels)``: what ``Strategy.train_step`` takes."""
+        return self.train.subset(idx), self.y_train[idx]
+
+    @property
+    def train(self) -> ImageSamples:
+        return ImageSamples(self.x_train, self.y_train)
+
+    @property
+    def test(self) -> ImageSamples:
+        return ImageSamples(self.x_test, self.y_test)
 
     @classmethod
     def pooled(cls, name: str, domains: list[Domain]) -> Domain:

@@ -128,10 +128,6 @@ class VqaDomain(Domain):
         """This domain with its held-out split (questions, features) in the training fields."""
         return dataclasses.replace(super().heldout_as_train(), q_train=self.q_test, f_train=self.f_test)
 
-    def batch(self, idx: torch.Tensor) -> tuple[VqaSamples, torch.Tensor]:
-        """Training examples ``idx`` with their questions (the ``vqa`` task's samples) and answer ids."""
-        return self.train.subset(idx), self.y_train[idx]
-
     @property
     def train(self) -> VqaSamples:
         """The training split."""

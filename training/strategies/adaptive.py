@@ -22,11 +22,9 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
 import merge
 
-from ..backbones import preprocess
 from ..buffer import ReplayBuffer
 from ..data import Domain
 from ..hyper import AdaptiveFit, TrainHyper
@@ -83,22 +81,15 @@ class HeldOut:
 
 
 def fit_loss(ctx: LearnerContext, delta: Adapter, data: tuple) -> torch.Tensor:
-    """Loss of ``ctx.base`` with ``delta`` applied (differentiably) on the buffer: cross-entropy on
-    preprocessed images for classification, the task's own loss on its batch otherwise (Coleman et al.,
-    Eq. 4's objective)."""
-    if ctx.task is None:
-        x, y = data
-        return F.cross_entropy(functional_forward(ctx.base, delta, x), y)
+    """The task's loss of ``ctx.base`` with ``delta`` applied (differentiably) on the buffer's batch
+    (Coleman et al., Eq. 4's objective)."""
     return ctx.task.loss(lambda **inputs: functional_forward(ctx.base, delta, **inputs), data[0])
 
 
 def fit_data(ctx: LearnerContext, buffer: ReplayBuffer | HeldOut) -> tuple:
-    """The buffer, once, as the fit's inputs on ``ctx.device``: (images, labels) preprocessed for
-    classification; a task's one batch (prepared by the task: e.g. trunk features cached) otherwise."""
-    d = buffer.domain()
-    if ctx.task is None:
-        return preprocess(ctx.spec, d.x_train.to(ctx.device)), d.y_train.to(ctx.device)
-    d = prepare(ctx.task, d)
+    """The buffer, once, as the task's one batch on ``ctx.device`` (prepared by the task: e.g. trunk
+    features cached, images preprocessed)."""
+    d = prepare(ctx.task, buffer.domain())
     samples, _ = d.batch(torch.arange(len(d.y_train)))
     return (ctx.task.make_batch(samples).to(ctx.device),)
 
@@ -207,7 +198,7 @@ class AdaptiveMerge:
     def evaluate(self, domain: Domain) -> float:
         if self.served is None or self.unmerged:
             return self.trainer.learner.evaluate(domain)
-        return accuracy(self.served, self.ctx.spec, domain, self.ctx.device, self.ctx.train.eval_batch, self.ctx.task)
+        return accuracy(self.ctx.task, self.served, domain, self.ctx.device, self.ctx.train.eval_batch)
 
     def adapter(self) -> tuple[Adapter, str]:
         if self.merged is None:

@@ -7,21 +7,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import BackboneSpec, preprocess
 from ..data import Domain
-from ..lora import LoraSettings, attach_lora, get_adapter
+from ..lora import LoraSettings, get_adapter
 from ..settings import TrainSettings
+from ..tasks import Task, attach_lora, evaluate
 
 
 @dataclass
 class LearnerContext:
     """Everything a strategy needs that is not its own state."""
 
-    spec: BackboneSpec | None  # the image backbone's preprocessing; None when ``task`` is set
-    base: nn.Module  # bare pretrained model (backbone with its seeded head, or the task's model); never trained
+    # what is learned (``training.tasks``: classify, vqa, vlm): batches, loss, LoRA targets and scoring come
+    # from it, and a domain's batches are the task's samples
+    task: Task
+    base: nn.Module  # the task's bare pretrained model (``task.build_base``); never trained
     lora: LoraSettings
     train: TrainSettings
     seed: int = 0
@@ -31,28 +32,11 @@ class LearnerContext:
     independent_cache: dict[tuple[str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
     # (domain name, seed) -> accuracy of the initial model: the FWT reference, the same for every method.
     zero_shot_cache: dict[tuple[str, int], float] = field(default_factory=dict)
-    # A ``training.tasks.Task`` (e.g. ``vqa``): batches, loss, LoRA targets and scoring come from it, and
-    # domain batches are the task's samples. None: image classification on ``spec`` (uint8 images, int labels).
-    task: Any = None
 
 
-@torch.inference_mode()
-def accuracy(
-    model: nn.Module, spec: BackboneSpec | None, domain: Domain, device: torch.device, batch: int, task: Any = None
-) -> float:
-    """Top-1 accuracy of ``model`` on the held-out split of ``domain`` (the task's score when ``task`` is set)."""
-    if task is not None:
-        from ..tasks import evaluate
-
-        return evaluate(task, model, domain.test, batch_size=batch, device=device)
-    model.eval()
-    correct = 0
-    for i in range(0, len(domain.y_test), batch):
-        x = preprocess(spec, domain.x_test[i : i + batch].to(device))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = model(x).argmax(1)
-        correct += int((pred.cpu() == domain.y_test[i : i + batch]).sum())
-    return correct / max(1, len(domain.y_test))
+def accuracy(task: Task, model: nn.Module, domain: Domain, device: torch.device, batch: int) -> float:
+    """``task.score`` of ``model`` on the held-out split of ``domain`` (top-1 accuracy for classify)."""
+    return evaluate(task, model, domain.test, batch_size=batch, device=device)
 
 
 class LoraLearner:
@@ -60,12 +44,7 @@ class LoraLearner:
 
     def __init__(self, ctx: LearnerContext) -> None:
         self.ctx = ctx
-        if ctx.task is not None:
-            from ..tasks import attach_lora as attach_task_lora
-
-            self.model = attach_task_lora(ctx.task, copy.deepcopy(ctx.base), ctx.lora, ctx.seed).to(ctx.device)
-        else:
-            self.model = attach_lora(copy.deepcopy(ctx.base), ctx.lora, ctx.seed).to(ctx.device)
+        self.model = attach_lora(ctx.task, copy.deepcopy(ctx.base), ctx.lora, ctx.seed).to(ctx.device)
         self.init_adapter = get_adapter(self.model)
         self.opt: torch.optim.Optimizer | None = None
         self.step = 0  # steps in the current domain
@@ -77,17 +56,14 @@ class LoraLearner:
         self.step = 0
 
     def train_step(self, x: Any, y: torch.Tensor) -> torch.Tensor:
-        """One AdamW step on a batch from :meth:`Domain.batch` (uint8 images, or the task's samples);
-        returns the detached loss without syncing the device."""
+        """One AdamW step on a batch from :meth:`Domain.batch` (the task's samples; ``y`` is carried in
+        them); returns the detached loss without syncing the device."""
         if self.opt is None:
             self.reset_optimizer()
         dev, task = self.ctx.device, self.ctx.task
         self.model.train()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            if task is not None:
-                loss = task.loss(self.model, task.make_batch(x).to(dev))
-            else:
-                loss = F.cross_entropy(self.model(preprocess(self.ctx.spec, x.to(dev))), y.to(dev))
+            loss = task.loss(self.model, task.make_batch(x).to(dev))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -96,4 +72,4 @@ class LoraLearner:
 
     def evaluate(self, domain: Domain) -> float:
         """Accuracy of the model as it is now."""
-        return accuracy(self.model, self.ctx.spec, domain, self.ctx.device, self.ctx.train.eval_batch, self.ctx.task)
+        return accuracy(self.ctx.task, self.model, domain, self.ctx.device, self.ctx.train.eval_batch)

@@ -9,6 +9,8 @@ words, generated text), so scoring and responses need no task-specific types.
 ======================  ==================================================================================
 task                    model
 ======================  ==================================================================================
+``classify``            image classification over the served labels on a registered timm backbone
+                        (:mod:`.classify`): LoRA on the backbone's targets, the head trained in full
 ``vqa``                 offline, answer = classification over a fixed answer vocabulary (:mod:`.vqa`):
                         ``film_scenes`` (default; FiLM on frozen ImageNet EfficientNet-Lite0 features,
                         :mod:`.film`) or ``vilt_scenes`` (ViLT from scratch, 0.65 M params, :mod:`.vilt`)
@@ -144,6 +146,19 @@ def get_task(name: str, **kwargs: Any) -> Task:
     return TASKS[name](**kwargs)
 
 
+def _targets(names: list[str], leaves: tuple[str, ...] | None) -> list[str]:
+    """``names`` whose leaf is one of ``leaves`` (all of them for None).
+
+    Raises:
+        ValueError: nothing left.
+    """
+    kept = [n for n in names if leaves is None or n.split(".")[-1] in leaves]
+    if not kept:
+        ends = sorted({n.split(".")[-1] for n in names})
+        raise ValueError(f"no LoRA target named {leaves}; the task's targets end in {ends}")
+    return kept
+
+
 def lora_config(task: Task, model: nn.Module, settings: LoraSettings) -> LoraConfig:
     """peft config: the task's derived targets and ``modules_to_save``, rank/alpha/dropout from ``settings``."""
     from peft import LoraConfig
@@ -152,18 +167,20 @@ def lora_config(task: Task, model: nn.Module, settings: LoraSettings) -> LoraCon
         r=settings.rank,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=task.lora_targets(model),
+        target_modules=_targets(task.lora_targets(model), settings.targets),
         modules_to_save=list(task.modules_to_save) or None,
     )
 
 
 def attach_lora(task: Task, model: nn.Module, settings: LoraSettings, seed: int = 0) -> PeftModel:
-    """Wrap ``model`` (in place) with the task's LoRA; A factors seeded so every run starts alike."""
-    from peft import get_peft_model
+    """Wrap ``model`` (in place) with the task's LoRA; A factors seeded so every run starts alike.
 
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return get_peft_model(model, lora_config(task, model, settings))
+    Raises:
+        ValueError: ``modules_to_save`` would make peft wrap other modules too (:func:`training.lora.wrap`).
+    """
+    from ..lora import wrap
+
+    return wrap(model, lora_config(task, model, settings), seed)
 
 
 def predict(task: Task, model: nn.Module, batch: Batch) -> list[str]:
@@ -193,4 +210,4 @@ def linear_targets(module: nn.Module, prefix: str = "") -> list[str]:
     return [p + n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
 
 
-from . import vlm, vqa  # noqa: E402,F401  (register the built-in tasks)
+from . import classify, vlm, vqa  # noqa: E402,F401  (register the built-in tasks)

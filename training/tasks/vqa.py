@@ -145,16 +145,11 @@ class VqaTask:
 
     def respond(self, outputs: torch.Tensor, top_k: int = 1) -> list[dict]:
         """Logits → ``{"answer", "score", "top_k": [{"answer", "score"}, …]}`` with softmax scores."""
-        p = outputs.float().softmax(-1).numpy()
-        out = []
-        for row in ranking.top_k(p, self.answers, top_k):
-            ranked = [{"answer": a, "score": s} for a, s in row]
-            out.append({"answer": ranked[0]["answer"], "score": ranked[0]["score"], "top_k": ranked})
-        return out
+        return ranking.responses(outputs.float().softmax(-1).numpy(), self.answers, top_k)
 
     def score(self, preds: Sequence[str], targets: Sequence[str]) -> float:
         """Exact-match accuracy (answers come from one closed vocabulary)."""
-        return sum(p == t for p, t in zip(preds, targets)) / max(1, len(targets))
+        return ranking.exact_match(preds, targets)
 
 
 class FilmVqaTask(VqaTask):
