@@ -87,6 +87,9 @@ api = FastAPI(
 )
 
 
+#: the request body of a question task's inference route
+QUESTIONS = {"requestBody": {"content": {"application/json": {"schema": VqaRequest.model_json_schema()}}}}
+
 #: ``dependencies=`` of the routes that change state: OpenAPI marks them as needing the bearer token
 SECURED = [Security(auth.BEARER)]
 
@@ -175,11 +178,11 @@ async def _call(ref: ray.ObjectRef, what: str = "the controller") -> Any:
 class Model:
     """One replica: the HTTP API, the decoder and the model; ``num_replicas`` / autoscaling from config."""
 
-    def __init__(self, cfg: dict, vqa: Any = None) -> None:
+    def __init__(self, cfg: dict, handles: dict[str, Any] | None = None) -> None:
         from .engine import Engine  # torch is imported in replicas only, never in the driver
 
         self.cfg = ServerConfig.model_validate(cfg)
-        self.vqa = vqa  # the VqaModel deployment's handle (None when the task is disabled)
+        self.handles = handles or {}  # each other task's TaskModel deployment (serving/app.py), by task name
         self._labels: dict[str, list[str]] = {}
         self.limits = Limits(max_image_pixels=self.cfg.max_image_pixels, max_images=self.cfg.max_images)
         self.controller = ray.get_actor(NAME, namespace=NAMESPACE)
@@ -296,8 +299,8 @@ class Model:
             self._check_hyper(meta)
             data = None
         questions = None
-        if meta.task == "vqa":
-            answers, size = await self._task_labels("vqa"), self.cfg.vqa.image_size
+        if meta.task != "classify":  # a question task: images + questions.jsonl
+            answers, size = await self._task_labels(meta.task), self.cfg.served()[meta.task].image_size
             if data is None:  # a file:// source: a VQA archive file under the source roots
                 data = await asyncio.to_thread(self._source_archive, meta.source)
             x, questions, y = await asyncio.to_thread(read_vqa_domain, data, answers, size, self._upload_limits())
@@ -333,29 +336,33 @@ class Model:
 
         got = source_members(uri, self.cfg.roots(), self._upload_limits(), self.cfg.max_upload_bytes)
         if not isinstance(got, bytes):
-            raise Problem(422, "bad-source", "a vqa source must be an archive file (zip / tar) holding questions.jsonl")
+            raise Problem(422, "bad-source", "a question task's source must be an archive file (zip / tar) holding "
+                          "questions.jsonl")
         return got
 
     def _upload_limits(self) -> Limits:
         return Limits(max_image_pixels=self.cfg.max_image_pixels)
 
-    @api.post("/v1/vqa", response_model=VqaResponse, responses=ERRORS,
-              openapi_extra={"requestBody": {"content": {"application/json": {
-                  "schema": VqaRequest.model_json_schema()}}}})
+    @api.post("/v1/vqa", response_model=VqaResponse, responses=ERRORS, openapi_extra=QUESTIONS)
     async def vqa_route(self, request: Request) -> JSONResponse:
-        """Answer questions about images (the ``vqa`` task's model, its own deployment and adapter lineage)."""
+        """Answer questions about images with the ``vqa`` task's model (``POST /v1/{task}`` for ``vqa``)."""
+        return await self._answer("vqa", request)
+
+    async def _answer(self, task: str, request: Request) -> JSONResponse:
+        """A question task's answers (its own model deployment and adapter lineage)."""
         rid = request.state.request_id
-        if self.vqa is None:
-            raise Problem(404, "unknown-task", "the vqa task is not enabled on this server")
+        if task not in self.handles:
+            raise Problem(404, "unknown-task", f"no task {task!r} is served here; tasks: {self.cfg.tasks_held()}")
         req = _parse(VqaRequest, await request.body())
-        answers = await self._task_labels("vqa")
+        answers = await self._task_labels(task)
+        limit = self.cfg.served()[task].max_questions
         if req.top_k > len(answers):
             raise Problem(422, "bad-top-k", f"top_k must be an integer in [1, {len(answers)}]")
         if req.items is not None and (req.image is not None or req.question is not None):
             raise Problem(422, "invalid-request", "send image + question, or items, not both")
         if req.items is not None:
-            if len(req.items) > self.cfg.vqa.max_questions:
-                raise Problem(413, "too-many-questions", f"at most {self.cfg.vqa.max_questions} items per request")
+            if len(req.items) > limit:
+                raise Problem(413, "too-many-questions", f"at most {limit} items per request")
             raws = [_b64(it.image, f"items[{i}].image") for i, it in enumerate(req.items)]
             questions = [it.question for it in req.items]
         elif req.image is not None and req.question is not None:
@@ -363,10 +370,10 @@ class Model:
         else:
             raise Problem(422, "no-question", "send {'image': base64, 'question': str} or {'items': [...]}")
         key = request.headers.get("x-client-id") or rid
-        results, version = await _call(self.vqa.answer.remote(raws, questions, req.top_k, key, req.adapter_version),
-                                       "the VQA model")
+        results, version = await _call(self.handles[task].answer.remote(raws, questions, req.top_k, key,
+                                                                        req.adapter_version), f"the {task} model")
         ids = [rid] if len(results) == 1 else [f"{rid}:{j}" for j in range(len(results))]
-        self.recorder.predicted([(i, req.domain, r["answer"], "vqa", version) for i, r in zip(ids, results)])
+        self.recorder.predicted([(i, req.domain, r["answer"], task, version) for i, r in zip(ids, results)])
         return JSONResponse({"request_id": rid, "adapter_version": version, "answers": results})
 
     @api.get("/v1/tasks", response_model=Tasks, responses=ERRORS)
@@ -516,12 +523,12 @@ class Model:
         """What the format conversion needs of ``task``'s base: its name, classifier (None: frozen), shapes."""
         if task == "classify":
             return self.cfg.backbone, self.engine.spec.head, self.engine.shapes
-        d = await _call(self.vqa.describe.remote(), "the VQA model")
+        d = await _call(self.handles[task].describe.remote(), f"the {task} model")
         return d["base"], None, d["shapes"]
 
     def _task(self, task: str) -> str:
-        if task not in self.cfg.tasks():
-            raise Problem(422, "unknown-task", f"task {task!r} is not enabled; this server holds {self.cfg.tasks()}")
+        if task not in self.cfg.tasks_held():
+            raise Problem(422, "unknown-task", f"task {task!r} is not served; tasks: {self.cfg.tasks_held()}")
         return task
 
     @api.post("/v1/feedback", response_model=FeedbackResult, responses=ERRORS, dependencies=SECURED,
@@ -537,6 +544,13 @@ class Model:
         except Exception:  # noqa: BLE001 - controller restarting: keep them for the next flush
             self.recorder.give_back(req, pred)
         return await _call(self.controller.feedback.remote(fb.request_id, fb.domain, fb.label, fb.prediction, fb.task))
+
+    # registered after every fixed POST /v1/<route>, which match first
+    @api.post("/v1/{task}", response_model=VqaResponse | ClassifyResponse, responses=ERRORS, openapi_extra=QUESTIONS)
+    async def task_route(self, request: Request, task: str = Path(max_length=32)) -> JSONResponse:
+        """Inference on any task this server holds: ``classify`` takes images (as ``POST /v1/classify``), a
+        question task (``vqa``, ``vlm``, ...) an image + question or ``items`` (as ``POST /v1/vqa``)."""
+        return await (self.classify(request) if task == "classify" else self._answer(task, request))
 
     @api.get("/problems", response_class=HTMLResponse)
     async def problem_index(self) -> HTMLResponse:
@@ -579,18 +593,20 @@ class Model:
             b.wait_s = float(user_config.get("batch_wait_timeout_s", 0.005))
 
 
-@serve.deployment(name="VqaModel", health_check_period_s=5)
-class VqaModel:
-    """The ``vqa`` task's model replicas (its model + the task's global adapter), called by ``Model``'s
-    ``/v1/vqa`` route: decoding at the model's size, dynamic batching and the same hot swap as classification."""
+@serve.deployment(name="TaskModel", health_check_period_s=5)
+class TaskModel:
+    """One question task's model replicas (its model + the task's global adapter), one deployment per task
+    (``serving/app.py`` names it ``VqaModel``, ``VlmModel``, ...), called by ``Model``'s ``POST /v1/<task>``:
+    decoding at the model's size, dynamic batching and the same hot swap as classification."""
 
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: dict, task: str = "vqa") -> None:
         from .engine import TaskEngine
 
-        self.cfg = ServerConfig.model_validate(cfg)
-        self.limits = Limits(max_image_pixels=self.cfg.max_image_pixels, max_images=self.cfg.vqa.max_questions)
+        self.cfg = ServerConfig.model_validate(cfg).for_task(task)
+        ts = self.cfg.task_config()
+        self.limits = Limits(max_image_pixels=self.cfg.max_image_pixels, max_images=ts.max_questions)
         controller = ray.get_actor(NAME, namespace=NAMESPACE)
-        self.engine = TaskEngine(self.cfg.for_task("vqa"), controller)
+        self.engine = TaskEngine(self.cfg, controller)
         self.size = self.engine.task.image_size
 
     def describe(self) -> dict:

@@ -17,8 +17,8 @@ from pydantic import ValidationError
 from ray import serve
 
 from . import lifecycle
-from .api import Model, VqaModel
-from .config import ServerConfig, VqaServing
+from .api import Model, TaskModel
+from .config import ServerConfig, TaskServing, VqaServing
 from .controller import get_or_create_controller
 from .pipeline import Submission, check_labels
 
@@ -44,13 +44,13 @@ def build_app(args: dict | None = None) -> serve.Application:
     """Application builder (``import_path: serving.app:build_app`` in deploy/serve.yaml).
 
     Creates (or reattaches to) the detached controller, then binds the ``Model`` deployment (HTTP API +
-    the classifier) and, when the task is enabled, the ``VqaModel`` deployment it calls for ``/v1/vqa``:
-    one model deployment per task (they differ in type and size). The driver imports no torch: only
-    replicas and the worker do.
+    the classifier) and one ``TaskModel`` deployment per other configured task (``VqaModel``, ...), which
+    it calls for ``POST /v1/<task>``: one model deployment per task (they differ in type and size). The
+    driver imports no torch: only replicas and the worker do.
     """
     cfg = ServerConfig.model_validate(args or {})
     controller = get_or_create_controller(cfg)
-    for task in cfg.tasks():  # every task's v0 exists and its job runner is up before replicas start
+    for task in cfg.tasks_held():  # every task's v0 exists and its job runner is up before replicas start
         ray.get(controller.ready.remote(task))
     # after every v0: the bootstrap jobs train on the one worker, and a v0 queued behind them would hold
     # /readyz back for a whole training run (~60 s). Idempotent: also for `serve run deploy/serve.yaml`
@@ -65,20 +65,26 @@ def build_app(args: dict | None = None) -> serve.Application:
         opts["autoscaling_config"] = cfg.autoscaling
     else:
         opts["num_replicas"] = int(cfg.num_replicas)
-    vqa = None
-    if cfg.vqa.enabled:
-        scale = ({"autoscaling_config": cfg.vqa.autoscaling} if cfg.vqa.num_replicas == "auto"
-                 else {"num_replicas": cfg.vqa.num_replicas})
-        vqa = VqaModel.options(
-            **scale, max_ongoing_requests=cfg.max_ongoing_requests,
-            ray_actor_options=actor,
-        ).bind(cfg.model_dump(mode="json"))
-    return Model.options(**opts).bind(cfg.model_dump(mode="json"), vqa)
+    handles = {task: TaskModel.options(name=deployment_name(task), **task_options(ts, cfg, actor)).bind(
+        cfg.model_dump(mode="json"), task) for task, ts in cfg.served().items()}
+    return Model.options(**opts).bind(cfg.model_dump(mode="json"), handles)
+
+
+def deployment_name(task: str) -> str:
+    """A task's model deployment: ``VqaModel`` for ``vqa``, ``VlmModel`` for ``vlm`` (metrics and logs name it)."""
+    return "".join(w.title() for w in task.split("_")) + "Model"
+
+
+def task_options(ts: TaskServing, cfg: ServerConfig, actor: dict) -> dict:
+    """Serve options of one task's model deployment (replicas or autoscaling from its section)."""
+    scale = {"autoscaling_config": ts.autoscaling} if ts.num_replicas == "auto" else {"num_replicas": ts.num_replicas}
+    return {**scale, "max_ongoing_requests": cfg.max_ongoing_requests, "ray_actor_options": actor}
 
 
 def bootstrap(cfg: ServerConfig) -> list[str]:
     """On a fresh data dir, queue each task's configured bootstrap domains as ordinary ingest jobs:
-    ``digits5`` domains for classification, ``scenes_vqa`` question families for vqa.
+    ``digits5`` domains for classification, each other task's ``bootstrap_benchmark`` (``scenes_vqa``
+    question families for vqa).
 
     The data is a built-in source the worker materialises (with the benchmark's own held-out split).
     Idempotent (fixed ``Idempotency-Key`` per domain; nothing once a task has a domain), so every
@@ -86,9 +92,8 @@ def bootstrap(cfg: ServerConfig) -> list[str]:
     """
     controller = get_or_create_controller(cfg)
     ids = []
-    for task, bench in (("classify", "digits5"), ("vqa", "scenes_vqa")):
-        if task not in cfg.tasks():
-            continue
+    benches = {"classify": "digits5", **{k: ts.bootstrap_benchmark for k, ts in cfg.served().items()}}
+    for task, bench in benches.items():
         names = cfg.for_task(task).bootstrap
         if not names or ray.get(controller.domains.remote(task)):
             continue
@@ -351,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
     machine cannot host it: another server on the data dir, a port in use; both before anything starts)."""
     try:
         cfg = config_from_args(args)
-        for task in cfg.tasks():
+        for task in cfg.tasks_held():
             check_labels(cfg.for_task(task))
     except ValueError as e:  # pydantic's ValidationError included
         print(f"mergeserve serve: {e}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -51,34 +52,67 @@ class GateSettings(Strict):
     require_gain: bool = True  # the new domain must beat the active version's zero-shot accuracy on it
 
 
-class VqaServing(Strict):
-    """The ``vqa`` task: its own model deployment, adapter lineage and data under ``<data_dir>/vqa``."""
+class TaskServing(Strict):
+    """A task besides classification (``training.tasks``): its own model deployment, adapter lineage and data
+    under ``<data_dir>/<name>``, answering ``POST /v1/<name>`` (image + question) and learning uploads in the
+    VQA layout (images + ``questions.jsonl``)."""
 
-    enabled: bool = True  # serve POST /v1/vqa and accept task=vqa domains
+    enabled: bool = True  # serve POST /v1/<name> and accept task=<name> domains
+    task: str | None = None  # the training.tasks registry name; None: this entry's key (vqa, vlm, ...)
+    # keyword arguments of the task's factory, e.g. vlm: {"model_id": "/models/llava-tiny"} (a local
+    # directory or, with "local_files_only": false, a hub id)
+    args: dict = Field(default_factory=dict)
+    bootstrap: list[str] = Field(default_factory=list)  # built-in domains learned on first start
+    bootstrap_benchmark: str = "scenes_vqa"  # the registered benchmark those domains come from
+    lora: LoraSettings = Field(default_factory=LoraSettings)  # rank 8 on every layer the task's model adapts
+    train: TrainSettings = Field(default_factory=TrainSettings)  # the online training recipe
+    # model replicas, or "auto" for `autoscaling`: by default none until the first question, none again after
+    # 5 minutes without one (~1 GB a replica: started at once, it would sit beside the training worker
+    # while a bootstrap trains); a question that finds none waits for a cold start (12.7-17.9 s measured
+    # for vqa on 2 CPU cores); 1 keeps one warm
+    num_replicas: int | Literal["auto"] = "auto"
+    autoscaling: dict = Field(
+        default_factory=lambda: {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0,
+                                 "downscale_delay_s": 300, "downscale_to_zero_delay_s": 300, "upscale_delay_s": 0}
+    )
+    max_questions: int = 64  # image-question pairs per request
+    image_size: int = 64  # uploaded domain images are stored at this size (the model resizes to its own)
+
+    def factory_args(self) -> dict:
+        """Keyword arguments for ``training.tasks.get_task``."""
+        return dict(self.args)
+
+    def base_name(self, key: str) -> str:
+        """The base model's name, recorded in every adapter manifest (an adapter only loads on it)."""
+        return str(self.args.get("model_id") or self.args.get("model_name") or self.task or key)
+
+
+class VqaServing(TaskServing):
+    """The built-in ``vqa`` task (offline models, a fixed answer vocabulary)."""
+
     # the offline model (training.tasks.vqa.VQA_MODELS): FiLM on frozen ImageNet EfficientNet-Lite0 features,
     # which learns a new question family online (docs/vqa.md), or the older ViLT trained from scratch
     model: Literal["film_scenes", "vilt_scenes"] = "film_scenes"
     # the model's weights (film_scenes: a save_pretrained directory; vilt_scenes: a safetensors file);
     # None = the cached, else the shipped, pretrained ones
     weights: str | None = None
-    # scenes_vqa families learned on first start; none by default: v0 (the pretrained model) answers every
-    # family, and one family costs minutes of CPU (docs/vqa.md)
+    # none by default: v0 (the pretrained model) answers every family, and one family costs minutes of CPU
     bootstrap: list[str] = Field(default_factory=list)
-    lora: LoraSettings = Field(default_factory=LoraSettings)  # rank 8 on every Linear / conv the model adapts
     train: TrainSettings = Field(  # film_scenes' recipe (docs/vqa.md); vilt_scenes was run at 100 steps of 32, lr 1e-3
         default_factory=lambda: TrainSettings(steps=400, batch_size=64, lr=3e-3, eval_batch=256)
     )
-    # VqaModel replicas, or "auto" (the default) for `autoscaling`: none until the first question, none
-    # again after 5 minutes without one (~1 GB a replica: started at once, it would sit beside the training
-    # worker while the bootstrap trains); a question that finds none waits for a cold start (12.7-17.9 s
-    # measured on 2 CPU cores); 1 keeps one warm
-    num_replicas: int | Literal["auto"] = "auto"
-    autoscaling: dict = Field(
-        default_factory=lambda: {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0,
-                                 "downscale_delay_s": 300, "downscale_to_zero_delay_s": 300, "upscale_delay_s": 0}
-    )
-    max_questions: int = 64  # image-question pairs per /v1/vqa request
-    image_size: int = 64  # uploaded domain images are stored at this size (the model resizes to its own)
+
+    def factory_args(self) -> dict:
+        return {"model_name": self.model, "weights": self.weights, **self.args}
+
+    def base_name(self, key: str) -> str:
+        return self.model
+
+
+#: a task entry's key: its URL path segment (POST /v1/<name>), data directory and metric label
+TASK_KEY = r"^[a-z][a-z0-9_]{0,31}$"
+#: path segments under /v1/ that are routes, never a task's name
+RESERVED = {"classify", "domains", "jobs", "adapters", "canary", "feedback", "tasks", "methods"}
 
 
 class ServerConfig(Strict):
@@ -133,8 +167,18 @@ class ServerConfig(Strict):
     poll_timeout_s: float = 2.0  # replicas' long-poll for a new version; a replica silent longer is not waited for
     swap_timeout_s: float = 60.0  # how long a job waits for every live replica to acknowledge a new version
     vqa: VqaServing = Field(default_factory=VqaServing)
+    # more tasks, each with its own model deployment and lineage, e.g. {"vlm": {"args": {"model_id": "/models/x"}}}
+    tasks: dict[str, TaskServing] = Field(default_factory=dict)
     task: str = "classify"  # which task this (derived) config is for; set by for_task(), not by users
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_task_keys(self) -> ServerConfig:
+        taken = RESERVED | {"vqa"}
+        bad = [k for k in self.tasks if not re.match(TASK_KEY, k) or k in taken]
+        if bad:
+            raise ValueError(f"task names {bad}: each must match {TASK_KEY} and be none of {sorted(taken)}")
+        return self
 
     @model_validator(mode="after")
     def _check_labels(self) -> ServerConfig:
@@ -148,26 +192,40 @@ class ServerConfig(Strict):
             self.bootstrap = []  # the default learns digits: nothing to learn for other labels
         return self
 
-    def tasks(self) -> list[str]:
+    def served(self) -> dict[str, TaskServing]:
+        """The enabled tasks besides classification, by name (``vqa`` first)."""
+        every = {"vqa": self.vqa, **self.tasks}
+        return {k: v for k, v in every.items() if v.enabled}
+
+    def tasks_held(self) -> list[str]:
         """The tasks this server holds, the default first."""
-        return ["classify"] + (["vqa"] if self.vqa.enabled else [])
+        return ["classify", *self.served()]
+
+    def task_config(self) -> TaskServing:
+        """The section of this (derived, :meth:`for_task`) config's task.
+
+        Raises:
+            KeyError: called on the classification config, which has no section.
+        """
+        return self.served()[self.task]
 
     def for_task(self, task: str) -> ServerConfig:
         """The config one task's pipeline, worker and model see: its own data directory (so its own
-        SQLite file, adapter store and domains), backbone, labels, bootstrap and recipe.
+        SQLite file, adapter store and domains), base model, labels, bootstrap and recipe.
 
         Raises:
             KeyError: a task this server does not hold.
         """
-        if task not in self.tasks():
-            raise KeyError(f"unknown task {task!r}; this server holds {self.tasks()}")
+        if task not in self.tasks_held():
+            raise KeyError(f"unknown task {task!r}; this server holds {self.tasks_held()}")
         if task == "classify":
             return self
+        ts = self.served()[task]
         state = None if self.state_path is None else os.path.splitext(self.state_path)[0] + f"-{task}.sqlite"
         return self.model_copy(update={
-            "task": task, "data_dir": self.path(task), "state_path": state, "backbone": self.vqa.model,
+            "task": task, "data_dir": self.path(task), "state_path": state, "backbone": ts.base_name(task),
             "class_names": [],  # the model's answer vocabulary: recorded from global@v0's manifest
-            "bootstrap": self.vqa.bootstrap, "lora": self.vqa.lora, "train": self.vqa.train,
+            "bootstrap": ts.bootstrap, "lora": ts.lora, "train": ts.train,
         })
 
     def path(self, *parts: str) -> str:

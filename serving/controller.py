@@ -237,11 +237,11 @@ class Controller:
 
     def __init__(self, cfg: dict) -> None:
         self.cfg = ServerConfig.model_validate(cfg)
-        self.metrics = ServerMetrics(tuple(self.cfg.tasks()))
+        self.metrics = ServerMetrics(tuple(self.cfg.tasks_held()))
         self.lines: dict[str, Lineage] = {}
         self.slot = slot = _Slot()  # one worker actor for every task
         self._reaper: asyncio.Task | None = None
-        for task in self.cfg.tasks():
+        for task in self.cfg.tasks_held():
             line = self.lines[task] = Lineage(self.cfg.for_task(task), slot)
             recovered = line.pipe.recover()
             self.metrics.jobs.labels(task, "retried").inc(len(recovered["requeued"]))

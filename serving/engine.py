@@ -35,7 +35,8 @@ def build_task(cfg: ServerConfig) -> Task:
     """The ``training.tasks`` entry ``cfg.task`` serves (its model loaded once)."""
     if cfg.task == "classify":
         return get_task("classify", backbone=cfg.backbone, class_names=cfg.class_names)
-    return get_task(cfg.task, model_name=cfg.vqa.model, weights=cfg.vqa.weights)
+    ts = cfg.task_config()
+    return get_task(ts.task or cfg.task, **ts.factory_args())
 
 
 class Engine:

@@ -46,7 +46,7 @@ class ServerMetrics:
 
     def __init__(self, tasks: tuple[str, ...] = ("classify",)) -> None:
         self.registry = reg = CollectorRegistry()
-        # task: one of ServerConfig.tasks() (bounded); domain: at most max_domains per task
+        # task: one of ServerConfig.tasks_held() (bounded); domain: at most max_domains per task
         self.accuracy = Gauge(
             "mergeserve_domain_accuracy", "Accuracy per domain", ["task", "domain", "source"], registry=reg
         )

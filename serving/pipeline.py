@@ -137,7 +137,7 @@ def method_catalog(cfg: ServerConfig) -> dict[str, Any]:
         for m in online
     }
     tasks = {}
-    for task in cfg.tasks():
+    for task in cfg.tasks_held():
         t = cfg.for_task(task)
         tasks[task] = {"methods": online,  # every task: adaptive's buffer keeps a VQA sample's question
                        "default_method": t.default_method, "steps": t.train.steps, "lr": t.train.lr,
@@ -205,7 +205,7 @@ def check_labels(cfg: ServerConfig, db: StateDB | None = None) -> None:
         with open(v0) as f:
             made_for = json.load(f).get("backbone")
         if made_for and made_for != cfg.backbone:
-            what = "vqa.model" if cfg.task == "vqa" else "backbone"
+            what = {"classify": "backbone", "vqa": "vqa.model"}.get(cfg.task, f"tasks.{cfg.task}.args")
             raise ValueError(f"the data dir {cfg.data_dir} holds adapters of {made_for!r}, not {cfg.backbone!r}; "
                              f"set {what}: {made_for} to keep serving them, or use another data dir")
     path = cfg.state_path or cfg.path("state.sqlite")

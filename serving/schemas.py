@@ -55,7 +55,8 @@ class ClassifyResponse(BaseModel):
 
 
 # --- visual question answering -------------------------------------------------------------------
-TaskName = Literal["classify", "vqa"]
+#: a task's name (``classify``, ``vqa`` or one from the server's ``tasks`` config); an unknown one is a 422
+TaskName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 Question = Annotated[str, AfterValidator(_utf8), StringConstraints(min_length=1, max_length=512)]
 
 

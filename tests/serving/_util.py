@@ -1,12 +1,17 @@
 import io
+import json
 import os
 import socket
+import sys
 import tarfile
 import time
+import zipfile
 
 import httpx
 import numpy as np
 from PIL import Image
+
+from training.data.scenes import ANSWERS, make_family
 
 TOKEN = "test-token"
 CLASSES = ["a", "b", "c"]
@@ -70,6 +75,14 @@ def tiny_film() -> str:
     return path
 
 
+def tiny_llava_dir() -> str:
+    """``tests/_tiny_vlm.py``'s tiny LLaVA as a local checkpoint directory."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+    from _tiny_vlm import tiny_llava_dir as build
+
+    return build()
+
+
 def server_config(data_dir: str) -> dict:
     return {
         "data_dir": data_dir,
@@ -89,6 +102,10 @@ def server_config(data_dir: str) -> dict:
         # middle of a test would make its timing depend on test order (`bench-serve --rss` runs the default)
         "vqa": {"weights": tiny_film(), "bootstrap": [], "train": {"steps": 6, "batch_size": 8, "lr": 1e-3},
                 "num_replicas": 1},
+        # a third task from config alone: a hub-format image-text-to-text model (tiny random LLaVA, saved
+        # locally); scales from zero like the default, so it costs nothing until test_task_seam.py asks it
+        "tasks": {"vlm": {"args": {"model_id": tiny_llava_dir()}, "image_size": 32,
+                          "lora": {"rank": 4, "alpha": 8.0}, "train": {"steps": 30, "batch_size": 8, "lr": 3e-3}}},
     }
 
 
@@ -159,3 +176,33 @@ def mutated_images(n: int, seed: int = 0) -> list[bytes]:
             b[pos : pos + 4] = b"\xff\xff\xff\x7f"  # header fields (sizes, lengths) made huge
         out.append(bytes(b))
     return out
+
+
+def _png(chw: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(chw.transpose(1, 2, 0)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def vqa_archive(family: str = "count", n: int = 24, seed: int = 5, rows: list | None = None,
+                extra: dict | None = None, zipped: bool = False) -> bytes:
+    """A VQA domain upload: ``images/i.png`` + ``questions.jsonl`` (scenes of one question family)."""
+    s = make_family(family, n, seed=seed)
+    files = {f"vqa/images/{i}.png": _png(s.images[i].numpy()) for i in range(n)}
+    if rows is None:
+        rows = [{"image": f"images/{i}.png", "question": s.questions[i], "answer": ANSWERS[int(s.answers[i])]}
+                for i in range(n)]
+    files["vqa/questions.jsonl"] = "\n".join(json.dumps(r) for r in rows).encode()
+    files.update(extra or {})
+    buf = io.BytesIO()
+    if zipped:
+        with zipfile.ZipFile(buf, "w") as zf:
+            for k, v in files.items():
+                zf.writestr(k, v)
+    else:
+        with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+            for k, v in files.items():
+                info = tarfile.TarInfo(k)
+                info.size = len(v)
+                tf.addfile(info, io.BytesIO(v))
+    return buf.getvalue()

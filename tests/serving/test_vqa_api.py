@@ -2,48 +2,15 @@
 lineages, feedback and metrics, on the session server (tiny film_scenes from ``_util.tiny_film``)."""
 
 import base64
-import io
 import json
 import re
-import tarfile
 import threading
-import zipfile
 
 import numpy as np
 import pytest
-from PIL import Image
+from _util import _png, vqa_archive
 
 from training.data.scenes import ANSWERS, make_family
-
-
-def _png(chw: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(chw.transpose(1, 2, 0)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def vqa_archive(family: str = "count", n: int = 24, seed: int = 5, rows: list | None = None,
-                extra: dict | None = None, zipped: bool = False) -> bytes:
-    """A VQA domain upload: ``images/i.png`` + ``questions.jsonl`` (scenes of one question family)."""
-    s = make_family(family, n, seed=seed)
-    files = {f"vqa/images/{i}.png": _png(s.images[i].numpy()) for i in range(n)}
-    if rows is None:
-        rows = [{"image": f"images/{i}.png", "question": s.questions[i], "answer": ANSWERS[int(s.answers[i])]}
-                for i in range(n)]
-    files["vqa/questions.jsonl"] = "\n".join(json.dumps(r) for r in rows).encode()
-    files.update(extra or {})
-    buf = io.BytesIO()
-    if zipped:
-        with zipfile.ZipFile(buf, "w") as zf:
-            for k, v in files.items():
-                zf.writestr(k, v)
-    else:
-        with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-            for k, v in files.items():
-                info = tarfile.TarInfo(k)
-                info.size = len(v)
-                tf.addfile(info, io.BytesIO(v))
-    return buf.getvalue()
 
 
 def _b64(chw: np.ndarray) -> str:

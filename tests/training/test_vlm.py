@@ -4,122 +4,25 @@ The processors are real ``LlavaProcessor`` / ``PaliGemmaProcessor`` objects over
 the project's word list (a ``tokenizers`` WordPiece wrapped in ``PreTrainedTokenizerFast``).
 """
 
+import os
+import sys
+
 import peft
 import pytest
 import torch
 from peft import set_peft_model_state_dict
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    GemmaConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-    PaliGemmaConfig,
-    PaliGemmaForConditionalGeneration,
-    PaliGemmaProcessor,
-    PreTrainedTokenizerFast,
-    SiglipImageProcessor,
-    SiglipVisionConfig,
-)
 
 import merge
 from training.data.scenes import VqaSamples, make_family
 from training.lora import LoraSettings, materialise
 from training.tasks import Task, attach_lora, get_task, predict
-from training.tasks.vilt import VOCAB_DIR
 from training.tasks.vlm import VlmTask, normalize_answer
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # tests/_tiny_vlm.py
+from _tiny_vlm import tiny_llava, tiny_paligemma  # noqa: E402
 
 torch.set_num_threads(1)
 SETTINGS = LoraSettings(rank=4, alpha=8.0)
-
-
-def _tokenizer() -> PreTrainedTokenizerFast:
-    words = [w.strip() for w in (VOCAB_DIR / "vocab.txt").read_text().splitlines()[5:]]
-    specials = ["<pad>", "<unk>", "<bos>", "<eos>", "<image>"]
-    vocab = {w: i for i, w in enumerate(specials + words + ["user", "assistant", "answer", "en"])}
-    tk = Tokenizer(models.WordPiece(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tk.decoder = decoders.WordPiece(prefix="##")
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
-    )
-    tok.add_tokens(["<image>"], special_tokens=True)  # never split by the pre-tokenizer
-    return tok
-
-
-def tiny_llava() -> VlmTask:
-    tok = _tokenizer()
-    proc = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tok,
-        patch_size=8,
-        vision_feature_select_strategy="full",
-        num_additional_image_tokens=1,  # CLIP's class token: 16 patches + 1 image tokens
-        image_token="<image>",
-    )
-    cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            initializer_range=0.3,  # random lm_head rows large enough that LoRA can move the logits
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-        ),
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-    )
-    return VlmTask(lambda seed: LlavaForConditionalGeneration(cfg), proc, model_type=cfg.model_type)
-
-
-def tiny_paligemma() -> VlmTask:
-    tok = _tokenizer()
-    proc = PaliGemmaProcessor(
-        image_processor=SiglipImageProcessor(size={"height": 32, "width": 32}, image_seq_length=16), tokenizer=tok
-    )  # adds <image> and PaliGemma's <loc…>/<seg…> tokens to the tokenizer
-    text = GemmaConfig(
-        vocab_size=len(proc.tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=128,
-        initializer_range=0.3,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    vision.projection_dim = 32
-    cfg = PaliGemmaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=proc.tokenizer.convert_tokens_to_ids("<image>"),
-        projection_dim=32,
-        hidden_size=32,
-    )
-    return VlmTask(lambda seed: PaliGemmaForConditionalGeneration(cfg), proc, model_type=cfg.model_type)
 
 
 BUILDERS = {"llava": tiny_llava, "paligemma": tiny_paligemma}
@@ -246,3 +149,19 @@ def test_registry_builds_from_parts():
     assert isinstance(get_task("vlm", build=t._build, processor=t.processor), VlmTask)
     with pytest.raises(KeyError, match="registered"):
         get_task("nope")
+
+
+def test_a_saved_checkpoint_directory_loads_offline(samples):
+    """What a server config names (``tasks: {vlm: {args: {model_id: <dir>}}}``): a local directory, loaded
+    with the Auto classes and no network, gives the saved model's outputs."""
+    from _tiny_vlm import tiny_llava_dir
+
+    t = get_task("vlm", model_id=tiny_llava_dir())
+    assert t.prompt.startswith("USER:") and isinstance(t, Task)
+    again = get_task("vlm", model_id=tiny_llava_dir())
+    b = t.make_batch(samples.subset(slice(0, 2)))
+    assert torch.equal(_logits(t.build_base(0), b), _logits(again.build_base(5), b))  # weights, not seeds
+
+
+def test_the_input_size_comes_from_the_processor(task):
+    assert task.image_size == 32  # both tiny processors crop / resize to 32 px

@@ -36,6 +36,21 @@ _NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six se
 _PUNCT = re.compile(r"[^\w\s]")
 
 
+def _input_size(image_processor: Any, default: int = 224) -> int:
+    """The square side an image processor feeds the model (its crop, else its size), for decoding uploads."""
+    for attr in ("crop_size", "size"):
+        size = getattr(image_processor, attr, None)
+        if isinstance(size, int):
+            return size
+        # a dict, or transformers' SizeDict (attributes, and .get on recent versions)
+        side = getattr(size, "height", None) or getattr(size, "shortest_edge", None) if size is not None else None
+        if side is None and isinstance(size, dict):
+            side = size.get("height") or size.get("shortest_edge")
+        if side:
+            return int(side)
+    return default
+
+
 def normalize_answer(text: str) -> str:
     """VQA-style answer normalisation: lowercase, punctuation → space, articles dropped, number words → digits.
 
@@ -78,6 +93,7 @@ class VlmTask:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.image_token = getattr(processor, "image_token", None) or "<image>"
         self.image_inputs = set(processor.image_processor.model_input_names)
+        self.image_size = _input_size(processor.image_processor)  # what a server decodes requests to
 
     @classmethod
     def from_pretrained(cls, model_id: str, local_files_only: bool = True, **kwargs: Any) -> VlmTask:
