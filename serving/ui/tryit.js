@@ -1,4 +1,4 @@
-// Try it: one image to POST /v1/classify, or an image and a question to POST /v1/vqa; the top-k answers
+// Try it: one image to POST /v1/classify, or an image and a question to POST /v1/<task> (vqa, vlm, ...); the top-k answers
 // and the adapter version that gave them, exactly as the API returned them.
 
 import { call } from "./api.js";
@@ -23,15 +23,15 @@ function resultTable(rows, version, what) {
       h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "rank"), h("th", { scope: "col" }, what.replace(/s$/, "")),
         h("th", { scope: "col" }, "score"))),
       h("tbody", {}, rows.map((r, i) => h("tr", {}, h("td", {}, i + 1), h("td", { class: "label" }, r.label),
-        h("td", {}, r.score.toFixed(4)))))));
+        h("td", {}, r.score == null ? "—" : r.score.toFixed(4)))))));
 }
 
 async function ask(task, file, topK, domain) {
   const body = { image: await base64(file), top_k: topK };
   if (domain) body.domain = domain;
-  if (task === "vqa") {
+  if (task !== "classify") {  // a question task: vqa, or one from the server's tasks config
     body.question = $("try-question").value;
-    const r = await call("v1/vqa", { method: "POST", json: body });
+    const r = await call(`v1/${encodeURIComponent(task)}`, { method: "POST", json: body });
     return { version: r.adapter_version, rows: r.answers[0].top_k.map((a) => ({ label: a.answer, score: a.score })), what: "answers" };
   }
   const r = await call("v1/classify", { method: "POST", json: body });
@@ -44,7 +44,7 @@ async function submit(ev, task) {
   const file = $("try-image").files[0];
   if (!file) return say(status, "error", "Choose an image first.");
   const topK = Number($("try-topk").value || "3");
-  say(status, "info", task() === "vqa" ? "asking…" : "classifying…");
+  say(status, "info", task() !== "classify" ? "asking…" : "classifying…");
   try {
     const r = await ask(task(), file, Number.isInteger(topK) ? topK : $("try-topk").value, $("try-domain").value.trim());
     show($("try-out"), resultTable(r.rows, r.version, r.what));
@@ -65,11 +65,11 @@ function preview(ev) {
 
 /** Show the question field for VQA only; the top-k bound is the task's label (answer) count. */
 export function tryForTask(task, labels) {
-  $("try-question-field").hidden = task !== "vqa";
-  $("try-question").required = task === "vqa";
+  $("try-question-field").hidden = task === "classify";
+  $("try-question").required = task !== "classify";
   $("try-topk").max = String(labels.length);
   $("try-topk-hint").textContent = `1 to ${labels.length}`;
-  $("try-submit").textContent = task === "vqa" ? "Ask" : "Classify";
+  $("try-submit").textContent = task !== "classify" ? "Ask" : "Classify";
 }
 
 export function setupTry(task) {

@@ -74,7 +74,7 @@ def test_page_loads_with_no_console_error_and_no_outside_request(console, server
     errors = [t for kind, t in log["console"] if kind == "error"]
     assert not errors, errors
     assert log["requests"] and all(u.startswith(server.url + "/") for u in log["requests"]), log["requests"]
-    assert page.eval_on_selector_all("#task option", "os => os.map(o => o.value)") == ["classify", "vqa"]
+    assert page.eval_on_selector_all("#task option", "os => os.map(o => o.value)") == ["classify", "vqa", "vlm"]
     assert "ready" in page.text_content("#server-status")
 
 
