@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from serving import bench as B
+from benchmarks.serve import bench as B
 
 
 def classify_body(tmp: str, images: int) -> str:

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _local_serve import classify_body, local_mergeserve  # noqa: E402
 
-from serving import bench as B  # noqa: E402
+from benchmarks.serve import bench as B  # noqa: E402
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The two load generators of ``serving/loadgen.py`` against one mergeserve server, alternated.
+"""The two load generators of ``benchmarks/serve/loadgen.py`` against one mergeserve server, alternated.
 
 What a closed-loop client measures includes the client: on 2 shared cores the thread-per-client httpx
 generator spent ~0.45 ms CPU per request, and its 16 threads share one GIL, so an answer that had
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _local_serve import classify_body, local_mergeserve  # noqa: E402
 
-from serving import bench as B  # noqa: E402
+from benchmarks.serve import bench as B  # noqa: E402
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The bench's load generators (``serving/loadgen.py``), parametrized over the registry, on loopback servers.
+"""The bench's load generators (``benchmarks/serve/loadgen.py``), parametrized over the registry, on loopback servers.
 
 A tiny FastAPI app on uvicorn in a thread stands in for a peer (the bench's own decoder and response
 shape). Raw asyncio servers check what uvicorn never sends: chunked bodies, ``Connection: close``, a
@@ -14,8 +14,8 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from serving.bench import PeerRequest, _body, _free_port, _png_b64, decode_b64, respond
-from serving.loadgen import LOADGENS, aio_loadgen
+from benchmarks.serve.bench import PeerRequest, _body, _free_port, _png_b64, decode_b64, respond
+from benchmarks.serve.loadgen import LOADGENS, aio_loadgen
 
 
 def _tiny_app() -> FastAPI:

