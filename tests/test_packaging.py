@@ -53,7 +53,7 @@ def test_every_imported_distribution_is_a_declared_runtime_dependency():
 def test_the_scan_sees_imports_inside_functions():
     """Lazy imports count: ``httpx`` was imported inside ``serving/app.py: direct_ports`` only, and ``pip
     install .`` crashed after "ready" because of it; bench-serve still imports it in functions only."""
-    assert "benchmarks/serve/bench.py" in _imports()["httpx"]
+    assert "benchmarks/serve/server.py" in _imports()["httpx"]
 
 
 def test_every_console_file_is_package_data():
