@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(DEV)/.installed
 CONSTRAINTS := deploy/constraints.txt
-SOURCES := pyproject.toml $(CONSTRAINTS) $(shell find merge training serving mergeserve -type f -not -name '*.pyc' 2>/dev/null)
+SOURCES := pyproject.toml $(CONSTRAINTS) $(shell find merge training serving mergeserve benchmarks -type f -not -name '*.pyc' 2>/dev/null)
 
 .PHONY: install serve test lint bench clean prometheus-tools browser-tools constraints
 

@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from serving import bench as B
+from benchmarks.serve.harness import free_port, json_body, png_b64, private_ray_env, wait_http
 
 
 def classify_body(tmp: str, images: int) -> str:
@@ -15,7 +15,7 @@ def classify_body(tmp: str, images: int) -> str:
     returns its path, for the load generator's ``body_file``."""
     path = os.path.join(tmp, "body.json")
     with open(path, "wb") as f:
-        f.write(B._body(B._png_b64(images, seed=2)))
+        f.write(json_body(png_b64(images, seed=2)))
     return path
 
 
@@ -26,7 +26,7 @@ def local_mergeserve(backbone: str, direct: bool = True,
     serve`` runs; else Serve's Python proxy only) and yield ``(base_url, ServerConfig, tmp_dir)``.
     ``config`` overrides ``ServerConfig`` fields (e.g. ``{"num_replicas": 2}``).
 
-    The cluster uses a private ``RAY_TMPDIR`` (``B._ray_env``) and is shut down on exit.
+    The cluster uses a private ``RAY_TMPDIR`` (``private_ray_env``) and is shut down on exit.
     """
     import ray
     from ray import serve
@@ -35,16 +35,16 @@ def local_mergeserve(backbone: str, direct: bool = True,
     from serving.config import ServerConfig
 
     tmp = tempfile.mkdtemp(prefix="msab-")
-    B._ray_env(tmp, direct_port=B._free_port() if direct else None)
+    private_ray_env(tmp, direct_port=free_port() if direct else None)
     cfg = ServerConfig.model_validate({"data_dir": f"{tmp}/data", "bootstrap": [], "backbone": backbone,
                                        "vqa": {"enabled": False}, **(config or {})})
     ray.init(namespace="mergeserve", include_dashboard=False, log_to_driver=False, num_cpus=4)
     try:
-        port = B._free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(cfg.model_dump(mode="json")), name="mergeserve", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
-        B._wait_http(f"{base}/readyz", 300)
+        wait_http(f"{base}/readyz", 300)
         yield base, cfg, tmp
     finally:
         serve.shutdown()

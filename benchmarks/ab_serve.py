@@ -29,7 +29,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _local_serve import classify_body, local_mergeserve  # noqa: E402
 
-from serving import bench as B  # noqa: E402
+from benchmarks.serve.accounting import command_line, process_tree, role_of  # noqa: E402
+from benchmarks.serve.harness import wait_http  # noqa: E402
+from benchmarks.serve.loadgen import LOADGENS, run_cell  # noqa: E402
+from benchmarks.serve.peers import plain_serve_app, served_model_args  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +46,7 @@ def main() -> None:
                    help="how requests reach both apps: the main port with Serve's HAProxy in front of the "
                    "replicas' own ports (default, as `mergeserve serve`), those ports directly, or the main "
                    "port with Serve's Python proxy (direct ingress off)")
-    p.add_argument("--loadgen", choices=tuple(B.LOADGENS), default="asyncio",
+    p.add_argument("--loadgen", choices=tuple(LOADGENS), default="asyncio",
                    help="the client (default asyncio; threads: the httpx-per-thread generator used until 2026-12-05)")
     args = p.parse_args()
 
@@ -55,24 +58,23 @@ def main() -> None:
     with local_mergeserve(args.backbone, direct=args.path != "proxy") as (base, cfg, tmp):
         ad = httpx.get(f"{base}/v1/adapters", timeout=30).json()
         active = next(v for v in ad["versions"] if v["version"] == ad["active"])
-        model = {"backbone": args.backbone, "adapters": cfg.path("adapters"), "name": active["name"],
-                 "class_names": cfg.class_names, "seed": cfg.seed, "version": active["version"]}
-        serve.run(B.plain_serve_app(model, cfg.max_ongoing_requests), name="plain", route_prefix="/plain")
-        B._wait_http(f"{base}/plain/healthz", 300)
+        model = served_model_args(args.backbone, cfg, active)
+        serve.run(plain_serve_app(model, cfg.max_ongoing_requests), name="plain", route_prefix="/plain")
+        wait_http(f"{base}/plain/healthz", 300)
         urls = {"mergeserve": f"{base}/v1/classify", "plain": f"{base}/plain/v1/classify"}
         if args.path == "direct":
             port_of = {app: direct_ports(app=app)[0] for app in urls}
             urls = {"mergeserve": f"http://127.0.0.1:{port_of['mergeserve']}/v1/classify",
                     "plain": f"http://127.0.0.1:{port_of['plain']}/plain/v1/classify"}
-        procs = B.process_tree(os.getpid())
-        replica = {peer: [q for q in procs if B._role(B._cmd(q)) == f"replica:{peer}"] for peer in urls}
+        procs = process_tree(os.getpid())
+        replica = {peer: [q for q in procs if role_of(command_line(q)) == f"replica:{peer}"] for peer in urls}
         body = classify_body(tmp, args.images)
         rps: dict[str, list[float]] = {peer: [] for peer in urls}
         for r in range(args.rounds):
             for peer in ("mergeserve", "plain") if r % 2 == 0 else ("plain", "mergeserve"):
                 spec = {"url": urls[peer], "body_file": body, "clients": args.clients, "warmup": 2.0,
                         "seconds": args.seconds, "loadgen": args.loadgen}
-                res = B.run_cell(spec, lambda _, peer=peer: replica[peer])
+                res = run_cell(spec, lambda _, peer=peer: replica[peer])
                 rps[peer].append(res["rps"])
                 cpu = 1e3 * res.get("server_cpu_s", {}).get(f"replica:{peer}", float("nan")) / max(res["requests"], 1)
                 print(f"round {r}  {peer:<10} {res['rps']:7.1f} req/s  p50 {res['p50_ms']:6.1f}  "

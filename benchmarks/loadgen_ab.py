@@ -1,4 +1,4 @@
-"""The two load generators of ``serving/loadgen.py`` against one mergeserve server, alternated.
+"""The two load generators of ``benchmarks/serve/loadgen.py`` against one mergeserve server, alternated.
 
 What a closed-loop client measures includes the client: on 2 shared cores the thread-per-client httpx
 generator spent ~0.45 ms CPU per request, and its 16 threads share one GIL, so an answer that had
@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _local_serve import classify_body, local_mergeserve  # noqa: E402
 
-from serving import bench as B  # noqa: E402
+from benchmarks.serve.accounting import process_tree  # noqa: E402
+from benchmarks.serve.loadgen import LOADGENS, run_cell  # noqa: E402
 
 
 def main() -> None:
@@ -34,9 +35,9 @@ def main() -> None:
     args = p.parse_args()
 
     with local_mergeserve(args.backbone) as (base, _, tmp):
-        procs = B.process_tree(os.getpid())
+        procs = process_tree(os.getpid())
         body = classify_body(tmp, 1)
-        kinds = sorted(B.LOADGENS)
+        kinds = sorted(LOADGENS)
         print(f"{'round':>5}  {'loadgen':<8} {'cell':<6} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'server CPU ms/req':>18} {'client CPU ms/req':>18} {'errors':>6}")
         for r in range(args.rounds):
@@ -44,7 +45,7 @@ def main() -> None:
                 for c in (int(x) for x in args.clients.split(",")):
                     spec = {"url": f"{base}/v1/classify", "body_file": body, "clients": c, "warmup": 2.0,
                             "seconds": args.seconds, "loadgen": kind}
-                    res = B.run_cell(spec, lambda _: procs)
+                    res = run_cell(spec, lambda _: procs)
                     n = max(res["requests"], 1)
                     server = 1e3 * sum(res.get("server_cpu_s", {}).values()) / n
                     print(f"{r:>5}  {kind:<8} 1 x {c:<2} {res['rps']:8.1f} {res['p50_ms']:7.1f} {res['p99_ms']:7.1f} "

@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _local_serve import classify_body, local_mergeserve  # noqa: E402
 
-from serving import bench as B  # noqa: E402
+from benchmarks.serve.accounting import process_tree  # noqa: E402
+from benchmarks.serve.loadgen import run_cell  # noqa: E402
 
 #: ServerConfig overrides per variant
 VARIANTS: dict[str, dict] = {
@@ -55,7 +56,7 @@ def main() -> None:
                 spec = {"url": f"{base}/v1/classify", "body_file": body, "clients": c, "warmup": 3.0,
                         "seconds": args.seconds, "loadgen": "asyncio"}
                 # replicas may start during the cell (auto): look the processes up when it begins
-                res = B.run_cell(spec, lambda _: B.process_tree(os.getpid()))
+                res = run_cell(spec, lambda _: process_tree(os.getpid()))
                 n = max(res["requests"], 1)
                 cpu = res.get("server_cpu_s", {})
                 replica = 1e3 * sum(v for k, v in cpu.items() if k.startswith("replica")) / n

@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                      "default, or vilt_scenes) on scenes questions"),
     "bench": ("training.bench", "run a continual-learning benchmark protocol and print the paper-style table"),
     "serve": ("serving.app", "start the Ray Serve application (in-process Ray unless --address)"),
-    "bench-serve": ("serving.bench", "measure serving throughput, latency during a hot swap, and ingest time"),
+    "bench-serve": ("benchmarks.serve.run", "measure serving throughput, latency during a hot swap, and ingest time"),
     "export": ("training.data.export", "write a benchmark domain as a class_name/image archive for POST /v1/domains"),
     # clients of a running server (HTTP only: MERGESERVE_URL, MERGESERVE_TOKEN)
     "ingest": ("mergeserve.commands.ingest", "upload a domain (folder or archive) and follow its job to the end"),

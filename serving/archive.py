@@ -9,6 +9,8 @@ functions block (decoding, decompression, file I/O): callers run them off the ev
 
 from __future__ import annotations
 
+import base64
+import binascii
 import bz2
 import gzip
 import io
@@ -49,6 +51,18 @@ def _over(limits: Limits, what: str) -> Problem:
 
 
 # --- images --------------------------------------------------------------------------------------
+def decode_b64(s: str, what: str) -> bytes:
+    """One base64 image of a JSON body (a ``data:`` URL's prefix is dropped) → its encoded bytes.
+
+    Raises:
+        Problem: 422 ``bad-image`` when ``s`` is not valid base64.
+    """
+    try:
+        return base64.b64decode(s.split(",", 1)[-1], validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise bad("bad-image", f"{what} is not valid base64") from e
+
+
 def open_image(raw: bytes, what: str, max_pixels: int) -> Image.Image:
     """Read one image's header (no pixel is decoded yet) and check its size.
 

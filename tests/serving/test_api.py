@@ -374,7 +374,9 @@ def test_the_main_port_is_served_by_haproxy(server):
 def test_the_model_replica_runs_the_api_on_serves_main_loop(server):
     """``replica_env`` reaches the Model replicas' processes only: their API shares Serve's main event
     loop (no second loop in a thread of its own); the proxy keeps Serve's default."""
-    from serving.bench import _cmd, _role, process_tree
+    from benchmarks.serve.accounting import command_line as _cmd
+    from benchmarks.serve.accounting import process_tree
+    from benchmarks.serve.accounting import role_of as _role
 
     key = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
     roles: dict[str, list[str | None]] = {}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from _util import CLASSES, make_archive, png
 
-from serving.archive import Limits, decode_image, read_domain, read_source, read_vqa_domain
+from serving.archive import Limits, decode_b64, decode_image, read_domain, read_source, read_vqa_domain
 from serving.errors import Problem
 from training.data.export import export_domain
 
@@ -101,6 +101,11 @@ def test_bombs_stop_at_the_cap():
 def test_decode_checks_pixels_from_the_header():
     assert _code(decode_image, huge_png_header(), 32, "x", 4096**2) == "image-too-large"
     assert decode_image(png(0, 1), 16, "x", 4096**2).shape == (16, 16, 3)
+
+
+def test_base64_images_of_a_json_body():
+    assert decode_b64("data:image/png;base64,aGk=", "image") == decode_b64("aGk=", "image") == b"hi"
+    assert _code(decode_b64, "not base64!", "images[1]") == "bad-image"
 
 
 def test_file_sources_are_confined(tmp_path):

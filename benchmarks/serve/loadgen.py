@@ -10,12 +10,18 @@ Two clients with the same result dict, so one can be checked against the other i
   arrived could wait for the GIL (16 threads share it) before stopping its clock, so its p99 at 16
   clients was partly its own (``benchmarks/loadgen_ab.py``: 28.8-29.3 ms against 18.1-18.2 ms on the
   same server). ``bench-serve --loadgen threads`` keeps it for comparison.
+
+:func:`run_cell` runs one of them in a subprocess (``python -m benchmarks.serve.loadgen SPEC``) and adds
+the CPU the server's processes spent in its measured window.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,8 +29,10 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from .accounting import command_line, cpu_seconds, role_of
 
-def _pct(xs: list[float], q: float) -> float:
+
+def percentile(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
 
@@ -64,8 +72,8 @@ class _Tally:
             "seconds": self.seconds,
             "requests": len(xs),
             "rps": len(xs) / self.seconds,
-            "p50_ms": 1e3 * _pct(xs, 50),
-            "p99_ms": 1e3 * _pct(xs, 99),
+            "p50_ms": 1e3 * percentile(xs, 50),
+            "p99_ms": 1e3 * percentile(xs, 99),
             "mean_ms": 1e3 * statistics.fmean(xs) if xs else float("nan"),
             "errors": sum(self.errors),
             "warmup_errors": sum(self.warm_errors),
@@ -203,3 +211,51 @@ def thread_loadgen(url: str, body: bytes, clients: int, warmup: float, seconds: 
 
 
 LOADGENS: dict[str, Callable[..., dict]] = {"asyncio": aio_loadgen, "threads": thread_loadgen}
+
+
+
+def run_cell(spec: dict, server: Callable[[int], list]) -> dict:
+    """One cell: the load generator (``spec`` as for :func:`main`) in a subprocess, and the
+    CPU the processes ``server(loadgen_pid)`` spent in its measured window, by role (``server_cpu_s``)."""
+    lg = subprocess.Popen([sys.executable, "-m", "benchmarks.serve.loadgen", json.dumps(spec)],
+                          stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        procs = server(lg.pid)
+        snaps, lines = [], []
+        for line in lg.stdout:
+            line = line.strip()
+            if line in ("go", "stop"):
+                snaps.append(cpu_seconds(procs))
+            elif line:
+                lines.append(line)
+        lg.wait(timeout=spec["warmup"] + spec["seconds"] + 120)
+    finally:
+        if lg.poll() is None:
+            lg.kill()
+            lg.wait()
+    r = json.loads(lines[-1])
+    if len(snaps) == 2:
+        by_role: dict[str, float] = {}
+        cmds = {p.pid: command_line(p) for p in procs}
+        for pid, c1 in snaps[1].items():
+            role = role_of(cmds.get(pid, ""))
+            by_role[role] = by_role.get(role, 0.0) + c1 - snaps[0].get(pid, c1)
+        r["server_cpu_s"] = by_role
+    return r
+
+
+def main(spec: dict) -> None:
+    """Run the load generator ``spec`` names; print the window's edges ("go", "stop") and the result as JSON."""
+    with open(spec["body_file"], "rb") as f:
+        body = f.read()
+
+    def edge(what: str) -> None:
+        print(what, flush=True)
+
+    gen = LOADGENS[spec.get("loadgen", "asyncio")]
+    r = gen(spec["url"], body, spec["clients"], spec["warmup"], spec["seconds"], on_window=edge)
+    print(json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":  # run_cell's subprocess: `python -m benchmarks.serve.loadgen SPEC_JSON`
+    main(json.loads(sys.argv[1]))

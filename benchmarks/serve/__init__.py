@@ -1,0 +1,1 @@
+"""``mergeserve bench-serve``: the serving benchmarks (peers, load generators, process accounting)."""
