@@ -6,8 +6,6 @@ control routes (domains, jobs, adapters, feedback, metrics) call the controller 
 """
 
 import asyncio
-import base64
-import binascii
 import functools
 import json
 from typing import Any, Literal
@@ -29,6 +27,7 @@ from . import auth, problems, sse
 from .archive import (
     Limits,
     cheap_to_decode,
+    decode_b64,
     decode_images,
     decode_opened,
     open_images,
@@ -151,13 +150,6 @@ def _parse(model: type, body: bytes) -> Any:
         raise _invalid(e.errors(include_url=False)) from None
 
 
-def _b64(s: str, what: str) -> bytes:
-    try:
-        return base64.b64decode(s.split(",", 1)[-1], validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise Problem(422, "bad-image", f"{what} is not valid base64") from e
-
-
 def _job_view(j: dict) -> dict:
     """A job row as the API shows it (:class:`~serving.schemas.Job`)."""
     progress = {"step": j["step"], "total": j["total"], "loss": j["loss"]}
@@ -244,9 +236,9 @@ class Model:
         else:
             req = _parse(ClassifyRequest, await request.body())
             if req.image is not None:
-                raws, single = [_b64(req.image, "image")], True
+                raws, single = [decode_b64(req.image, "image")], True
             elif req.images is not None:
-                raws, single = [_b64(s, f"images[{i}]") for i, s in enumerate(req.images)], False
+                raws, single = [decode_b64(s, f"images[{i}]") for i, s in enumerate(req.images)], False
             else:
                 raise Problem(422, "no-image", "send {'image': base64} or {'images': [base64, ...]} or multipart files")
         n_labels = len(self.cfg.class_names)
@@ -363,10 +355,10 @@ class Model:
         if req.items is not None:
             if len(req.items) > limit:
                 raise Problem(413, "too-many-questions", f"at most {limit} items per request")
-            raws = [_b64(it.image, f"items[{i}].image") for i, it in enumerate(req.items)]
+            raws = [decode_b64(it.image, f"items[{i}].image") for i, it in enumerate(req.items)]
             questions = [it.question for it in req.items]
         elif req.image is not None and req.question is not None:
-            raws, questions = [_b64(req.image, "image")], [req.question]
+            raws, questions = [decode_b64(req.image, "image")], [req.question]
         else:
             raise Problem(422, "no-question", "send {'image': base64, 'question': str} or {'items': [...]}")
         key = request.headers.get("x-client-id") or rid
