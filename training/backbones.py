@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import effnet
+from .registry import Registry
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,12 @@ class BackboneSpec:
     offline: bool = True  # builds and loads with no network (False: downloads from a hub)
 
 
-BACKBONES: dict[str, BackboneSpec] = {}
+BACKBONES: Registry[BackboneSpec] = Registry("backbone")
 
 
 def register_backbone(spec: BackboneSpec) -> BackboneSpec:
-    """Add a backbone to :data:`BACKBONES`."""
-    BACKBONES[spec.name] = spec
-    return spec
+    """Add a backbone to :data:`BACKBONES` under its own name."""
+    return BACKBONES.add(spec.name, spec)
 
 
 def _tiny_vit(embed_dim: int, depth: int, heads: int) -> Callable[[int], nn.Module]:
@@ -156,9 +156,7 @@ def get_spec(name: str) -> BackboneSpec:
     Raises:
         KeyError: for an unknown name, listing the registered ones.
     """
-    if name not in BACKBONES:
-        raise KeyError(f"unknown backbone {name!r}; registered: {sorted(BACKBONES)}")
-    return BACKBONES[name]
+    return BACKBONES.get(name)
 
 
 def create_backbone(
