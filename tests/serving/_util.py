@@ -44,7 +44,8 @@ def tiny_vilt() -> str:
     temp directory (deterministic bytes, written atomically)."""
     import tempfile
 
-    from training.tasks.vilt import VqaModelConfig, VqaPretrainConfig, pretrain_vqa
+    from training.recipes.vilt_scenes import VqaPretrainConfig, pretrain_vqa
+    from training.tasks.vilt import VqaModelConfig
 
     path = os.path.join(tempfile.gettempdir(), "mergeserve-tests", "tiny_vilt_v1.safetensors")
     if not os.path.exists(path):
@@ -59,7 +60,7 @@ def tiny_film() -> str:
     shared like :func:`tiny_vilt`."""
     import tempfile
 
-    from training.tasks.film_scenes import FilmPretrainConfig, pretrain_film
+    from training.recipes.film_scenes import FilmPretrainConfig, pretrain_film
 
     path = os.path.join(tempfile.gettempdir(), "mergeserve-tests", "tiny_film_v1")
     if not os.path.exists(os.path.join(path, "model.safetensors")):
