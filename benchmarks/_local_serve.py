@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from serving import bench as B
+from serving.ports import free_port
 
 
 def classify_body(tmp: str, images: int) -> str:
@@ -35,12 +36,12 @@ def local_mergeserve(backbone: str, direct: bool = True,
     from serving.config import ServerConfig
 
     tmp = tempfile.mkdtemp(prefix="msab-")
-    B._ray_env(tmp, direct_port=B._free_port() if direct else None)
+    B._ray_env(tmp, direct_port=free_port() if direct else None)
     cfg = ServerConfig.model_validate({"data_dir": f"{tmp}/data", "bootstrap": [], "backbone": backbone,
                                        "vqa": {"enabled": False}, **(config or {})})
     ray.init(namespace="mergeserve", include_dashboard=False, log_to_driver=False, num_cpus=4)
     try:
-        port = B._free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(cfg.model_dump(mode="json")), name="mergeserve", route_prefix="/")
         base = f"http://127.0.0.1:{port}"

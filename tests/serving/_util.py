@@ -1,6 +1,5 @@
 import io
 import os
-import socket
 import tarfile
 import time
 
@@ -10,12 +9,6 @@ from PIL import Image
 
 TOKEN = "test-token"
 CLASSES = ["a", "b", "c"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(cls: int, seed: int, shift: int = 0) -> bytes:
