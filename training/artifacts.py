@@ -216,3 +216,14 @@ def builder(name: str) -> Callable[[str], object] | None:
     if name not in BUILDERS:
         importlib.import_module(RECIPES)
     return BUILDERS.get(name) if name in BUILDERS else None
+
+
+def ensure_default(name: str, path: str, sidecar: str, target: str | None = None) -> bool:
+    """:func:`ensure_weights` of ``name``'s default weights with its registered builder (looked up only when
+    the weights are missing or corrupt); False when they are and ``name`` has no builder."""
+    if verified(path, sidecar):
+        return True
+    build = builder(name)
+    if build is not None:
+        ensure_weights(path, sidecar, build, target)
+    return build is not None

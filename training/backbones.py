@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import effnet
-from .artifacts import builder, ensure_weights, sha256_file
+from .artifacts import ensure_default, sha256_file
 from .registry import Registry
 
 
@@ -218,8 +218,7 @@ def _ensure_default(name: str, path: str) -> str:
     cached = cached_weights_path(name)
     if os.path.exists(path) and path != cached:
         return path  # shipped or installed weights: nothing to build
-    build = builder(name)
-    return path if build is None else ensure_weights(cached, sidecar_path(cached), build)
+    return cached if ensure_default(name, cached, sidecar_path(cached)) else path
 
 
 def freeze_batch_norm(model: nn.Module) -> nn.Module:

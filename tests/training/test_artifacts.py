@@ -173,7 +173,7 @@ def test_create_backbone_builds_missing_default_weights_with_the_registered_buil
         built.append(out)
         save_with_provenance(out, shipped, {"test": True}, backbones.sidecar_path(out))
 
-    monkeypatch.setattr(backbones, "builder", lambda name: build if name == "vit_tiny_offline" else None)
+    monkeypatch.setattr(artifacts, "builder", lambda name: build if name == "vit_tiny_offline" else None)
     model = backbones.create_backbone("vit_tiny_offline", 3)
     assert built == [backbones.offline_weights_path()]
     torch.testing.assert_close(model.state_dict()["pos_embed"], shipped["pos_embed"])

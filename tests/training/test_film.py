@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, BertTokenizerFast
 
 import merge
+from training import artifacts
 from training.data import load_benchmark
 from training.data.scenes import ANSWERS, VqaSamples, make_family
 from training.lora import LoraSettings, get_adapter, materialise, set_adapter
@@ -179,6 +180,28 @@ def test_missing_weights(tmp_path, monkeypatch):
         fs.load_film(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError):
         fs.load_film(ensure_pretrained=False)
+
+
+def test_missing_or_corrupt_cached_weights_are_built_by_the_registered_recipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGESERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(fs, "SHIPPED", tmp_path / "not-shipped")
+    built = []
+
+    def build(out: str) -> None:  # the registered recipe, on a tiny config
+        built.append(out)
+        fr.pretrain_film(out, tiny_recipe(), progress=False)
+
+    monkeypatch.setattr(artifacts, "builder", lambda name: build if name == fs.NAME else None)
+    fs.load_film()
+    assert built == [fs.weights_path()]
+    fs.load_film()
+    assert len(built) == 1  # verified against provenance.json: not rebuilt
+    with open(os.path.join(fs.weights_path(), fs.WEIGHTS), "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        f.write(b"\x01" if f.read(1) == b"\x00" else b"\x00")
+    fs.load_film()
+    assert len(built) == 2 and artifacts.verified(os.path.join(fs.weights_path(), fs.WEIGHTS),
+                                                  os.path.join(fs.weights_path(), fs.PROVENANCE))
 
 
 def test_shipped_model_is_the_default_and_matches_its_checksum():

@@ -65,8 +65,8 @@ def load_film(path: str | None = None, ensure_pretrained: bool = True) -> tuple[
         FileNotFoundError: the weights are missing and not buildable.
     """
     path = path or default_weights()
-    if ensure_pretrained and path == weights_path() and (build := artifacts.builder(NAME)):
-        artifacts.ensure_weights(os.path.join(path, WEIGHTS), os.path.join(path, PROVENANCE), build, target=path)
+    if ensure_pretrained and path == weights_path():
+        artifacts.ensure_default(NAME, os.path.join(path, WEIGHTS), os.path.join(path, PROVENANCE), target=path)
     if not os.path.exists(os.path.join(path, WEIGHTS)):
         raise FileNotFoundError(f"VQA weights not found: {path} (run: mergeserve pretrain-vqa)")
     register_auto()

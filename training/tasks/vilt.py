@@ -141,8 +141,8 @@ def load_vilt(
         FileNotFoundError: the weights are missing and not buildable.
     """
     path = path or default_weights()
-    if ensure_pretrained and path == weights_path() and (build := artifacts.builder(NAME)):
-        artifacts.ensure_weights(path, sidecar(path, ".json"), build)
+    if ensure_pretrained and path == weights_path():
+        artifacts.ensure_default(NAME, path, sidecar(path, ".json"))
     if not os.path.exists(path):
         raise FileNotFoundError(f"VQA weights not found: {path} (run: mergeserve pretrain-vqa --model {NAME})")
     prov = read_provenance(path)
