@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from training.artifacts import BUILDERS
 from training.backbones import BACKBONES, get_spec
 from training.configs import ALL_METHODS
 from training.data import BENCHMARKS, load_benchmark
+from training.recipes.vqa import RECIPES
 from training.registry import Registry
 from training.strategies import STRATEGIES
 from training.tasks import TASKS, get_task
@@ -17,6 +19,8 @@ REGISTRIES = {
     "benchmark": (BENCHMARKS, load_benchmark, {"digits5", "folder", "scenes_vqa"}),
     "task": (TASKS, get_task, {"vqa", "vlm"}),
     "method": (STRATEGIES, STRATEGIES.get, {"finetune", "pam", "adaptive", "joint"}),
+    "weights builder": (BUILDERS, BUILDERS.get, {"vit_tiny_offline", "vilt_scenes", "film_scenes"}),
+    "VQA model": (RECIPES, RECIPES.get, {"vilt_scenes", "film_scenes"}),
 }
 
 
