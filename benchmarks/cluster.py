@@ -54,17 +54,13 @@ import psutil
 import yaml
 from PIL import Image
 
+from serving.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CLASSES = ["a", "b", "c"]
 TOKEN = "cluster-check-token"
 ROLE_LABEL = "mergeserve-role"  # node label: "serving" on the head, "gpu-worker" on the GPU node
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def archive(n_per_class: int = 20) -> bytes:

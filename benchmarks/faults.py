@@ -22,7 +22,6 @@ import collections
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,19 +33,15 @@ import numpy as np
 import psutil
 from PIL import Image
 
+from serving.ports import free_port
+
 BIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv", "bin", "mergeserve")
 SCENARIOS = ["replica", "controller", "worker", "term-tree", "kill-tree", "term-driver", "kill-driver"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, root: str) -> None:
-        self.root, self.port, self.direct = root, _free_port(), _free_port()
+        self.root, self.port, self.direct = root, free_port(), free_port()
         self.url, self.proc = f"http://127.0.0.1:{self.port}", None
 
     def start(self) -> float:

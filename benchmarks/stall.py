@@ -14,7 +14,6 @@ import base64
 import gzip
 import io
 import os
-import socket
 import struct
 import sys
 import tarfile
@@ -27,11 +26,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serving.ports import free_port
 
 
 def _png(w: int = 32, h: int = 32) -> bytes:
@@ -83,7 +78,7 @@ def main() -> int:
     token = "stall-token"
     cfg = {"data_dir": data, "backbone": "vit_test", "bootstrap": [], "auth_token": token, "source_roots": [root]}
     ray.init(namespace="mergeserve", include_dashboard=False, log_to_driver=False)
-    port = _port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="mergeserve", route_prefix="/")
     url, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}

@@ -18,7 +18,6 @@ import base64
 import copy
 import json
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -27,6 +26,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from serving.ports import free_port  # noqa: E402
 
 
 def questions_per_second(batches: tuple[int, ...] = (1, 32), seconds: float = 2.0, rounds: int = 5,
@@ -71,12 +72,6 @@ def questions_per_second(batches: tuple[int, ...] = (1, 32), seconds: float = 2.
     return rows
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def ingest_while_asking(family: str = "where", n: int = 1250) -> dict:
     """Start the server, ingest one VQA family over HTTP while one client keeps asking; the numbers."""
     import httpx
@@ -98,7 +93,7 @@ def ingest_while_asking(family: str = "where", n: int = 1250) -> dict:
         question = json.loads(tf.extractfile("questions.jsonl").readline())["question"]
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(namespace="mergeserve", include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     t0 = time.time()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"data_dir": data, "bootstrap": [], "vqa": {"bootstrap": []}}), name="mergeserve",

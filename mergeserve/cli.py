@@ -12,8 +12,8 @@ from . import __version__
 #: subcommand -> (module, help). The module defines ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mergeserve.demo", "merge random LoRA task vectors with every method and print a table"),
-    "pretrain": ("training.pretrain", "pretrain the offline default backbone on procedural letters+shapes"),
-    "pretrain-vqa": ("training.tasks.pretrain_vqa", "pretrain an offline VQA model (--model film_scenes, the "
+    "pretrain": ("training.recipes.backbone", "pretrain the offline default backbone on procedural letters+shapes"),
+    "pretrain-vqa": ("training.recipes.vqa", "pretrain an offline VQA model (--model film_scenes, the "
                      "default, or vilt_scenes) on scenes questions"),
     "bench": ("training.bench", "run a continual-learning benchmark protocol and print the paper-style table"),
     "serve": ("serving.app", "start the Ray Serve application (in-process Ray unless --address)"),

@@ -7,7 +7,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import sys
 import time
 import urllib.request
@@ -21,6 +20,7 @@ from .api import Model, TaskModel
 from .config import ServerConfig, TaskServing, VqaServing
 from .controller import get_or_create_controller
 from .pipeline import Submission, check_labels
+from .ports import free_port
 
 
 def replica_env() -> dict[str, str]:
@@ -158,9 +158,7 @@ def ray_env(direct_port: int | None = None) -> None:
             # (8500, 9101, 8404); free ones let two servers, or a server and the tests, share a host
             for key in HAPROXY_SIDE_PORTS:
                 if key not in os.environ:
-                    with socket.socket() as sock:
-                        sock.bind(("127.0.0.1", 0))
-                        os.environ[key] = str(sock.getsockname()[1])
+                    os.environ[key] = str(free_port())
 
 
 def direct_ports(host: str = "127.0.0.1", app: str = "mergeserve", first: int | None = None) -> list[int]:

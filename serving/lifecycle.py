@@ -45,6 +45,8 @@ from typing import IO
 
 import psutil
 
+from training.artifacts import write_json
+
 TAG = "MERGESERVE_RUN"
 LOCK = "server.lock"
 TMP_PREFIX = "ms-run-"  # short: HAProxy refuses socket paths over 97 bytes, and adds a 56-byte node id
@@ -160,19 +162,12 @@ def reap(tag: str, driver: int, procs_file: str, tmp: str, stdin: IO[bytes], eve
             continue
         if not now <= known:
             known |= now
-            _write(procs_file, sorted(known))
+            write_json(procs_file, sorted(known))  # atomic: the next start reads it
     kill_known(known)
     kill_tagged(tag)  # this run only: a later run on the same data dir has another run id
     shutil.rmtree(tmp, ignore_errors=True)
     if os.path.exists(procs_file):
         os.remove(procs_file)
-
-
-def _write(path: str, obj: object) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 # --- the next start ------------------------------------------------------------------------------

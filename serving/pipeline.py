@@ -179,18 +179,10 @@ def save_domain(
     meta = None if questions is None else {k: json.dumps(v) for k, v in questions.items()}
     from safetensors.numpy import save_file
 
-    path = domain_file(cfg, name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp, metadata=meta)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    from training.artifacts import atomic_write
+
+    atomic_write(domain_file(cfg, name),
+                 lambda p: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, p, metadata=meta))
 
 
 def check_labels(cfg: ServerConfig, db: StateDB | None = None) -> None:

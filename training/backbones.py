@@ -28,6 +28,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import effnet
+from .artifacts import ensure_default, sha256_file
+from .registry import Registry
 
 
 @dataclass(frozen=True)
@@ -51,13 +53,12 @@ class BackboneSpec:
     offline: bool = True  # builds and loads with no network (False: downloads from a hub)
 
 
-BACKBONES: dict[str, BackboneSpec] = {}
+BACKBONES: Registry[BackboneSpec] = Registry("backbone")
 
 
 def register_backbone(spec: BackboneSpec) -> BackboneSpec:
-    """Add a backbone to :data:`BACKBONES`."""
-    BACKBONES[spec.name] = spec
-    return spec
+    """Add a backbone to :data:`BACKBONES` under its own name."""
+    return BACKBONES.add(spec.name, spec)
 
 
 def _tiny_vit(embed_dim: int, depth: int, heads: int) -> Callable[[int], nn.Module]:
@@ -82,9 +83,19 @@ def cache_dir() -> str:
     return os.environ.get("MERGESERVE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mergeserve"))
 
 
+def cached_weights_path(name: str) -> str:
+    """Where built weights of backbone ``name`` are cached (may not exist)."""
+    return os.path.join(cache_dir(), "backbones", f"{name}.safetensors")
+
+
 def offline_weights_path() -> str:
     """Path of the cached ``vit_tiny_offline`` weights: ``mergeserve pretrain``'s default output (may not exist)."""
-    return os.path.join(cache_dir(), "backbones", "vit_tiny_offline.safetensors")
+    return cached_weights_path("vit_tiny_offline")
+
+
+def sidecar_path(weights: str) -> str:
+    """The provenance JSON beside a ``.safetensors`` file (same name, ``.json``)."""
+    return weights[: -len(".safetensors")] + ".json"
 
 
 ASSETS = Path(__file__).parent / "assets"  # package data (pyproject: [tool.setuptools.package-data])
@@ -100,10 +111,8 @@ def _vit_tiny_weights() -> str:
     cached, shipped = offline_weights_path(), shipped_weights_path("vit_tiny_offline")
     if not os.path.exists(cached):
         return shipped
-    sidecar = shipped[: -len(".safetensors")] + ".json"
+    sidecar = sidecar_path(shipped)
     if os.path.exists(sidecar):
-        from .store import sha256_file
-
         with open(sidecar) as f:
             want = json.load(f).get("sha256")
         if want and sha256_file(cached) != want:  # e.g. another torch version or thread count
@@ -156,9 +165,7 @@ def get_spec(name: str) -> BackboneSpec:
     Raises:
         KeyError: for an unknown name, listing the registered ones.
     """
-    if name not in BACKBONES:
-        raise KeyError(f"unknown backbone {name!r}; registered: {sorted(BACKBONES)}")
-    return BACKBONES[name]
+    return BACKBONES.get(name)
 
 
 def create_backbone(
@@ -172,8 +179,10 @@ def create_backbone(
         weights: Explicit safetensors file of this model; default: the spec's own (for
             ``vit_tiny_offline`` the shipped file, or the cached one when it exists).
         seed: Seed of the head initialisation, so every method starts from the same model.
-        ensure_pretrained: Pretrain missing ``vit_tiny_offline`` weights into the cache (minutes) instead
-            of failing; only reached when the shipped file is missing from the install.
+        ensure_pretrained: Build the default weights into the cache (minutes: the backbone's registered
+            builder, :data:`training.artifacts.BUILDERS`) when they are missing, or when the cached file does
+            not match its checksum, instead of failing; for ``vit_tiny_offline`` only reached when the shipped
+            file is missing from the install.
 
     Raises:
         KeyError: unknown backbone. FileNotFoundError: weights missing and not buildable.
@@ -183,14 +192,11 @@ def create_backbone(
         torch.manual_seed(seed)  # a random trunk (vit_test) is then identical in every process
         model = spec.build(num_classes)
     path = weights or spec.weights()
+    if path and not weights and ensure_pretrained:
+        path = _ensure_default(name, path)
     if path:
         if not os.path.exists(path):
-            if weights or not ensure_pretrained or name != "vit_tiny_offline":
-                raise FileNotFoundError(f"backbone weights not found: {path}")
-            from .pretrain import pretrain
-
-            path = offline_weights_path()
-            pretrain(out=path)
+            raise FileNotFoundError(f"backbone weights not found: {path}")
         if path.endswith(".safetensors") or spec.read_weights is None:
             sd = load_file(path)
         else:
@@ -204,6 +210,15 @@ def create_backbone(
         torch.manual_seed(seed)
         model.reset_classifier(num_classes)
     return freeze_batch_norm(model)
+
+
+def _ensure_default(name: str, path: str) -> str:
+    """The default weights ``path`` of backbone ``name``, built into the cache when they are missing or the
+    cached file is corrupt, where ``name`` has a builder; else ``path`` as it is."""
+    cached = cached_weights_path(name)
+    if os.path.exists(path) and path != cached:
+        return path  # shipped or installed weights: nothing to build
+    return cached if ensure_default(name, cached, sidecar_path(cached)) else path
 
 
 def freeze_batch_norm(model: nn.Module) -> nn.Module:

@@ -7,12 +7,13 @@ buffer back as a domain of the same kind, so a task's own batches and loss fit t
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .artifacts import atomic_write
 
 if TYPE_CHECKING:
     from .data import Domain
@@ -130,9 +131,7 @@ class ReplayBuffer:
         }
         if self.questions:  # one per image, in the tensors' order
             meta["questions"] = json.dumps([q for k in keys for q in self.questions[k]])
-        tmp = path + ".tmp"
-        save_file({"x": x.contiguous(), "y": y, "domain": d}, tmp, metadata=meta)
-        os.replace(tmp, path)
+        atomic_write(path, lambda p: save_file({"x": x.contiguous(), "y": y, "domain": d}, p, metadata=meta))
 
     @classmethod
     def load(cls, path: str) -> ReplayBuffer:

@@ -8,18 +8,10 @@ from .hyper import base_method, parse_bench_hyper
 from .lora import LoraSettings
 from .strategies import STRATEGIES, TrainSettings
 
-ALL_METHODS = [
-    "finetune",
-    "average",
-    "ties",
-    "tall",
-    "magmax",
-    "pam",
-    "adaptive",
-    "pam_adaptive",
-    "joint",
-    "independent",
-]
+#: the oracles that see more than a continual learner may (all domains' data, one adapter per domain): listed last
+_ORACLES = ("joint", "independent")
+#: every registered strategy, in registration order, the oracles last
+ALL_METHODS = [m for m in STRATEGIES if m not in _ORACLES] + [m for m in _ORACLES if m in STRATEGIES]
 
 
 class BenchConfig(BaseModel):

@@ -1,14 +1,13 @@
 """Adapter store: safetensors weights + a JSON manifest per adapter, written atomically, checksummed.
 
 Layout under ``root``: ``<name>.safetensors`` and ``<name>.json``. The weights are written to a temporary
-name, fsynced and renamed, then the manifest (which carries the weights' SHA-256) the same way; an
-adapter exists only once its manifest does, so a crash never exposes a half-written adapter. Loading
-verifies the checksum and the manifest schema. Never pickle.
+name, fsynced and renamed (:func:`training.artifacts.atomic_write`), then the manifest (which carries the
+weights' SHA-256) the same way; an adapter exists only once its manifest does, so a crash never exposes a
+half-written adapter. Loading verifies the checksum and the manifest schema. Never pickle.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
+from .artifacts import atomic_write, sha256_file, write_text
 from .settings import LoraSettings
 
 if TYPE_CHECKING:
@@ -44,27 +44,6 @@ class AdapterManifest(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     created: float = Field(default_factory=time.time)
     sha256: str = ""  # of the .safetensors file; filled in by the store
-
-
-def sha256_file(path: str) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: str, write: callable) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class AdapterStore:
@@ -94,13 +73,13 @@ class AdapterStore:
         if all(isinstance(v, np.ndarray) for v in tensors.values()):  # a caller without torch (the controller)
             from safetensors.numpy import save_file as save_numpy
 
-            _atomic_write(w, lambda p: save_numpy({k: np.ascontiguousarray(v) for k, v in tensors.items()}, p))
+            atomic_write(w, lambda p: save_numpy({k: np.ascontiguousarray(v) for k, v in tensors.items()}, p))
         else:
             from safetensors.torch import save_file  # torch only where tensors are written
 
-            _atomic_write(w, lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, p))
+            atomic_write(w, lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, p))
         manifest = manifest.model_copy(update={"sha256": sha256_file(w)})
-        _atomic_write(m, lambda p: open(p, "w").write(manifest.model_dump_json(indent=2)))
+        write_text(m, manifest.model_dump_json(indent=2))
         return manifest
 
     def manifest(self, name: str) -> AdapterManifest:

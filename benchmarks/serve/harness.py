@@ -12,18 +12,12 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 
 import numpy as np
 
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serving.ports import free_port  # noqa: F401  (re-exported: the benchmark scripts import it from here)
 
 
 def private_ray_env(tmp: str, direct_port: int | None = None) -> None:

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -18,15 +17,11 @@ import httpx
 import numpy as np
 from PIL import Image, ImageDraw
 
+from serving.ports import free_port
+
 REPO = Path(__file__).parents[2]
 PRODUCT = REPO / ".venv"  # built by `make install` / `make serve` / `make test`: the product alone
 TIMINGS: list[tuple[str, float]] = []  # (step, seconds), printed at the end of the run (conftest.py)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def product_env(**extra: str) -> dict[str, str]:

@@ -18,7 +18,9 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _prom import ALERTS, DEPLOY, Prometheus, free_port, tool  # noqa: E402
+from _prom import ALERTS, DEPLOY, Prometheus, tool  # noqa: E402
+
+from serving.ports import free_port  # noqa: E402
 
 ALERTMANAGER = DEPLOY / "alertmanager.yml"
 WEBHOOK = DEPLOY / "alert_webhook.py"

@@ -1,7 +1,6 @@
 import io
 import json
 import os
-import socket
 import sys
 import tarfile
 import time
@@ -15,12 +14,6 @@ from training.data.scenes import ANSWERS, make_family
 
 TOKEN = "test-token"
 CLASSES = ["a", "b", "c"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(cls: int, seed: int, shift: int = 0) -> bytes:
@@ -49,7 +42,8 @@ def tiny_vilt() -> str:
     temp directory (deterministic bytes, written atomically)."""
     import tempfile
 
-    from training.tasks.vilt import VqaModelConfig, VqaPretrainConfig, pretrain_vqa
+    from training.recipes.vilt_scenes import VqaPretrainConfig, pretrain_vqa
+    from training.tasks.vilt import VqaModelConfig
 
     path = os.path.join(tempfile.gettempdir(), "mergeserve-tests", "tiny_vilt_v1.safetensors")
     if not os.path.exists(path):
@@ -64,7 +58,7 @@ def tiny_film() -> str:
     shared like :func:`tiny_vilt`."""
     import tempfile
 
-    from training.tasks.film_scenes import FilmPretrainConfig, pretrain_film
+    from training.recipes.film_scenes import FilmPretrainConfig, pretrain_film
 
     path = os.path.join(tempfile.gettempdir(), "mergeserve-tests", "tiny_film_v1")
     if not os.path.exists(os.path.join(path, "model.safetensors")):

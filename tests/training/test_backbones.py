@@ -26,7 +26,7 @@ from training.lora import (
     target_module_names,
     to_delta,
 )
-from training.pretrain import PretrainConfig
+from training.recipes.backbone import PretrainConfig
 from training.store import sha256_file
 
 OFFLINE = [n for n, s in BACKBONES.items() if s.offline]

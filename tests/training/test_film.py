@@ -1,5 +1,6 @@
-"""``film_scenes``: the FiLM VQA model (training/tasks/film.py), its pretraining and files
-(training/tasks/film_scenes.py) and its task (training/tasks/vqa.py: FilmVqaTask), on a tiny config."""
+"""``film_scenes``: the FiLM VQA model (training/tasks/film.py), its files (training/tasks/film_scenes.py),
+its pretraining (training/recipes/film_scenes.py) and its task (training/tasks/vqa.py: FilmVqaTask), on a tiny
+config."""
 
 import copy
 import hashlib
@@ -13,9 +14,11 @@ from safetensors.torch import load_file
 from transformers import AutoModel, BertTokenizerFast
 
 import merge
+from training import artifacts
 from training.data import load_benchmark
 from training.data.scenes import ANSWERS, VqaSamples, make_family
 from training.lora import LoraSettings, get_adapter, materialise, set_adapter
+from training.recipes import film_scenes as fr
 from training.tasks import Task, attach_lora, evaluate, get_task, predict, prepare
 from training.tasks import film_scenes as fs
 from training.tasks.film import FilmVqaConfig, FilmVqaModel, register_auto
@@ -28,8 +31,8 @@ TINY = {"embed_dim": 8, "question_dim": 16, "channels": 8, "blocks": 2, "classif
 SETTINGS = LoraSettings(rank=2, alpha=4.0)
 
 
-def tiny_recipe(**kw) -> fs.FilmPretrainConfig:
-    return fs.FilmPretrainConfig(model=TINY, steps=3, batch_size=8, n_per_family=6, n_test=4, **kw)
+def tiny_recipe(**kw) -> fr.FilmPretrainConfig:
+    return fr.FilmPretrainConfig(model=TINY, steps=3, batch_size=8, n_per_family=6, n_test=4, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -153,15 +156,15 @@ def test_save_pretrained_round_trip(task, samples, tmp_path):
 def test_pretraining_is_deterministic_and_ships_provenance(tmp_path, monkeypatch):
     monkeypatch.setenv("MERGESERVE_CACHE", str(tmp_path / "cache"))
     out = fs.weights_path()
-    prov = fs.pretrain_film(out, tiny_recipe(), progress=False)
-    assert prov["config"]["families"] == list(fs.BASE_FAMILIES) and prov["answers"] == ANSWERS
+    prov = fr.pretrain_film(out, tiny_recipe(), progress=False)
+    assert prov["config"]["families"] == list(fr.BASE_FAMILIES) and prov["answers"] == ANSWERS
     assert set(prov["heldout_acc"]) >= {"where", "count", "rel_shape"}  # the new families' zero-shot too
     weights = os.path.join(out, fs.WEIGHTS)
     assert prov["sha256"] == hashlib.sha256(open(weights, "rb").read()).hexdigest()
     assert json.load(open(os.path.join(out, fs.PROVENANCE))) == prov
     assert fs.read_provenance(out) == {k: v for k, v in prov.items() if k != "sha256"}
     again = str(tmp_path / "again")
-    fs.pretrain_film(again, tiny_recipe(), progress=False)  # the file differs only in its wall-time record
+    fr.pretrain_film(again, tiny_recipe(), progress=False)  # the file differs only in its wall-time record
     first, second = load_file(weights), load_file(os.path.join(again, fs.WEIGHTS))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)  # seeded
     model, tok, p = fs.load_film()  # the default: the cache
@@ -179,6 +182,28 @@ def test_missing_weights(tmp_path, monkeypatch):
         fs.load_film(ensure_pretrained=False)
 
 
+def test_missing_or_corrupt_cached_weights_are_built_by_the_registered_recipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGESERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(fs, "SHIPPED", tmp_path / "not-shipped")
+    built = []
+
+    def build(out: str) -> None:  # the registered recipe, on a tiny config
+        built.append(out)
+        fr.pretrain_film(out, tiny_recipe(), progress=False)
+
+    monkeypatch.setattr(artifacts, "builder", lambda name: build if name == fs.NAME else None)
+    fs.load_film()
+    assert built == [fs.weights_path()]
+    fs.load_film()
+    assert len(built) == 1  # verified against provenance.json: not rebuilt
+    with open(os.path.join(fs.weights_path(), fs.WEIGHTS), "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        f.write(b"\x01" if f.read(1) == b"\x00" else b"\x00")
+    fs.load_film()
+    assert len(built) == 2 and artifacts.verified(os.path.join(fs.weights_path(), fs.WEIGHTS),
+                                                  os.path.join(fs.weights_path(), fs.PROVENANCE))
+
+
 def test_shipped_model_is_the_default_and_matches_its_checksum():
     """The package ships the default model: files, provenance and checksum agree."""
     assert (fs.SHIPPED / fs.WEIGHTS).exists(), "training/assets/film_scenes/ is package data"
@@ -189,7 +214,7 @@ def test_shipped_model_is_the_default_and_matches_its_checksum():
     assert get_task("vqa").model_name == "film_scenes"
     pyproject = (fs.SHIPPED.parents[2] / "pyproject.toml").read_text()
     assert '"assets/film_scenes/*"' in pyproject  # shipped by pip install .
-    recipe = fs.FilmPretrainConfig()
+    recipe = fr.FilmPretrainConfig()
     assert {k: prov["config"][k] for k in ("steps", "n_per_family", "seed", "threads")} == {
         "steps": recipe.steps, "n_per_family": recipe.n_per_family, "seed": recipe.seed, "threads": recipe.threads}
 
@@ -205,10 +230,10 @@ def test_extra_answers_are_new_rows_a_lora_learns(tmp_path):
     from serving.archive import read_vqa_domain  # noqa: F401  (the upload check reads the model's answers)
 
     out = str(tmp_path / "film")
-    prov = fs.pretrain_film(out, tiny_recipe(extra_answers=("pink",)), progress=False)
+    prov = fr.pretrain_film(out, tiny_recipe(extra_answers=("pink",)), progress=False)
     assert prov["answers"] == [*ANSWERS, "pink"]
     with pytest.raises(ValueError, match="distinct"):
-        fs.answer_vocabulary(("red",))
+        fr.answer_vocabulary(("red",))
     task = get_task("vqa", weights=out)
     assert task.answers[-1] == "pink" and task.encode_answers(["pink", "red"]).tolist() == [len(ANSWERS), 0]
     s = make_family("color", 48, seed=5)

@@ -291,7 +291,8 @@ def test_run_dil_with_a_task(tmp_path):
     """``bench dil`` builds the task's model when the config names a task (the scenes_vqa preset, shrunk)."""
     from training.bench import run_dil
     from training.configs import CONFIGS
-    from training.tasks.vilt import VqaModelConfig, VqaPretrainConfig, pretrain_vqa
+    from training.recipes.vilt_scenes import VqaPretrainConfig, pretrain_vqa
+    from training.tasks.vilt import VqaModelConfig
 
     w = str(tmp_path / "vilt.safetensors")
     pretrain_vqa(w, VqaPretrainConfig(model=VqaModelConfig(hidden=32, layers=2, heads=2, mlp=64, image_size=32,
@@ -323,7 +324,7 @@ def test_run_dil_seeds_vary_the_data_and_pair_runs(tmp_path):
     adaptive methods through the task's loss, paired intervals and a table that names its ddof."""
     from training.bench import format_table, run_dil
     from training.configs import CONFIGS
-    from training.tasks.film_scenes import FilmPretrainConfig, pretrain_film
+    from training.recipes.film_scenes import FilmPretrainConfig, pretrain_film
 
     w = str(tmp_path / "film")
     tiny = {"embed_dim": 8, "question_dim": 16, "channels": 8, "blocks": 2, "classifier_channels": 16, "hidden": 16,

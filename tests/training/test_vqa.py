@@ -13,15 +13,14 @@ import merge
 from training.data import load_benchmark
 from training.data.scenes import ANSWERS, FAMILIES, VqaSamples, make_family
 from training.lora import LoraSettings, materialise
+from training.recipes.vilt_scenes import VqaPretrainConfig, pretrain_vqa
 from training.tasks import TASKS, Task, attach_lora, evaluate, get_task, predict, vilt
 from training.tasks.probe import probe
 from training.tasks.vilt import (
     VOCAB_DIR,
     VqaModelConfig,
-    VqaPretrainConfig,
     build_vilt,
     load_vilt,
-    pretrain_vqa,
     tokenizer_from_vocab,
     weights_path,
 )

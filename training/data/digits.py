@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from . import Benchmark, Domain, register_benchmark
+from .base import Benchmark, Domain, register_benchmark
 from .images import SIZE, fit, split, to_chw
 
 CLASSES = [str(i) for i in range(10)]

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..settings import IMAGE_EXTS
-from . import Benchmark, Domain, register_benchmark
+from .base import Benchmark, Domain, register_benchmark
 from .images import split
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from . import Benchmark, Domain, register_benchmark
+from .base import Benchmark, Domain, register_benchmark
 from .digits import _font, _fonts
 from .images import to_chw
 

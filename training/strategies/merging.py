@@ -133,5 +133,5 @@ class MergeLearner(FineTune):
             set_adapter(self.learner.model, merged)
 
 
-for _method in ("average", "pam", "ties", "tall", "magmax"):
+for _method in ("average", "ties", "tall", "magmax", "pam"):  # registration order = ALL_METHODS order
     register_parsed(_method, lambda ctx, h, m=_method: MergeLearner(ctx, m, h))

@@ -10,8 +10,8 @@ import torch
 from ..data import Domain
 from ..hyper import BENCH_HYPER, TrainHyper, parse_bench_hyper
 from ..lora import get_adapter, set_adapter
-from . import Strategy, register_strategy
 from .base import LearnerContext, LoraLearner
+from .protocol import Strategy, register_strategy
 
 
 def train_context(ctx: LearnerContext, hyper: TrainHyper | None) -> LearnerContext:

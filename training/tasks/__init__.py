@@ -122,17 +122,10 @@ def prepare(task: Task | None, domain: Any) -> Any:
 
 
 TaskFactory = Callable[..., Task]
-TASKS: dict[str, TaskFactory] = {}
+from ..registry import Registry  # noqa: E402  (here, not above: the Task protocol part is edited elsewhere)
 
-
-def register_task(name: str) -> Callable[[TaskFactory], TaskFactory]:
-    """Decorator adding a task factory to :data:`TASKS` (timm's ``@register_model`` pattern)."""
-
-    def deco(fn: TaskFactory) -> TaskFactory:
-        TASKS[name] = fn
-        return fn
-
-    return deco
+TASKS: Registry[TaskFactory] = Registry("task")
+register_task = TASKS.register  # decorator: ``@register_task("name")``
 
 
 def get_task(name: str, **kwargs: Any) -> Task:
@@ -141,9 +134,7 @@ def get_task(name: str, **kwargs: Any) -> Task:
     Raises:
         KeyError: for an unknown name, listing the registered ones.
     """
-    if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; registered: {sorted(TASKS)}")
-    return TASKS[name](**kwargs)
+    return TASKS.get(name)(**kwargs)
 
 
 def _targets(names: list[str], leaves: tuple[str, ...] | None) -> list[str]:

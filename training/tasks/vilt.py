@@ -1,4 +1,4 @@
-"""The offline VQA model: a tiny ViLT, its tokenizer, and reproducible pretraining on ``scenes_vqa``.
+"""The offline VQA model: a tiny ViLT, its tokenizer, and its loader (pretrained on ``scenes_vqa``).
 
 ``ViltForQuestionAnswering`` built from a config object (no download): 64 px images in 8 px patches and
 the question share one 4-layer transformer; the answer is a classification over a fixed answer vocabulary
@@ -8,32 +8,26 @@ folds into the weights. The tokenizer is ``BertTokenizerFast`` over the project'
 
 Pretraining covers *all* question families with the whole answer vocabulary, so the answer head is trained
 once and then frozen and shared by every domain's LoRA (training a head per domain is the known trap: a
-head tuned on counting answers numbers to colour questions). Run ``python -m training.tasks.vilt``; the
-``vqa`` task also builds it on first use. Cached under ``cache_dir()/backbones/``: ``vilt_scenes.safetensors``
-(provenance in its metadata), ``vilt_scenes.json`` (the same provenance plus the file's sha256) and
-``vilt_scenes.tokenizer/``. The same three files under ``training/assets/`` (shipped with the package) are used
-when no cached file exists.
+head tuned on counting answers numbers to colour questions). Run ``mergeserve pretrain-vqa --model
+vilt_scenes`` (the recipe: :mod:`training.recipes.vilt_scenes`); the ``vqa`` task also builds it on first
+use. Cached under ``cache_dir()/backbones/``: ``vilt_scenes.safetensors`` (provenance in its metadata),
+``vilt_scenes.json`` (the same provenance plus the file's sha256) and ``vilt_scenes.tokenizer/``. The same
+three files under ``training/assets/`` (shipped with the package) are used when no cached file exists.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shutil
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import BertTokenizerFast, ViltConfig, ViltForQuestionAnswering
 
-from ..data.scenes import ANSWERS, FAMILIES, VqaSamples, make_family, scenes_vqa
-from ..store import sha256_file
-from .recipe import pinned_threads, run_record, supervised
+from .. import artifacts
 
+NAME = "vilt_scenes"
 VOCAB_DIR = Path(__file__).with_name("vqa_vocab")  # holds the project's vocab.txt
 SHIPPED = Path(__file__).parents[1] / "assets" / "vilt_scenes.safetensors"  # package data, if shipped
 
@@ -68,26 +62,6 @@ class VqaModelConfig:
             id2label=dict(enumerate(answers)),
             label2id={a: i for i, a in enumerate(answers)},
         )
-
-
-@dataclass
-class VqaPretrainConfig:
-    """Pretraining recipe; the defaults are the published ``vilt_scenes`` model."""
-
-    model: VqaModelConfig = field(default_factory=VqaModelConfig)
-    steps: int = 2000  # optimizer steps (see docs/vqa.md for time and accuracy)
-    batch_size: int = 64
-    lr: float = 1e-3  # AdamW peak; linear warm-up then cosine to 0
-    warmup: int = 100
-    weight_decay: float = 0.05
-    # Curriculum: the most objects per scene in each stage; the steps are split evenly between stages.
-    # From scratch, binding a colour word to its object among 2–6 distractors never starts (1,500 steps
-    # on 2–6 objects stayed at the answer prior of every family); scenes with 1–2 objects teach it first.
-    stages: tuple[int, ...] = (2, 3, 4, 6)
-    n_per_family: int = 1500  # pretraining examples per family and stage (generator streams 1, 2, …)
-    n_test: int = 300  # held-out examples per family to report (the scenes_vqa test splits)
-    seed: int = 0
-    threads: int = 1  # torch threads while pretraining (float reductions, hence results, depend on it)
 
 
 def tokenizer_from_vocab(path: str | os.PathLike = VOCAB_DIR) -> BertTokenizerFast:
@@ -140,14 +114,14 @@ def default_weights() -> str:
     return cached if os.path.exists(cached) or not SHIPPED.exists() else str(SHIPPED)
 
 
-def _sidecar(path: str, suffix: str) -> str:
+def sidecar(path: str, suffix: str) -> str:
+    """The file beside weights ``path`` with ``suffix`` instead of ``.safetensors`` (``.json``, ``.tokenizer``)."""
     return path[: -len(".safetensors")] + suffix
 
 
 def read_provenance(path: str) -> dict:
     """The provenance stored in a ``vilt_scenes`` safetensors file's metadata."""
-    with safe_open(path, framework="pt") as f:
-        return json.loads(f.metadata()["provenance"])
+    return artifacts.read_provenance(path)
 
 
 def load_vilt(
@@ -160,114 +134,21 @@ def load_vilt(
 
     Args:
         path: safetensors file; default :func:`default_weights` (cache, else shipped).
-        ensure_pretrained: Pretrain into the cache (minutes, default recipe) when no default file exists.
+        ensure_pretrained: Pretrain into the cache (minutes, default recipe) when no default file exists, or
+            when the cached one does not match its checksum.
 
     Raises:
         FileNotFoundError: the weights are missing and not buildable.
     """
     path = path or default_weights()
+    if ensure_pretrained and path == weights_path():
+        artifacts.ensure_default(NAME, path, sidecar(path, ".json"))
     if not os.path.exists(path):
-        if path != weights_path() or not ensure_pretrained:
-            raise FileNotFoundError(f"VQA weights not found: {path} (run: python -m training.tasks.vilt)")
-        pretrain_vqa(path)
+        raise FileNotFoundError(f"VQA weights not found: {path} (run: mergeserve pretrain-vqa --model {NAME})")
     prov = read_provenance(path)
-    tok = tokenizer_from_vocab(_sidecar(path, ".tokenizer"))
+    tok = tokenizer_from_vocab(sidecar(path, ".tokenizer"))
     model = build_vilt(VqaModelConfig(**prov["model"]), len(tok), prov["answers"])
     model.load_state_dict(load_file(path), strict=True)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tok, prov
-
-
-def pretrain_vqa(out: str, cfg: VqaPretrainConfig | None = None, progress: bool = True) -> dict:
-    """Pretrain the ViLT on every ``scenes_vqa`` family and save it atomically with its tokenizer.
-
-    Args:
-        out: Destination ``.safetensors`` (``.json`` provenance and ``.tokenizer/`` are written next to it).
-        cfg: Recipe; default :class:`VqaPretrainConfig`.
-        progress: Print progress and the per-family result.
-
-    Returns:
-        The provenance, with held-out accuracy per family and the wall time.
-    """
-    cfg = cfg or VqaPretrainConfig()
-    with pinned_threads(cfg.threads):  # the server's first-use build equals the CLI's
-        return _pretrain(out, cfg, progress)
-
-
-def _pretrain(out: str, cfg: VqaPretrainConfig, progress: bool) -> dict:
-    from .vqa import VqaTask
-
-    t0 = time.time()
-    torch.manual_seed(cfg.seed)
-    pools = [  # one pool per curriculum stage, every family; stream 1 + stage: never the benchmark's stream 0
-        VqaSamples.concat([make_family(f, cfg.n_per_family, cfg.seed, 1 + i, (1, most)) for f in FAMILIES])
-        for i, most in enumerate(cfg.stages)
-    ]
-    heldout = scenes_vqa(n_train=0, n_test=cfg.n_test, seed=cfg.seed)
-    tok = tokenizer_from_vocab()
-    model = build_vilt(cfg.model, len(tok), ANSWERS, cfg.seed).train()
-    task = VqaTask(model=model, tokenizer=tok, answers=ANSWERS)
-    t_data = time.time() - t0
-    supervised(model, task, lambda step: pools[min(len(pools) - 1, step * len(pools) // max(1, cfg.steps))],
-               cfg, progress, t0)
-    from . import evaluate
-
-    acc = {d.name: round(evaluate(task, model, d.test), 4) for d in heldout.domains}
-    prov = {
-        "model_name": "vilt_scenes",
-        "data": "scenes_vqa pretraining streams (training/data/scenes.py, streams 1..stages), all families",
-        "answers": list(ANSWERS),
-        "model": asdict(cfg.model),
-        "config": {k: v for k, v in asdict(cfg).items() if k != "model"},
-        "params": sum(p.numel() for p in model.parameters()),
-        "heldout_acc": acc,
-        "heldout_mean": round(sum(acc.values()) / len(acc), 4),
-        **run_record(t0, t_data),
-    }
-    prov = json.loads(json.dumps(prov))  # tuples -> lists: the record equals what the JSON file holds
-    _save(out, model, tok, prov)
-    if progress:
-        print(f"saved {out} in {prov['wall_s']} s; held-out accuracy {acc}")
-    return prov
-
-
-def _save(out: str, model: ViltForQuestionAnswering, tok: BertTokenizerFast, prov: dict) -> None:
-    """Tokenizer and JSON first, the safetensors last and atomically: its presence means complete.
-
-    Adds ``sha256`` (of the safetensors file) to ``prov``.
-    """
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tok_dir = _sidecar(out, ".tokenizer")
-    shutil.rmtree(tok_dir + ".tmp", ignore_errors=True)
-    tok.save_pretrained(tok_dir + ".tmp")
-    shutil.rmtree(tok_dir, ignore_errors=True)
-    os.replace(tok_dir + ".tmp", tok_dir)
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, out + ".tmp", metadata={"provenance": json.dumps(prov)})
-    prov["sha256"] = sha256_file(out + ".tmp")  # JSON only: a file cannot hash itself
-    with open(_sidecar(out, ".json"), "w") as f:
-        json.dump(prov, f, indent=2)
-    os.replace(out + ".tmp", out)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """CLI flags (``python -m training.tasks.vilt``; a ``mergeserve pretrain-vqa`` entry can reuse them)."""
-    d = VqaPretrainConfig()
-    p.add_argument("--out", default=None, help="destination safetensors (default: the cache)")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed})")
-    p.add_argument("--threads", type=int, default=d.threads, help=f"torch threads (default {d.threads})")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Pretrain with the parsed flags."""
-    cfg = VqaPretrainConfig(steps=args.steps, seed=args.seed, threads=args.threads)
-    pretrain_vqa(args.out or weights_path(), cfg)
-    return 0
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="pretrain the offline VQA model (vilt_scenes) on scenes_vqa")
-    add_arguments(parser)
-    raise SystemExit(run(parser.parse_args()))

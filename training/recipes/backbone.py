@@ -11,8 +11,6 @@ file's sha256. Deterministic for a given seed and torch version (torch threads p
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import shlex
 import time
@@ -20,10 +18,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .store import sha256_file
+from ..artifacts import register_builder, save_with_provenance
+from ..backbones import get_spec, offline_weights_path, preprocess, sidecar_path
+from ..data.shapes import CLASSES, make_shapes
 
 
 @dataclass
@@ -39,6 +38,7 @@ class PretrainConfig:
     threads: int = 2  # torch threads during pretraining (results depend on it)
 
 
+@register_builder("vit_tiny_offline")  # create_backbone builds missing cached weights with it
 def pretrain(out: str, cfg: PretrainConfig | None = None, progress: bool = True, command: str | None = None) -> dict:
     """Train ``vit_tiny_offline`` from scratch on letters+shapes and save it atomically.
 
@@ -70,9 +70,6 @@ def _command(out: str, cfg: PretrainConfig) -> str:
 
 
 def _pretrain(out: str, cfg: PretrainConfig, progress: bool, t0: float, command: str) -> dict:
-    from .backbones import get_spec, preprocess
-    from .data.shapes import CLASSES, make_shapes
-
     torch.manual_seed(cfg.seed)
     spec = get_spec("vit_tiny_offline")
     x, y = make_shapes(cfg.n_per_class, cfg.seed)
@@ -118,17 +115,7 @@ def _pretrain(out: str, cfg: PretrainConfig, progress: bool, t0: float, command:
         "threads": torch.get_num_threads(),  # == cfg.threads
         "machine": platform.machine(),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata={"provenance": json.dumps(prov)}
-    )
-    os.chmod(tmp, 0o644)  # safetensors writes 0600; the file is a shared (and shipped) asset
-    os.replace(tmp, out)  # atomic: a crash never leaves a half-written backbone under the real name
-    prov = {**prov, "sha256": sha256_file(out)}
-    with open(out[: -len(".safetensors")] + ".json", "w") as f:
-        json.dump(prov, f, indent=2)
-        f.write("\n")
+    prov = save_with_provenance(out, model.state_dict(), prov, sidecar_path(out))
     if progress:
         print(f"saved {out}: held-out acc {acc:.3f} in {prov['wall_s']} s")
     return prov
@@ -136,8 +123,6 @@ def _pretrain(out: str, cfg: PretrainConfig, progress: bool, t0: float, command:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """CLI flags of ``mergeserve pretrain``."""
-    from .backbones import offline_weights_path
-
     d = PretrainConfig()
     p.add_argument("--out", default=offline_weights_path(), help="destination safetensors (default: the cache)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")

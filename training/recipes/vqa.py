@@ -13,7 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import film_scenes, vilt
+from ..registry import Registry
+from ..tasks import film_scenes as film_model
+from ..tasks import vilt as vilt_model
+from . import film_scenes, vilt_scenes
 
 
 @dataclass(frozen=True)
@@ -25,10 +28,11 @@ class VqaRecipe:
     default_out: Callable[[], str]  # the cache path the model is loaded from
 
 
-RECIPES: dict[str, VqaRecipe] = {
-    "film_scenes": VqaRecipe(film_scenes.FilmPretrainConfig, film_scenes.pretrain_film, film_scenes.weights_path),
-    "vilt_scenes": VqaRecipe(vilt.VqaPretrainConfig, vilt.pretrain_vqa, vilt.weights_path),
-}
+RECIPES: Registry[VqaRecipe] = Registry("VQA model")
+RECIPES.add(film_model.NAME,
+            VqaRecipe(film_scenes.FilmPretrainConfig, film_scenes.pretrain_film, film_model.weights_path))
+RECIPES.add(vilt_model.NAME,
+            VqaRecipe(vilt_scenes.VqaPretrainConfig, vilt_scenes.pretrain_vqa, vilt_model.weights_path))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
