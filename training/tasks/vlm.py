@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.scenes import ANSWERS, VqaSamples
-from . import Batch, linear_targets, register_task
+from .base import Batch, linear_targets, register_task
 
 #: config.model_type -> prompt template; ``{image}`` is the processor's image token, ``{question}`` the text.
 PROMPTS: dict[str, str] = {

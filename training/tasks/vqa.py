@@ -26,7 +26,7 @@ from transformers import BertTokenizerFast
 
 from .. import ranking
 from ..data.scenes import VqaDomain, VqaSamples
-from . import Batch, Task, linear_targets, register_task
+from .base import Batch, Task, linear_targets, register_task
 from .vilt import load_vilt
 
 MEAN, STD = 0.5, 0.5  # pixel normalisation of both offline models (the TF EfficientNet-Lite's [-1, 1] too)
