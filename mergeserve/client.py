@@ -164,9 +164,9 @@ class Client:
         body = {"images": [base64.b64encode(b).decode() for b in images], "top_k": top_k}
         return self.request("POST", "/v1/classify", json={**body, **({"domain": domain} if domain else {})})
 
-    def ask(self, image: bytes, question: str, top_k: int = 1) -> dict:
+    def ask(self, image: bytes, question: str, top_k: int = 1, task: str = "vqa") -> dict:
         body = {"image": base64.b64encode(image).decode(), "question": question, "top_k": top_k}
-        return self.request("POST", "/v1/vqa", json=body)
+        return self.request("POST", f"/v1/{task}", json=body)
 
     def activate(self, version: int, task: str = "classify") -> dict:
         return self.request("POST", f"/v1/adapters/{version}/activate", params={"task": task})

@@ -10,7 +10,7 @@ from . import command
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("version", type=int, help="an adapter version (GET /v1/adapters lists them)")
-    p.add_argument("--task", default="classify", help="whose lineage: classify (default) or vqa")
+    p.add_argument("--task", default="classify", help="whose lineage: classify (default), vqa or a configured task")
     add_connection_arguments(p)
 
 
