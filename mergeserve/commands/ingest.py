@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", help="pam (the server's default), average, ties, tall, magmax, finetune, adaptive")
     p.add_argument("--hyper", type=_json_object, default=None,
                    help='method hyper-parameters as JSON, e.g. \'{"steps": 40}\'')
-    p.add_argument("--task", default="classify", help="whose lineage learns it: classify (default), vqa or a configured task")
+    p.add_argument("--task", default="classify",
+                   help="whose lineage learns it: classify (default), vqa or a configured task")
     p.add_argument("--heldout-fraction", type=float, help="held-out share for the activation gate (server default 0.2)")
     p.add_argument("--no-wait", action="store_true", help="print the job id once accepted, do not follow it")
     add_connection_arguments(p)
