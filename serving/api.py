@@ -37,7 +37,7 @@ from .archive import (
     small_request,
 )
 from .batching import GreedyBatcher
-from .config import ServerConfig
+from .config import DEFAULT_TASK, ServerConfig
 from .console import HEADERS, asset
 from .controller import NAME, NAMESPACE
 from .errors import FRAMEWORK_CODES, PROBLEM_TYPE, RETRY_AFTER_S, Problem, unwrap
@@ -71,12 +71,11 @@ README = """Adapter v{v} of a mergeserve server's {task} lineage ({method}; doma
 Load it on the same base (pip install mergeserve, which ships the offline weights):
 
     from peft import PeftModel
-    from training.backbones import create_backbone           # task classify
-    base = create_backbone("{base}", num_classes={n}, seed=0)
-    # task vqa: from training.tasks import get_task; base = get_task("vqa").build_base(0)
-    model = PeftModel.from_pretrained(base, "<this folder>").eval()
+    from training.tasks import get_task
+    task = get_task("{name}", **{kwargs!r})
+    model = PeftModel.from_pretrained(task.build_base(0), "<this folder>").eval()
 
-model(x) then gives the server's logits (x: images preprocessed as training.backbones.preprocess does).
+task.forward(model, task.make_batch(samples)) then gives the server's outputs (logits or probabilities).
 """
 
 api = FastAPI(
@@ -258,7 +257,7 @@ class Model:
         probs, version = await (self.canary_batcher if candidate else self.batcher)(x)
         results = [[{"label": n, "score": s} for n, s in row] for row in top_k(probs, self.cfg.class_names, req.top_k)]
         ids = [rid] if single else [f"{rid}:{j}" for j in range(len(results))]
-        self.recorder.predicted([(i, req.domain, r[0]["label"], "classify", version) for i, r in zip(ids, results)])
+        self.recorder.predicted([(i, req.domain, r[0]["label"], self.cfg.task, version) for i, r in zip(ids, results)])
         body = {"request_id": rid, "adapter_version": version}
         return JSONResponse({**body, "predictions": results[0]} if single else {**body, "results": results})
 
@@ -291,7 +290,7 @@ class Model:
             self._check_hyper(meta)
             data = None
         questions = None
-        if meta.task != "classify":  # a question task: images + questions.jsonl
+        if meta.task in self.handles:  # a question task: images + questions.jsonl
             answers, size = await self._task_labels(meta.task), self.cfg.served()[meta.task].image_size
             if data is None:  # a file:// source: a VQA archive file under the source roots
                 data = await asyncio.to_thread(self._source_archive, meta.source)
@@ -409,14 +408,14 @@ class Model:
         return StreamingResponse(sse.job_events(fetch, job), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
 
     @api.get("/v1/domains", response_model=Domains, responses=ERRORS)
-    async def domains(self, task: TaskName = Query("classify"), limit: int = Query(100, ge=1, le=1000),
+    async def domains(self, task: TaskName = Query(DEFAULT_TASK), limit: int = Query(100, ge=1, le=1000),
                       cursor: str | None = Query(None, max_length=400)) -> dict:
         """Learned domains in learning order; pass ``next_cursor`` back as ``cursor`` for the next page
         (``null``: this was the last; the default page holds every domain of a default server)."""
         return await _call(self.controller.domain_page.remote(self._task(task), limit, cursor))
 
     @api.get("/v1/adapters", response_model=Adapters, responses=ERRORS)
-    async def adapters(self, task: TaskName = Query("classify"), limit: int = Query(100, ge=1, le=1000),
+    async def adapters(self, task: TaskName = Query(DEFAULT_TASK), limit: int = Query(100, ge=1, le=1000),
                        cursor: str | None = Query(None, max_length=200)) -> dict:
         """The active version and the stored versions, oldest first; pass ``next_cursor`` back as
         ``cursor`` for the next page (``null``: this was the last)."""
@@ -424,7 +423,7 @@ class Model:
 
     @api.post("/v1/adapters/{version}/activate", response_model=Activated, responses=ERRORS, dependencies=SECURED)
     async def activate(
-        self, request: Request, version: int = Path(ge=0, le=2**31 - 1), task: TaskName = Query("classify")
+        self, request: Request, version: int = Path(ge=0, le=2**31 - 1), task: TaskName = Query(DEFAULT_TASK)
     ) -> dict:
         """Roll back or forward to a stored version (also one the activation gate rejected), or, with a body
         ``{"traffic": 0.1, "promote_when": {"min_feedback": N, "max_drop": d}}``, start it as a canary that
@@ -436,7 +435,7 @@ class Model:
         return await _call(self.controller.activate.remote(version, self._task(task), act.traffic, promote))
 
     @api.delete("/v1/canary", responses=ERRORS, dependencies=SECURED)
-    async def stop_canary(self, request: Request, task: TaskName = Query("classify")) -> dict:
+    async def stop_canary(self, request: Request, task: TaskName = Query(DEFAULT_TASK)) -> dict:
         """End the running canary: every request goes to the active version again."""
         self._auth(request)
         return await _call(self.controller.end_canary.remote(self._task(task)))
@@ -445,7 +444,7 @@ class Model:
         **ERRORS, 200: {"content": {"application/zip": {}}, "description": "the adapter's files, zipped"}})
     async def download(self, version: int = Path(ge=0, le=2**31 - 1),
                        format: Literal["peft", "mergeserve"] = Query("peft"),  # noqa: A002 - the API's word
-                       task: TaskName = Query("classify")) -> Response:
+                       task: TaskName = Query(DEFAULT_TASK)) -> Response:
         """A version's files: ``peft`` (load with ``PeftModel.from_pretrained`` on the same base; README inside)
         or ``mergeserve`` (the store's weights and manifest, checksum included)."""
         task = self._task(task)
@@ -460,12 +459,14 @@ class Model:
             data = await asyncio.to_thread(store_zip, store, row["name"])
         else:
             base, head, shapes = await self._base_of(task)
-            data = await asyncio.to_thread(self._peft_zip, store, row, base, head, shapes, task)
+            spec = self.cfg.for_task(task).task_spec()
+            data = await asyncio.to_thread(self._peft_zip, store, row, base, head, shapes, task, spec)
         disposition = f'attachment; filename="mergeserve-{task}-v{version}-{format}.zip"'
         return Response(data, media_type="application/zip", headers={"Content-Disposition": disposition})
 
     @staticmethod
-    def _peft_zip(store: AdapterStore, row: dict, base: str, head: str | None, shapes: dict, task: str) -> bytes:
+    def _peft_zip(store: AdapterStore, row: dict, base: str, head: str | None, shapes: dict, task: str,
+                  spec: tuple[str, dict]) -> bytes:
         from training.portable import to_peft
 
         from .transfer import peft_zip
@@ -473,7 +474,7 @@ class Model:
         tensors, man = store.load(row["name"])
         config, sd = to_peft(tensors, man.format, man.lora, head, base, shapes)
         return peft_zip(config, sd, README.format(v=row["version"], task=task, method=row["method"],
-                                                  domains=row["domains"], base=base, n=len(man.class_names)))
+                                                  domains=row["domains"], name=spec[0], kwargs=spec[1]))
 
     @api.post("/v1/adapters", status_code=201, response_model=AdapterVersion, responses=ERRORS, dependencies=SECURED,
               openapi_extra=_doc(
@@ -506,14 +507,14 @@ class Model:
 
     @api.delete("/v1/adapters/{version}", responses=ERRORS, dependencies=SECURED)
     async def delete_adapter(self, request: Request, version: int = Path(ge=0, le=2**31 - 1),
-                             task: TaskName = Query("classify")) -> dict:
+                             task: TaskName = Query(DEFAULT_TASK)) -> dict:
         """Delete a version no rollback can need (not the active one, nor one it descends from)."""
         self._auth(request)
         return await _call(self.controller.delete.remote(version, self._task(task)))
 
     async def _base_of(self, task: str) -> tuple[str, str | None, dict]:
         """What the format conversion needs of ``task``'s base: its name, classifier (None: frozen), shapes."""
-        if task == "classify":
+        if task == self.cfg.task:  # the task this replica serves itself
             return self.cfg.backbone, self.engine.spec.head, self.engine.shapes
         d = await _call(self.handles[task].describe.remote(), f"the {task} model")
         return d["base"], None, d["shapes"]
@@ -542,7 +543,7 @@ class Model:
     async def task_route(self, request: Request, task: str = Path(max_length=32)) -> JSONResponse:
         """Inference on any task this server holds: ``classify`` takes images (as ``POST /v1/classify``), a
         question task (``vqa``, ``vlm``, ...) an image + question or ``items`` (as ``POST /v1/vqa``)."""
-        return await (self.classify(request) if task == "classify" else self._answer(task, request))
+        return await (self.classify(request) if task == self.cfg.task else self._answer(task, request))
 
     @api.get("/problems", response_class=HTMLResponse)
     async def problem_index(self) -> HTMLResponse:
@@ -591,7 +592,7 @@ class TaskModel:
     (``serving/app.py`` names it ``VqaModel``, ``VlmModel``, ...), called by ``Model``'s ``POST /v1/<task>``:
     decoding at the model's size, dynamic batching and the same hot swap as classification."""
 
-    def __init__(self, cfg: dict, task: str = "vqa") -> None:
+    def __init__(self, cfg: dict, task: str) -> None:
         from .engine import TaskEngine
 
         self.cfg = ServerConfig.model_validate(cfg).for_task(task)

@@ -17,7 +17,7 @@ from ray import serve
 
 from . import lifecycle
 from .api import Model, TaskModel
-from .config import ServerConfig, TaskServing, VqaServing
+from .config import DEFAULT_TASK, ServerConfig, TaskServing, VqaServing
 from .controller import get_or_create_controller
 from .pipeline import Submission, check_labels
 from .ports import free_port
@@ -92,13 +92,12 @@ def bootstrap(cfg: ServerConfig) -> list[str]:
     """
     controller = get_or_create_controller(cfg)
     ids = []
-    benches = {"classify": "digits5", **{k: ts.bootstrap_benchmark for k, ts in cfg.served().items()}}
-    for task, bench in benches.items():
+    for task, bench in cfg.bootstrap_sources().items():
         names = cfg.for_task(task).bootstrap
         if not names or ray.get(controller.domains.remote(task)):
             continue
         for d in names:
-            key = f"bootstrap-{d}" if task == "classify" else f"bootstrap-{task}-{d}"  # classify: as before
+            key = f"bootstrap-{d}" if task == DEFAULT_TASK else f"bootstrap-{task}-{d}"  # the default: as before
             s = Submission(d, None, {}, key, None, None, source=f"builtin:{bench}/{d}", task=task)
             ids.append(ray.get(controller.submit.remote(s))["job"]["id"])
     return ids

@@ -13,6 +13,10 @@ from training.settings import LoraSettings, TrainSettings
 #: the classes of the built-in ``digits5`` benchmark: the default labels, and the only ones ``bootstrap``
 #: (which learns digits5 domains) can serve
 BUILTIN_LABELS = [str(i) for i in range(10)]
+#: the task served in the ingress replicas themselves (no extra hop) and meant when a request names none
+DEFAULT_TASK = "classify"
+#: where the default task's ``bootstrap`` domains come from
+DEFAULT_BOOTSTRAP_BENCHMARK = "digits5"
 #: the most labels a classification head is built with (ImageNet-1k's size): every label is a column of
 #: the head, a row of every top-k ranking and an allowed upload folder name
 MAX_LABELS = 1000
@@ -169,7 +173,7 @@ class ServerConfig(Strict):
     vqa: VqaServing = Field(default_factory=VqaServing)
     # more tasks, each with its own model deployment and lineage, e.g. {"vlm": {"args": {"model_id": "/models/x"}}}
     tasks: dict[str, TaskServing] = Field(default_factory=dict)
-    task: str = "classify"  # which task this (derived) config is for; set by for_task(), not by users
+    task: str = DEFAULT_TASK  # which task this (derived) config is for; set by for_task(), not by users
     seed: int = 0
 
     @model_validator(mode="after")
@@ -200,6 +204,27 @@ class ServerConfig(Strict):
     def tasks_held(self) -> list[str]:
         """The tasks this server holds, the default first."""
         return ["classify", *self.served()]
+
+    def task_spec(self) -> tuple[str, dict]:
+        """``(registry name, factory keyword arguments)`` of this (derived) config's task, for
+        ``training.tasks.get_task``."""
+        if self.task == DEFAULT_TASK:
+            return DEFAULT_TASK, {"backbone": self.backbone, "class_names": list(self.class_names)}
+        ts = self.task_config()
+        return ts.task or self.task, ts.factory_args()
+
+    def upload_size(self) -> int | None:
+        """The side stored domain images have for this (derived) config's task; None: the model's own input."""
+        return None if self.task == DEFAULT_TASK else self.task_config().image_size
+
+    def setting_name(self) -> str:
+        """Where this (derived) config's base model is set, for error messages."""
+        return {DEFAULT_TASK: "backbone", "vqa": "vqa.model"}.get(self.task, f"tasks.{self.task}.args")
+
+    def bootstrap_sources(self) -> dict[str, str]:
+        """Each task's benchmark its ``bootstrap`` domains come from."""
+        others = {k: ts.bootstrap_benchmark for k, ts in self.served().items()}
+        return {DEFAULT_TASK: DEFAULT_BOOTSTRAP_BENCHMARK, **others}
 
     def task_config(self) -> TaskServing:
         """The section of this (derived, :meth:`for_task`) config's task.

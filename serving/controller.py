@@ -17,15 +17,15 @@ import time
 from collections.abc import Callable, Coroutine
 
 import ray
-from ray.exceptions import NodeDiedError, OutOfMemoryError, RayActorError, WorkerCrashedError
 
 from . import canary, versions
-from .config import ServerConfig
+from .config import DEFAULT_TASK, ServerConfig
 from .errors import Problem
 from .metrics import ServerMetrics, TaskState
-from .pipeline import Pipeline, Submission, WorkerLost
+from .pipeline import Pipeline, Submission
+from .supervisor import NAMESPACE, WORKER, RemoteWorker, WorkerSlot  # noqa: F401  (NAMESPACE, WORKER: re-exported)
 
-NAME, NAMESPACE, WORKER = "mergeserve-controller", "mergeserve", "mergeserve-worker"
+NAME = "mergeserve-controller"
 
 
 def encode_cursor(*key: float | int | str) -> str:
@@ -61,163 +61,10 @@ def _phase(controller: ray.actor.ActorHandle, task: str, job_id: str, status: st
     controller.phase.remote(task, job_id, status)
 
 
-class _Slot:
-    """The worker actor's handle, last error and use, shared by every task's :class:`RemoteWorker`."""
-
-    def __init__(self) -> None:
-        self.handle: ray.actor.ActorHandle | None = None
-        self.last_error: str | None = None
-        self.busy = 0  # calls in flight
-        self.last_used = time.monotonic()
-        self.released = False  # stopped for idleness (not dead): health says "idle", the next call starts it
-        self.free = asyncio.Event()  # cleared while a stopped worker's name is still taken
-        self.free.set()
-
-    async def release(self, idle_s: float) -> bool:
-        """Stop the worker process when nothing used it for ``idle_s`` seconds; returns whether it stopped.
-
-        The process holds torch and the models (~1 GB); between ingests it is only a cost. The new one
-        is created under the same name, so this waits until Ray has let go of the old one
-        (``get_if_exists`` would otherwise hand back the dying actor).
-        """
-        if self.handle is None or self.busy or time.monotonic() - self.last_used < idle_s:
-            return False
-        h, self.handle, self.released = self.handle, None, True
-        self.free.clear()
-        try:
-            ray.kill(h, no_restart=True)
-            for _ in range(100):
-                try:
-                    ray.get_actor(WORKER, namespace=NAMESPACE)
-                except ValueError:
-                    break
-                await asyncio.sleep(0.1)
-        finally:
-            self.free.set()
-        log.info("mergeserve: training worker stopped after %.0f s idle", idle_s)
-        return True
-
-
-@ray.remote
-class Worker:
-    """The worker's Ray actor: a shell that imports torch in its own process only (the controller never does).
-
-    One process for every task (one job runs at a time anyway; a second process would cost ~1 GB of
-    memory): each task's :class:`~serving.worker.IngestWorker` is built on its first call.
-    """
-
-    def __init__(self, cfg: dict) -> None:
-        self.cfg = ServerConfig.model_validate(cfg)
-        self.w: dict[str, object] = {}
-
-    def _get(self, task: str) -> object:
-        if task not in self.w:
-            from training.memory import release_unused_gpu_libraries
-
-            from .worker import IngestWorker
-
-            self.w[task] = IngestWorker(self.cfg.for_task(task))
-            release_unused_gpu_libraries()  # ~370 MB of CUDA library pages on a machine without a GPU
-        return self.w[task]
-
-    def ping(self) -> bool:
-        return True
-
-    def initial(self, task: str) -> dict:
-        return self._get(task).initial()
-
-    def evaluate(self, task: str, name: str, domains: list[str]) -> dict[str, float]:
-        return self._get(task).evaluate(name, domains)
-
-    def run(self, task: str, job: dict, parent: dict, version: int, progress: object, phase: object) -> dict:
-        from training.memory import trim_heap
-
-        try:
-            return self._get(task).run(job, parent, version, progress, phase)
-        finally:
-            trim_heap()  # the job's activations go back to the system, not to an idle process's heap
-
-
-class RemoteWorker:
-    """One task's worker interface over the shared Ray actor; recreates the actor after it died.
-
-    Every task's interface holds the same :class:`_Slot`, so a handle replaced after a death is the one
-    all tasks use next (a stale handle would fail the other task's next job for nothing).
-    """
-
-    def __init__(self, cfg: ServerConfig, task: str = "classify", slot: _Slot | None = None) -> None:
-        self.cfg, self.task, self.slot = cfg, task, slot or _Slot()
-
-    @property
-    def handle(self) -> ray.actor.ActorHandle | None:
-        return self.slot.handle
-
-    @handle.setter
-    def handle(self, h: ray.actor.ActorHandle | None) -> None:
-        self.slot.handle = h
-
-    @property
-    def last_error(self) -> str | None:
-        return self.slot.last_error
-
-    @last_error.setter
-    def last_error(self, e: str | None) -> None:
-        self.slot.last_error = e
-
-    def get(self) -> ray.actor.ActorHandle:
-        if self.handle is None:
-            self.slot.released = False
-            opts = {"name": WORKER, "namespace": NAMESPACE, "max_restarts": -1, "get_if_exists": True}
-            self.handle = Worker.options(num_cpus=0.5, num_gpus=self.cfg.trainer_num_gpus, **opts).remote(
-                self.cfg.model_dump(mode="json")
-            )
-        return self.handle
-
-    async def _call(self, what: str, method: str, *args: object) -> object:
-        self.slot.busy += 1
-        try:
-            await self.slot.free.wait()
-            return await getattr(self.get(), method).remote(self.task, *args)
-        except (RayActorError, WorkerCrashedError, NodeDiedError, OutOfMemoryError) as e:
-            self.handle, self.last_error = None, f"training worker died during {what}: {type(e).__name__}"
-            raise WorkerLost(self.last_error) from e
-        finally:
-            self.slot.busy -= 1
-            self.slot.last_used = time.monotonic()
-
-    async def run(self, job: dict, parent: dict, version: int, progress: object, phase: object) -> dict:
-        return await self._call("a job", "run", job, parent, version, progress, phase)
-
-    async def initial(self) -> dict:
-        return await self._call("start-up", "initial")
-
-    async def evaluate(self, name: str, domains: list[str]) -> dict[str, float]:
-        return await self._call("an evaluation", "evaluate", name, domains)
-
-    async def health(self, timeout: float = 5.0) -> dict:
-        """``worker``: ``idle`` (stopped on purpose), ``busy`` (a call in flight), ``ok`` (answered a ping),
-        ``busy-or-starting`` (no answer within ``timeout``) or ``restarting`` (it died)."""
-        if self.handle is None and self.slot.released:
-            return {"worker": "idle", "last_error": self.last_error}  # stopped on purpose; starts on demand
-        if self.slot.busy:
-            # the actor runs one call at a time: a ping would wait for the training run (and /readyz with
-            # it: 5 s per probe, longer than a Kubernetes probe's 1 s). A worker that dies fails that call,
-            # which records it, so the call in flight is the liveness signal
-            return {"worker": "busy", "last_error": self.last_error}
-        try:
-            await asyncio.wait_for(self.get().ping.remote(), timeout)
-            return {"worker": "ok", "last_error": self.last_error}
-        except asyncio.TimeoutError:
-            return {"worker": "busy-or-starting", "last_error": self.last_error}
-        except RayActorError as e:
-            self.handle, self.last_error = None, f"training worker died: {type(e).__name__}"
-            return {"worker": "restarting", "last_error": self.last_error}
-
-
 class Lineage:
     """One task's pipeline, worker interface, replicas and swap signal (the controller holds one per task)."""
 
-    def __init__(self, cfg: ServerConfig, slot: _Slot) -> None:
+    def __init__(self, cfg: ServerConfig, slot: WorkerSlot) -> None:
         self.cfg = cfg
         self.pipe = Pipeline(cfg)
         self.worker = RemoteWorker(cfg, cfg.task, slot)
@@ -239,7 +86,7 @@ class Controller:
         self.cfg = ServerConfig.model_validate(cfg)
         self.metrics = ServerMetrics(tuple(self.cfg.tasks_held()))
         self.lines: dict[str, Lineage] = {}
-        self.slot = slot = _Slot()  # one worker actor for every task
+        self.slot = slot = WorkerSlot()  # one worker actor for every task
         self._reaper: asyncio.Task | None = None
         for task in self.cfg.tasks_held():
             line = self.lines[task] = Lineage(self.cfg.for_task(task), slot)
@@ -257,7 +104,7 @@ class Controller:
             raise Problem(422, "unknown-task", f"unknown task {task!r}; this server holds {list(self.lines)}")
         return self.lines[task]
 
-    async def _start(self, task: str = "classify") -> Lineage:
+    async def _start(self, task: str = DEFAULT_TASK) -> Lineage:
         line = self._line(task)
         if self._reaper is None and self.cfg.worker_idle_s > 0:
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
@@ -268,12 +115,12 @@ class Controller:
         return line
 
     # --- queries -------------------------------------------------------------------------------
-    async def ready(self, task: str = "classify") -> dict:
+    async def ready(self, task: str = DEFAULT_TASK) -> dict:
         """Start-up barrier for replicas and ``/readyz``: v0 exists and the job runner is up."""
         line = await self._start(task)
         return {"active": line.pipe.active, "ingest": await self.ingest_health(task)}
 
-    async def ingest_health(self, task: str = "classify") -> dict:
+    async def ingest_health(self, task: str = DEFAULT_TASK) -> dict:
         line = self._line(task)
         h = await line.worker.health()
         self.healthy = h["worker"] in ("ok", "idle", "busy")
@@ -312,10 +159,10 @@ class Controller:
         jobs, cursor = page(rows, limit, lambda j: (j["created"], j["id"]))
         return {"jobs": jobs, "next_cursor": cursor}
 
-    def domains(self, task: str = "classify") -> list[dict]:
+    def domains(self, task: str = DEFAULT_TASK) -> list[dict]:
         return self._line(task).pipe.domains_view()
 
-    def domain_page(self, task: str = "classify", limit: int = 100, cursor: str | None = None) -> dict:
+    def domain_page(self, task: str = DEFAULT_TASK, limit: int = 100, cursor: str | None = None) -> dict:
         """Learned domains in learning order, ``limit`` at a time: ``{"domains", "next_cursor"}``.
 
         Raises:
@@ -326,7 +173,7 @@ class Controller:
         domains, nxt = page(rows, limit, lambda d: (d["created"], d["name"]))
         return {"domains": domains, "next_cursor": nxt}
 
-    def adapters(self, task: str = "classify", limit: int | None = None, cursor: str | None = None) -> dict:
+    def adapters(self, task: str = DEFAULT_TASK, limit: int | None = None, cursor: str | None = None) -> dict:
         """The active version and the stored versions, oldest first; all of them, or ``limit`` at a time
         (``next_cursor``: the page after; None on the last).
 
@@ -341,7 +188,7 @@ class Controller:
         versions, nxt = page(view["versions"], limit, lambda v: (v["version"],))
         return {**view, "versions": versions, "next_cursor": nxt}  # the canary and its history too
 
-    async def labels(self, task: str = "classify") -> list[str]:
+    async def labels(self, task: str = DEFAULT_TASK) -> list[str]:
         """The task's class names or answer vocabulary (recorded with its v0)."""
         return (await self._start(task)).pipe.labels
 
@@ -394,7 +241,7 @@ class Controller:
             log.info("mergeserve: %s job %s %s in %.1fs", task, job["id"], done["status"], time.time() - t0)
 
     # --- versions and hot swap -----------------------------------------------------------------
-    async def activate(self, version: int, task: str = "classify", traffic: float = 1.0,
+    async def activate(self, version: int, task: str = DEFAULT_TASK, traffic: float = 1.0,
                        promote_when: dict | None = None) -> dict:
         """Roll back or forward to a stored version through the same swap path; with ``traffic`` below 1, make
         it a canary instead, beside the active version (``promote_when``: decided by live feedback).
@@ -418,7 +265,7 @@ class Controller:
             canary.end(line.pipe, "promoted" if running["version"] == version else "stopped")
         return {"active": version, "swap_seconds": await self._activate(task, version), "canary": None}
 
-    async def end_canary(self, task: str = "classify") -> dict:
+    async def end_canary(self, task: str = DEFAULT_TASK) -> dict:
         """Stop the running canary: every request goes to the active version again."""
         line = await self._start(task)
         done = canary.end(line.pipe, "stopped")
@@ -427,13 +274,13 @@ class Controller:
         await self._publish(task, lambda served: served[1] is None)
         return done
 
-    async def delete(self, version: int, task: str = "classify") -> dict:
+    async def delete(self, version: int, task: str = DEFAULT_TASK) -> dict:
         """Delete a version a rollback cannot need. Raises :class:`Problem` (404, 409 ``version-protected``)."""
         line = await self._start(task)
         async with self._accepting:  # not beside an acceptance or a job's record
             return versions.delete(line.pipe, version)
 
-    async def import_adapter(self, tensors: dict, fmt: str, lora: dict, task: str = "classify") -> dict:
+    async def import_adapter(self, tensors: dict, fmt: str, lora: dict, task: str = DEFAULT_TASK) -> dict:
         """Record an adapter trained elsewhere (numpy arrays, checked by the replica) as an inactive version,
         then have the worker measure it on every learned domain (in the background)."""
         line = await self._start(task)
@@ -474,7 +321,7 @@ class Controller:
         return line.pipe.db.version(line.pipe.active), canary.current(line.pipe)
 
     async def wait_version(self, replica_id: str, known: int, timeout: float | None = None,
-                           task: str = "classify", known_canary: int | None = None) -> dict:
+                           task: str = DEFAULT_TASK, known_canary: int | None = None) -> dict:
         """Long-poll: returns as soon as what replicas should serve (the active version, and the canary's
         candidate if any) differs from what this one serves (``known``, ``known_canary``), or after ``timeout``.
 
@@ -495,7 +342,7 @@ class Controller:
         cand = {k: c[k] for k in ("version", "name", "traffic")} if c else None
         return {"version": row["version"], "name": row["name"], "canary": cand}
 
-    def ack(self, replica_id: str, version: int, task: str = "classify", canary_version: int | None = None) -> None:
+    def ack(self, replica_id: str, version: int, task: str = DEFAULT_TASK, canary_version: int | None = None) -> None:
         self._line(task).replicas[replica_id] = ((version, canary_version), time.time())
 
     # --- feedback and metrics ------------------------------------------------------------------
@@ -520,7 +367,7 @@ class Controller:
         with ``promote_when`` is judged on it (``canary.judge``) and promoted or rolled back in the background."""
         if task is None:
             found = (t for t, line in self.lines.items() if request_id and line.pipe.db.prediction(request_id))
-            task = next(found, "classify")
+            task = next(found, DEFAULT_TASK)
         line = self._line(task)
         res = line.pipe.feedback(request_id, domain, label, prediction)
         if not res["replayed"]:

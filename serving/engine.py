@@ -33,10 +33,8 @@ log = logging.getLogger("ray.serve")
 
 def build_task(cfg: ServerConfig) -> Task:
     """The ``training.tasks`` entry ``cfg.task`` serves (its model loaded once)."""
-    if cfg.task == "classify":
-        return get_task("classify", backbone=cfg.backbone, class_names=cfg.class_names)
-    ts = cfg.task_config()
-    return get_task(ts.task or cfg.task, **ts.factory_args())
+    name, kwargs = cfg.task_spec()
+    return get_task(name, **kwargs)
 
 
 class Engine:

@@ -19,6 +19,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .config import DEFAULT_TASK
 from .errors import PROBLEM_TYPE, Problem
 
 log = logging.getLogger("ray.serve")
@@ -44,7 +45,7 @@ class TaskState:
 class ServerMetrics:
     """The controller's series (see docs/serving.md for the contract)."""
 
-    def __init__(self, tasks: tuple[str, ...] = ("classify",)) -> None:
+    def __init__(self, tasks: tuple[str, ...] = (DEFAULT_TASK,)) -> None:
         self.registry = reg = CollectorRegistry()
         # task: one of ServerConfig.tasks_held() (bounded); domain: at most max_domains per task
         self.accuracy = Gauge(

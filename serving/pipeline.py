@@ -28,7 +28,7 @@ from training.hyper import HYPER, AdaptiveFit, HyperError, allowed, parse_hyper
 from training.store import AdapterStore
 
 from . import versions
-from .config import ServerConfig
+from .config import DEFAULT_TASK, ServerConfig
 from .errors import Problem
 from .state import StateDB
 
@@ -65,7 +65,7 @@ class Submission:
     heldout_fraction: float | None = None
     source: str | None = None  # "builtin:<benchmark>/<domain>": data made by the worker, reproducibly
     questions: list[str] | None = None  # vqa: one question per image (``y`` holds answer ids)
-    task: str = "classify"  # whose lineage learns it
+    task: str = DEFAULT_TASK  # whose lineage learns it
 
 
 class WorkerAPI(Protocol):
@@ -197,7 +197,7 @@ def check_labels(cfg: ServerConfig, db: StateDB | None = None) -> None:
         with open(v0) as f:
             made_for = json.load(f).get("backbone")
         if made_for and made_for != cfg.backbone:
-            what = {"classify": "backbone", "vqa": "vqa.model"}.get(cfg.task, f"tasks.{cfg.task}.args")
+            what = cfg.setting_name()
             raise ValueError(f"the data dir {cfg.data_dir} holds adapters of {made_for!r}, not {cfg.backbone!r}; "
                              f"set {what}: {made_for} to keep serving them, or use another data dir")
     path = cfg.state_path or cfg.path("state.sqlite")

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from .config import DEFAULT_TASK
+
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"  # pydantic's regex: `$` is the end of the text, not before "\n"
 
 
@@ -116,7 +118,7 @@ class IngestSource(Strict):
     method: str | None = Field(None, description="online merge method; the server default when omitted")
     hyper: dict[str, Any] = Field(default_factory=dict, description="method hyper-parameters (validated)")
     heldout_fraction: float | None = Field(None, gt=0, lt=1)
-    task: TaskName = Field("classify", description="whose adapter lineage learns the domain")
+    task: TaskName = Field(DEFAULT_TASK, description="whose adapter lineage learns the domain")
 
 
 class Accepted(BaseModel):
@@ -213,7 +215,7 @@ class AdapterVersion(BaseModel):
 class AdapterImport(Strict):
     """The form fields of ``POST /v1/adapters`` besides the ``archive`` file."""
 
-    task: TaskName = Field("classify", description="whose lineage the adapter joins")
+    task: TaskName = Field(DEFAULT_TASK, description="whose lineage the adapter joins")
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")] | None = Field(
         None, description="SHA-256 of the uploaded file; refused when it differs")
 

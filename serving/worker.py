@@ -60,7 +60,7 @@ class IngestWorker:
         self.labels = list(self.ctx.task.answers)  # what the adapters' manifests record
         # every stored domain is read at this one size, so the buffer, evaluation and the α fit, which
         # read several domains together, never meet two sizes: the backbone's input, or the task's own
-        self.size = self.ctx.task.image_size if self.cfg.task == "classify" else self.cfg.task_config().image_size
+        self.size = self.cfg.upload_size() or self.ctx.task.image_size
         # prepared domains (a task's per-domain cache, e.g. frozen-trunk features) by (name, file identity):
         # computed once per stored file, reused by every later job's training and evaluation
         self._prepared: OrderedDict[tuple, Domain] = OrderedDict()

@@ -51,6 +51,28 @@ def test_a_peft_download_loads_in_peft_with_the_servers_answers(server, tmp_path
         assert max(abs(got[k] - want[k]) for k in got) < 1e-5, (got, want)
 
 
+def test_the_downloads_readme_code_gives_the_servers_answers(server, tmp_path):
+    """The README inside a peft download is runnable: its lines build the base through the task registry
+    and load the adapter; the task's forward then gives the served probabilities."""
+    from training.data import ImageSamples
+
+    active = _newest_learned(server)
+    r = server.http.get(f"/v1/adapters/{active['version']}/download", params={"format": "peft"})
+    zipfile.ZipFile(io.BytesIO(r.content)).extractall(tmp_path)
+    readme = (tmp_path / "README.txt").read_text()
+    code = "\n".join(ln[4:] for ln in readme.splitlines() if ln.startswith("    "))
+    code = code.replace("<this folder>", str(tmp_path))
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the file this server wrote, run as its reader would
+    task, model = scope["task"], scope["model"]
+    raws, x = _images()
+    probs = task.forward(model, task.make_batch(ImageSamples(x, torch.zeros(len(x), dtype=torch.int64))))
+    body = {"images": [base64.b64encode(b).decode() for b in raws], "top_k": len(CLASSES)}
+    served = server.http.post("/v1/classify", json=body).json()["results"]
+    for p, preds in zip(probs, served):
+        assert max(abs(d["score"] - float(p[CLASSES.index(d["label"])])) for d in preds) < 1e-5
+
+
 def test_the_mergeserve_download_is_the_store_with_its_checksum(server):
     active = _newest_learned(server)
     r = server.http.get(f"/v1/adapters/{active['version']}/download", params={"format": "mergeserve"})
