@@ -593,13 +593,13 @@ class TaskModel:
     decoding at the model's size, dynamic batching and the same hot swap as classification."""
 
     def __init__(self, cfg: dict, task: str) -> None:
-        from .engine import TaskEngine
+        from .engine import Engine
 
         self.cfg = ServerConfig.model_validate(cfg).for_task(task)
         ts = self.cfg.task_config()
         self.limits = Limits(max_image_pixels=self.cfg.max_image_pixels, max_images=ts.max_questions)
         controller = ray.get_actor(NAME, namespace=NAMESPACE)
-        self.engine = TaskEngine(self.cfg, controller)
+        self.engine = Engine(self.cfg, controller)
         self.size = self.engine.task.image_size
 
     def describe(self) -> dict:

@@ -18,7 +18,6 @@ import numpy as np
 import ray
 import torch
 
-from training.backbones import create_backbone, get_spec, preprocess
 from training.fold import materialise, to_delta
 from training.memory import release_unused_gpu_libraries
 from training.store import AdapterStore
@@ -38,7 +37,7 @@ def build_task(cfg: ServerConfig) -> Task:
 
 
 class Engine:
-    """One replica's model and its swap thread (``cfg.task``'s lineage: classification or a task's model)."""
+    """One replica's model and its swap thread, for any task (``cfg.task``'s lineage)."""
 
     def __init__(self, cfg: ServerConfig, controller: ray.actor.ActorHandle) -> None:
         self.cfg, self.controller, self.task_name = cfg, controller, cfg.task
@@ -58,8 +57,9 @@ class Engine:
             log.info("%s replica: released %.0f MB of CUDA library pages (no GPU here)", self.task_name, freed / 2**20)
 
     def _base(self) -> torch.nn.Module:
-        self.spec = get_spec(self.cfg.backbone)
-        return create_backbone(self.cfg.backbone, len(self.cfg.class_names), seed=self.cfg.seed)
+        self.task = build_task(self.cfg)
+        self.spec = getattr(self.task, "spec", None)  # an image classifier's backbone spec (input size, head)
+        return self.task.build_base(self.cfg.seed)
 
     def _build(self, name: str) -> torch.nn.Module:
         tensors, man = self.store.load(name, backbone=self.cfg.backbone)
@@ -112,33 +112,24 @@ class Engine:
             raise Problem(409, "version-not-loaded", f"adapter v{pinned} is not served now (served: {held})")
         return bool(cand) and route(key, cand[2])
 
+    def _model(self, candidate: bool) -> tuple[int, torch.nn.Module]:
+        """``(version, model)`` once per batch: the canary's candidate with ``candidate`` when one is held,
+        else the active version."""
+        cand = self.candidate
+        return cand[:2] if candidate and cand else self.current
+
     @torch.inference_mode()
     def forward(self, images: np.ndarray, candidate: bool = False) -> tuple[np.ndarray, int]:
-        """uint8 (N, 3, H, W) → class probabilities (N, C) and the adapter version that produced them (the
-        canary's candidate with ``candidate``, when one is held; else the active version)."""
-        cand = self.candidate
-        version, model = cand[:2] if candidate and cand else self.current  # one (version, weights) per batch
-        x = preprocess(self.spec, torch.from_numpy(images).to(self.device))
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            return model(x).float().softmax(-1).cpu().numpy(), version
-
-
-class TaskEngine(Engine):
-    """A replica of a ``training.tasks`` model (``vqa``): same swap, the task's batching and responses."""
-
-    def _base(self) -> torch.nn.Module:
-        self.task = build_task(self.cfg)
-        return self.task.build_base(self.cfg.seed)
+        """uint8 (N, 3, H, W) → the task's raw outputs as an array (class probabilities (N, C) for
+        ``classify``) and the adapter version that produced them."""
+        version, model = self._model(candidate)
+        batch = self.task.make_batch(self.task.samples(torch.from_numpy(images))).to(self.device)
+        return self.task.forward(model, batch).cpu().numpy(), version
 
     @torch.inference_mode()
     def answer(self, images: np.ndarray, questions: list[str], top_k: int,
                candidate: bool = False) -> tuple[list[dict], int]:
-        """uint8 (N, 3, H, W) images with one question each → the task's responses and the adapter version (the
-        canary's candidate with ``candidate``, when one is held)."""
-        from training.data.scenes import VqaSamples
-
-        cand = self.candidate
-        version, model = cand[:2] if candidate and cand else self.current
-        samples = VqaSamples(torch.from_numpy(images), list(questions), torch.full((len(questions),), -1))
-        out = self.task.forward(model, self.task.make_batch(samples).to(self.device))
-        return self.task.respond(out.cpu(), top_k), version
+        """uint8 (N, 3, H, W) images with one question each → the task's responses and the adapter version."""
+        version, model = self._model(candidate)
+        batch = self.task.make_batch(self.task.samples(torch.from_numpy(images), questions)).to(self.device)
+        return self.task.respond(self.task.forward(model, batch).cpu(), top_k), version

@@ -46,7 +46,7 @@ def inprocess_rate(served: ServedModel, batch: int, threads: int, seconds: float
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        size = served.spec.img_size
+        size = served.task.image_size
         x = np.random.RandomState(0).randint(0, 255, (batch, 3, size, size)).astype(np.uint8)
         for _ in range(3):
             served.forward(x)

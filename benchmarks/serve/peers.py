@@ -45,36 +45,35 @@ def served_model_args(backbone: str, cfg: object, active: dict) -> dict:
 
 
 class ServedModel:
-    """mergeserve's classify path without the server: the model built as ``Engine._build`` builds it,
-    :func:`serving.archive.decode_images`, ``Engine.forward``'s preprocess + model + softmax, and the
-    response ranked by :func:`training.ranking.top_k`."""
+    """mergeserve's classify path without the server: the ``classify`` task and the model built as
+    ``Engine._build`` builds it, :func:`serving.archive.decode_images`, ``Engine.forward``'s task batch +
+    forward, and the response ranked by :func:`training.ranking.top_k`."""
 
     def __init__(self, m: dict) -> None:
         from serving.archive import Limits
-        from training.backbones import create_backbone, get_spec
         from training.fold import materialise, to_delta
         from training.store import AdapterStore
+        from training.tasks import get_task
 
         self.names, self.version = m["class_names"], m["version"]
         self.limits = Limits(max_images=m["max_images"], max_image_pixels=m["max_image_pixels"])
         tensors, man = AdapterStore(m["adapters"]).load(m["name"], backbone=m["backbone"])
-        base = create_backbone(m["backbone"], len(self.names), seed=m["seed"]).eval()
-        self.spec, self.model = get_spec(m["backbone"]), materialise(base, to_delta(tensors, man.lora))
+        self.task = get_task("classify", backbone=m["backbone"], class_names=self.names)
+        self.model = materialise(self.task.build_base(m["seed"]), to_delta(tensors, man.lora))
 
     def decode(self, req: PeerRequest) -> np.ndarray:
         """The request's images → uint8 (N, 3, size, size)."""
         from serving.archive import decode_images
 
-        return decode_images(req.raws(), self.spec.img_size, self.limits)
+        return decode_images(req.raws(), self.task.image_size, self.limits)
 
     def forward(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, 3, H, W) → probabilities (N, C), as ``Engine.forward`` on CPU."""
         import torch
 
-        from training.backbones import preprocess
-
         with torch.inference_mode():
-            return self.model(preprocess(self.spec, torch.from_numpy(images))).float().softmax(-1).numpy()
+            batch = self.task.make_batch(self.task.samples(torch.from_numpy(images)))
+            return self.task.forward(self.model, batch).numpy()
 
     def respond(self, req: PeerRequest, probs: np.ndarray) -> dict:
         """mergeserve's response body: the top-``k`` labels and scores of each image."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,6 +93,18 @@ class VqaSamples:
         ids = torch.as_tensor(idx, dtype=torch.int64)
         return VqaSamples(self.images[ids], [self.questions[i] for i in ids.tolist()], self.answers[ids],
                           None if f is None else f[ids])
+
+    @classmethod
+    def unanswered(cls, images: torch.Tensor, questions: Sequence[str] | None) -> VqaSamples:
+        """Inference samples: one question per image (N, 3, H, W uint8), answers unknown (-1).
+
+        Raises:
+            ValueError: not one question per image.
+        """
+        questions = list(questions or [])
+        if len(questions) != len(images):
+            raise ValueError(f"{len(images)} images and {len(questions)} questions: one question per image")
+        return cls(images, questions, torch.full((len(questions),), -1, dtype=torch.int64))
 
     @classmethod
     def concat(cls, parts: list[VqaSamples]) -> VqaSamples:

@@ -63,6 +63,11 @@ class Task(Protocol):
         """Full names of the ``nn.Linear`` modules LoRA adapts, derived from ``model`` (never hard-coded)."""
         ...
 
+    def samples(self, images: torch.Tensor, questions: Sequence[str] | None = None) -> Any:
+        """A request's inputs as the task's samples (uint8 images (N, 3, H, W), one question each for a
+        question task), with unknown labels: what a serving replica batches."""
+        ...
+
     def make_batch(self, samples: Any) -> Batch:
         """Stored samples → a model-ready :class:`Batch` on the CPU."""
         ...

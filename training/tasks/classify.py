@@ -48,20 +48,27 @@ class ClassifyTask:
         bare = model.get_base_model() if hasattr(model, "get_base_model") else model
         return target_module_names(bare, self.spec.lora_targets, self.spec.head)
 
+    def samples(self, images: torch.Tensor, questions: Sequence[str] | None = None) -> ImageSamples:
+        """Inference samples of uint8 images (N, 3, H, W); their labels are unknown (-1)."""
+        return ImageSamples(images, torch.full((len(images),), -1, dtype=torch.int64))
+
     def make_batch(self, samples: ImageSamples) -> Batch:
-        """Images preprocessed for the backbone (float, its resolution), labels and their class names."""
-        targets = [self.answers[i] for i in samples.labels.tolist()] if self.answers else []
-        return Batch({"x": preprocess(self.spec, samples.images)}, samples.labels, targets)
+        """uint8 images (preprocessed where the batch runs: on its device), labels and their class names."""
+        targets = [self.answers[i] if i >= 0 else "" for i in samples.labels.tolist()]
+        return Batch({"images": samples.images}, samples.labels, targets)
+
+    def _logits(self, model: Any, batch: Batch) -> torch.Tensor:
+        return model(x=preprocess(self.spec, batch.inputs["images"]))
 
     def loss(self, model: Any, batch: Batch) -> torch.Tensor:
-        """Cross-entropy of ``model(x=…)`` (a module, or any callable taking the batch's inputs)."""
-        return F.cross_entropy(model(**batch.inputs), batch.labels)
+        """Cross-entropy of ``model`` (a module, or any callable taking ``x=``) on the preprocessed images."""
+        return F.cross_entropy(self._logits(model, batch), batch.labels)
 
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Class probabilities (N, C), float32 (bf16 autocast on a GPU)."""
-        dev = batch.inputs["x"].device
+        dev = batch.inputs["images"].device
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            return model(**batch.inputs).float().softmax(-1)
+            return self._logits(model, batch).float().softmax(-1)
 
     def respond(self, outputs: torch.Tensor, top_k: int = 1) -> list[dict]:
         """Probabilities → ``{"answer", "score", "top_k": [{"answer", "score"}, …]}`` per image."""

@@ -133,6 +133,10 @@ class VlmTask:
     def _prompt(self, question: str) -> str:
         return self.prompt.format(image=self.image_token, question=question)
 
+    def samples(self, images: torch.Tensor, questions: Sequence[str] | None = None) -> VqaSamples:
+        """Inference samples: uint8 images (N, 3, H, W), one question each, answers unknown."""
+        return VqaSamples.unanswered(images, questions)
+
     def make_batch(self, samples: VqaSamples) -> Batch:
         """Prompt + answer + EOS per example, right-padded; labels -100 except on answer tokens.
 

@@ -110,6 +110,10 @@ class VqaTask:
             raise ValueError(f"answers not in the {len(self.answers)}-answer vocabulary: {unknown[:5]}")
         return torch.tensor([self.answer_id[a] for a in answers], dtype=torch.int64)
 
+    def samples(self, images: torch.Tensor, questions: Sequence[str] | None = None) -> VqaSamples:
+        """Inference samples: uint8 images (N, 3, H, W), one question each, answers unknown."""
+        return VqaSamples.unanswered(images, questions)
+
     def make_batch(self, samples: VqaSamples) -> Batch:
         """Images + questions → model inputs; answer ids < 0 mean unknown (inference requests)."""
         enc = self.tokenizer(
