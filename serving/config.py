@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from training.settings import LoraSettings, TrainSettings
 
@@ -17,6 +18,10 @@ BUILTIN_LABELS = [str(i) for i in range(10)]
 DEFAULT_TASK = "classify"
 #: where the default task's ``bootstrap`` domains come from
 DEFAULT_BOOTSTRAP_BENCHMARK = "digits5"
+#: ports reserved for direct ingress from ``--direct-port`` on: one per ``Model`` replica on a node
+DIRECT_PORTS = 64
+
+
 #: the most labels a classification head is built with (ImageNet-1k's size): every label is a column of
 #: the head, a row of every top-k ranking and an allowed upload folder name
 MAX_LABELS = 1000
@@ -260,3 +265,75 @@ class ServerConfig(Strict):
     def roots(self) -> list[str]:
         """Directories ``file://`` sources may be read from."""
         return self.source_roots or [self.path("sources")]
+
+
+def read_config_file(path: str) -> dict:
+    """A ``ServerConfig`` mapping from a YAML or JSON file (JSON is YAML).
+
+    Raises:
+        ValueError: unreadable, not YAML, or not a mapping.
+    """
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not YAML or JSON ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of ServerConfig fields, got {type(data).__name__}")
+    return data
+
+
+def describe(e: ValidationError, source: str = "") -> str:
+    """A pydantic error in one line: ``field.path: message`` per problem (the offending key named)."""
+    parts = []
+    for err in e.errors(include_url=False):
+        where = "".join(f"{x}: " if i == len(err["loc"]) - 1 else f"{x}." for i, x in enumerate(err["loc"]))
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}{msg}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden"
+                                          and not isinstance(err["input"], dict) else ""))
+    return (f"{source}: " if source else "") + "; ".join(parts)
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The server config ``mergeserve serve``'s flags describe: ``--config``'s file (if any), then each flag
+    given (flags win), then the defaults.
+
+    Raises:
+        ValueError: a bad flag, file, key or value, in one line naming it.
+    """
+    base = read_config_file(args.config) if getattr(args, "config", None) else {}
+    upd: dict = {}
+    vqa: dict = {}
+    if args.direct_port and not 0 < args.direct_port <= 65536 - DIRECT_PORTS:
+        raise ValueError(f"--direct-port must be 0 (off) or a port in [1, {65536 - DIRECT_PORTS}]")
+    if args.data_dir:
+        upd["data_dir"] = os.path.abspath(args.data_dir)
+    if args.replicas:
+        upd["num_replicas"] = args.replicas if args.replicas == "auto" else int(args.replicas)
+    if args.worker_idle_s is not None:
+        upd["worker_idle_s"] = args.worker_idle_s
+    if args.backbone:
+        upd["backbone"] = args.backbone
+    if getattr(args, "labels", None) is not None:
+        upd["class_names"] = [x.strip() for x in args.labels.split(",")]
+    if args.no_bootstrap:
+        upd["bootstrap"] = vqa["bootstrap"] = []
+    if args.vqa_replicas:
+        vqa["num_replicas"] = args.vqa_replicas if args.vqa_replicas == "auto" else int(args.vqa_replicas)
+    if args.vqa_idle_s is not None:
+        vqa["autoscaling"] = {**VqaServing().autoscaling, "downscale_delay_s": args.vqa_idle_s,
+                              "downscale_to_zero_delay_s": args.vqa_idle_s}
+    if args.no_vqa:
+        vqa["enabled"] = False
+    if isinstance(base.get("vqa", {}), dict):
+        vqa = {**base.get("vqa", {}), **vqa}
+    try:
+        return ServerConfig.model_validate({**base, **upd, **({"vqa": vqa} if vqa or "vqa" in base else {})})
+    except ValidationError as e:
+        raise ValueError(describe(e, args.config or "")) from None
