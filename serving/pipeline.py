@@ -37,8 +37,6 @@ VERSION_NAME = re.compile(r"global@v(\d+)")
 INTERRUPTED = ("training", "merging")
 #: methods whose versions are α-merges of per-domain adapters, stored as dense ΔW (torch-free: from HYPER)
 ALPHA_METHODS = tuple(m for m, h in HYPER.items() if issubclass(h, AdaptiveFit))
-#: needs a second (PAM) lineage beside the per-domain adapters; offered by the benchmark only
-BENCHMARK_ONLY = ("pam_adaptive",)
 
 
 class WorkerLost(RuntimeError):
@@ -113,9 +111,6 @@ def check_hyper(method: str, hyper: dict, max_steps: int) -> dict:
     Raises:
         Problem: 422 ``unknown-method`` or ``bad-hyper-parameter`` naming the field and its range.
     """
-    if method in BENCHMARK_ONLY:
-        raise Problem(422, "unknown-method", f"method {method!r} runs in `mergeserve bench` only; online: "
-                      f"{[m for m in HYPER if m not in BENCHMARK_ONLY]}")
     try:
         return parse_hyper(method, hyper, max_steps=max_steps).model_dump(exclude_unset=True)
     except HyperError as e:
@@ -129,7 +124,7 @@ def method_catalog(cfg: ServerConfig) -> dict[str, Any]:
     A client (the console's ingest form) builds its fields from these schemas instead of a copy of them,
     so a form can never offer a field the server refuses, and a value out of range gets the server's 422.
     """
-    online = [m for m in HYPER if m not in BENCHMARK_ONLY]
+    online = list(HYPER)
     methods = {
         m: {"description": " ".join((HYPER[m].__doc__ or "").replace("``", "").split()),
             "hyper_schema": HYPER[m].model_json_schema(),

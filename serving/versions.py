@@ -2,9 +2,10 @@
 
 A version may be deleted unless a rollback could need it: the active version and its ancestors (its
 ``parent`` chain) are kept, and so are the per-domain adapters (``domain@<d>@v<N>``) an adaptive version
-still lists as its components. Deleting removes the database rows first (one transaction), then the files,
-manifest before weights: a crash in between leaves weights no database row knows, which the next start
-quarantines (:meth:`~serving.pipeline.Pipeline.recover`). Plain functions over a pipeline; no Ray, no torch.
+still lists as its components; a ``pam_adaptive`` version's shadow LoRA (``pam@v<N>``) goes with it.
+Deleting removes the database rows first (one transaction), then the files, manifest before weights: a
+crash in between leaves weights no database row knows, which the next start quarantines
+(:meth:`~serving.pipeline.Pipeline.recover`). Plain functions over a pipeline; no Ray, no torch.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def delete(pipe: Pipeline, version: int) -> dict:
     held = {d for v in others for d in v["domains"]}
     pipe.db.delete_version(version, [d for d in row["domains"] if d not in held])
     still = {k[2:] for v in others for k in v["metrics"] if k.startswith("c/")}
-    own = [k[2:] for k in row["metrics"] if k.startswith("c/domain@") and k[2:] not in still]
+    # its own files: per-domain components no kept version lists, and a pam_adaptive version's shadow (s/)
+    own = [k[2:] for k in row["metrics"] if (k.startswith("c/domain@") and k[2:] not in still) or k.startswith("s/")]
     for name in [row["name"], *own]:  # a component that is another version (global@vK) stays, of course
         pipe.store.delete(name)
     return {"deleted": version, "active": pipe.active}

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from training.buffer import ReplayBuffer
 from training.data import Domain
-from training.hyper import parse_hyper
+from training.hyper import PamAlign, parse_hyper
 from training.lora import materialise, to_delta
 from training.online import (
     ALPHA_METHODS,
@@ -39,6 +39,7 @@ from .engine import build_task
 from .pipeline import crash_point, domain_file, save_domain
 
 BUILTIN = "builtin:"
+SHADOW = "s/"  # metrics key prefix naming a pam_adaptive version's shadow global LoRA (``s/pam@v<N>``)
 PREPARED_CACHE = 32  # prepared domains a worker keeps (a 1,000-question film_scenes domain: ~12 MB of features)
 
 
@@ -160,12 +161,16 @@ class IngestWorker:
         # an imported adapter holds what it learned elsewhere: it counts as one domain's worth in the merge
         n_seen = max(len(parent["domains"]), int(parent["method"] == "import"))
         global_ = tensors if n_seen and man.format == "lora" else None
+        if isinstance(hyper, PamAlign) and job["method"] in ALPHA_METHODS:  # pam_adaptive: its own lineage
+            global_, n_seen = self._shadow(parent, global_, n_seen)
         temp, info, d = self._train(job, hyper, tensors, global_, n_seen, progress)
         if phase is not None:
             phase("merging")
         t1 = time.perf_counter()
         if job["method"] in ALPHA_METHODS:
             merged, extra = self._alpha_merge(job, parent, temp, version, hyper)
+            if isinstance(hyper, PamAlign):
+                extra["metrics"].update(self._next_shadow(global_, temp, version, hyper))
         else:
             merged, extra = merge_into_global(job["method"], global_, temp, hyper), {"metrics": {}, "coefficients": {}}
         domains = [*parent["domains"], job["domain"]]
@@ -197,13 +202,32 @@ class IngestWorker:
             if progress is not None:
                 progress(step, total, loss)
 
-        if job["method"] in ALPHA_METHODS:  # the domain's own LoRA from the initial adapter (Coleman et al.)
+        if job["method"] in ALPHA_METHODS and not isinstance(hyper, PamAlign):  # the domain's own LoRA from the
+            # initial adapter (Coleman et al.); pam_adaptive's is a PAM temporary of its shadow global LoRA
             temp, info = train_domain_adapter(self.ctx, hyper, d, report)
         else:
             temp, info = train_temporary(self.ctx, job["method"], hyper, global_, n_seen, d, report)
         info.update(zero_shot=zero_shot, n_train=len(d.y_train), n_heldout=len(d.y_test),
                     buffer_size=self._buffer(d), train_seconds=time.perf_counter() - t0)
         return temp, info, d
+
+    def _shadow(self, parent: dict, global_: dict | None, n_seen: int) -> tuple[dict | None, int]:
+        """``pam_adaptive``'s factor-space global LoRA (never served; ``training/strategies/adaptive.py``,
+        ``pam_adaptive``) that the next temporary is cloned from and aligned with, and the domains it holds:
+        the parent's own (named in its metrics as ``s/<adapter>``), else the parent's global LoRA when it is
+        one, else none (a dense adaptive parent: the temporary starts from the initial adapter)."""
+        names = [k[len(SHADOW):] for k in parent["metrics"] if k.startswith(SHADOW)]
+        if names:
+            return self.store.load(names[0], backbone=self.cfg.backbone)[0], len(parent["domains"])
+        return global_, n_seen if global_ is not None else 0
+
+    def _next_shadow(self, global_: dict | None, temp: dict, version: int, hyper: object) -> dict[str, float]:
+        """Store ``Avg(W_{G,t-1}, W')`` (PAM, Alg. 1) as version ``version``'s shadow; its metrics entry."""
+        shadow = merge_into_global("pam_adaptive", global_, temp, hyper)
+        man = self.store.save(shadow, AdapterManifest(
+            name=f"pam@v{version}", backbone=self.cfg.backbone, format="lora", lora=self.cfg.lora,
+            class_names=self.labels, method="pam_adaptive"))
+        return {SHADOW + man.name: 1.0}
 
     def _alpha_merge(self, job: dict, parent: dict, temp: dict, version: int, hyper: object) -> tuple[dict, dict]:
         """Adaptive merging online: every domain's own adapter, merged with α fit on the replay buffer.

@@ -426,7 +426,7 @@ def test_methods_route_is_the_schemas_the_server_validates_with(server):
 
     m = server.http.get("/v1/methods").json()
     assert m["methods"]["ties"]["hyper_schema"] == HYPER["ties"].model_json_schema()
-    assert "pam_adaptive" not in m["methods"]  # benchmark-only: POST /v1/domains refuses it
+    assert "pam_adaptive" in m["methods"]  # online too: its PAM lineage kept beside the α-merge
     assert m["tasks"]["classify"]["default_method"] == "pam" and "adaptive" in m["tasks"]["classify"]["methods"]
     assert m["tasks"]["vqa"]["methods"] == m["tasks"]["classify"]["methods"]  # adaptive for vqa too
     assert m["tasks"]["classify"]["steps"] == 6 and m["max_steps"] == 2000

@@ -164,8 +164,39 @@ def test_adaptive_online_learns_alpha_per_domain(tmp_path):
         pipe.accept(submission("d4", seed=3, method="pam"))
     assert e.value.code == "incompatible-method" and e.value.status == 409
     with pytest.raises(Problem) as e:
-        pipe.accept(submission("d4", seed=3, method="pam_adaptive"))
+        pipe.accept(submission("d4", seed=3, method="pam_nope"))
     assert e.value.code == "unknown-method"
+
+
+def test_pam_adaptive_online_keeps_its_pam_lineage_beside_the_alpha_merge(tmp_path):
+    """``pam_adaptive`` online (adaptive.py, ``pam_adaptive``): each domain's temporary is cloned from the
+    previous version's shadow global LoRA and aligned with it, the served adapter is the α-merge of the
+    temporaries, and the shadow becomes Avg(shadow, temporary) — stored beside the version, deleted with it."""
+    import merge
+    from serving import versions
+
+    cfg = config(str(tmp_path))
+    pipe, worker = Pipeline(cfg), LocalWorker(cfg)
+    hyper = {"fit_steps": 3, "every": 2}
+    for i, name in enumerate(("d1", "d2", "d3")):
+        pipe.accept(submission(name, seed=i, method="pam_adaptive", hyper=hyper))
+    jobs = run_all(pipe, worker)
+    assert [j["status"] for j in jobs] == ["succeeded"] * 3, [j["error"] for j in jobs]
+    rows = [pipe.db.version(v) for v in (1, 2, 3)]
+    shadows = [sorted(k for k in r["metrics"] if k.startswith("s/")) for r in rows]
+    assert shadows == [[f"s/pam@v{v}"] for v in (1, 2, 3)]
+    v3 = rows[2]
+    assert set(v3["coefficients"]) == {"d1", "d2", "d3"} and pipe.store.manifest(v3["name"]).format == "delta"
+    comps = [k[2:] for k in v3["metrics"] if k.startswith("c/")]
+    assert comps == ["domain@d1@v1", "domain@d2@v2", "domain@d3@v3"]
+    # the shadow is PAM's running average of the temporaries (factor space), the first one itself
+    load = lambda n: pipe.store.load(n)[0]  # noqa: E731
+    assert all(torch.equal(load("pam@v1")[k], load("domain@d1@v1")[k]) for k in load("pam@v1"))
+    want = merge.average([load("pam@v2"), load("domain@d3@v3")])
+    assert all(torch.allclose(load("pam@v3")[k], want[k]) for k in want)
+    pipe.set_active(2)  # make v3 deletable: its shadow goes with it, v2's stays
+    versions.delete(pipe, 3)
+    assert "pam@v3" not in pipe.store.names() and "pam@v2" in pipe.store.names()
 
 
 @pytest.mark.parametrize("task", ["classify", "vqa"])

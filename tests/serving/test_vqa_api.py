@@ -97,7 +97,7 @@ def test_bad_vqa_uploads_change_nothing(server, archive, code):
 
 
 def test_vqa_method_and_task_checks(server):
-    r = server.ingest("vqaada", vqa_archive(), task="vqa", method="pam_adaptive")  # benchmark only, every task
+    r = server.ingest("vqaada", vqa_archive(), task="vqa", method="pam_nope")
     assert r.status_code == 422 and r.json()["type"].endswith("unknown-method"), r.text
     r = server.ingest("x", vqa_archive(), task="detect")
     assert r.status_code == 422, r.text
