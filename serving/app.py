@@ -247,6 +247,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "deploy/serve.yaml); flags given beside it win")
 
 
+def root_cause(e: BaseException) -> str:
+    """The innermost error behind ``e`` (through Ray's task-error wrappers) as ``Type: message``, one line."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)  # KeyError's str() quotes its message
+    return f"{type(e).__name__}: {msg.strip().splitlines()[-1] if msg.strip() else ''}"
+
+
 def catch_stop_signals(got: list[int] | None = None) -> list[int]:
     """Install SIGTERM and SIGINT handlers that append the signal to ``got`` (a new list by default);
     returns that list.
@@ -297,7 +310,15 @@ def run(args: argparse.Namespace) -> int:
         for key, name in HAPROXY_FILES.items():  # HAProxy's files in the run's directory, removed with it
             os.environ.setdefault(key, os.path.join(claimed.tmp, name))
     print(f"mergeserve: data in {cfg.data_dir}; starting Ray Serve on http://{args.host}:{args.port}", flush=True)
-    start(cfg, args.port, args.host, args.address, args.metrics_export_port, args.direct_port)
+    try:
+        start(cfg, args.port, args.host, args.address, args.metrics_export_port, args.direct_port)
+    except Exception as e:  # noqa: BLE001 - e.g. a configured task whose model cannot be built: one line, exit 1
+        print(f"mergeserve serve: could not start: {root_cause(e)}", file=sys.stderr)
+        serve.shutdown()
+        ray.shutdown()
+        if held:
+            lifecycle.release(*held)
+        return 1
     catch_stop_signals(stop)  # ray.init replaced the SIGTERM handler
     jobs = bootstrap(cfg)
     if jobs:

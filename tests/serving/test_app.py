@@ -239,3 +239,23 @@ def test_the_startup_gap_template_answers_503_not_ready_in_a_fresh_interpreter()
     from ray.serve._private import haproxy_templates as t  # unpatched in this process
     assert "status 404" in t.HAPROXY_CONFIG_TEMPLATE  # Ray's own line is there to replace (an upgrade shows here)
     assert int(fresh.stdout) == len(t.HAPROXY_CONFIG_TEMPLATE.splitlines())
+
+
+def test_a_start_failure_is_reported_as_its_innermost_cause():
+    """`mergeserve serve` prints why it could not start in one line: the error at the bottom of Ray's wrappers
+    (a task error's ``cause``) and Python's chaining, a KeyError's message unquoted."""
+    from serving.app import root_cause
+
+    class Wrapped(Exception):  # Ray's RayTaskError carries the remote error as ``cause``
+        def __init__(self, cause: BaseException) -> None:
+            super().__init__("Traceback (most recent call last):\n  ...\nmany lines")
+            self.cause = cause
+
+    try:
+        try:
+            raise KeyError("unknown task 'nope'; registered: ['classify', 'vlm', 'vqa']")
+        except KeyError as inner:
+            raise RuntimeError("controller.ready failed") from Wrapped(inner)
+    except RuntimeError as e:
+        assert root_cause(e) == "KeyError: unknown task 'nope'; registered: ['classify', 'vlm', 'vqa']"
+    assert root_cause(ValueError("bad\nlast line")) == "ValueError: last line"
