@@ -20,8 +20,6 @@ DEFAULT_TASK = "classify"
 DEFAULT_BOOTSTRAP_BENCHMARK = "digits5"
 #: ports reserved for direct ingress from ``--direct-port`` on: one per ``Model`` replica on a node
 DIRECT_PORTS = 64
-
-
 #: the most labels a classification head is built with (ImageNet-1k's size): every label is a column of
 #: the head, a row of every top-k ranking and an allowed upload folder name
 MAX_LABELS = 1000
@@ -191,7 +189,7 @@ class ServerConfig(Strict):
 
     @model_validator(mode="after")
     def _check_labels(self) -> ServerConfig:
-        if self.task != "classify":  # another task's labels are its model's vocabulary (for_task)
+        if self.task != DEFAULT_TASK:  # another task's labels are its model's vocabulary (for_task)
             return self
         check_labels(self.class_names)
         if self.bootstrap and self.class_names != BUILTIN_LABELS:
@@ -208,7 +206,7 @@ class ServerConfig(Strict):
 
     def tasks_held(self) -> list[str]:
         """The tasks this server holds, the default first."""
-        return ["classify", *self.served()]
+        return [DEFAULT_TASK, *self.served()]
 
     def task_spec(self) -> tuple[str, dict]:
         """``(registry name, factory keyword arguments)`` of this (derived) config's task, for
@@ -248,7 +246,7 @@ class ServerConfig(Strict):
         """
         if task not in self.tasks_held():
             raise KeyError(f"unknown task {task!r}; this server holds {self.tasks_held()}")
-        if task == "classify":
+        if task == DEFAULT_TASK:
             return self
         ts = self.served()[task]
         state = None if self.state_path is None else os.path.splitext(self.state_path)[0] + f"-{task}.sqlite"

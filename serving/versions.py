@@ -18,6 +18,9 @@ from training.store import AdapterManifest
 
 from .errors import Problem
 
+#: a version's metrics key prefix naming its pam_adaptive shadow global LoRA (``s/pam@v<N>``): its own file
+SHADOW = "s/"
+
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
@@ -50,7 +53,7 @@ def delete(pipe: Pipeline, version: int) -> dict:
     pipe.db.delete_version(version, [d for d in row["domains"] if d not in held])
     still = {k[2:] for v in others for k in v["metrics"] if k.startswith("c/")}
     # its own files: per-domain components no kept version lists, and a pam_adaptive version's shadow (s/)
-    own = [k[2:] for k in row["metrics"] if (k.startswith("c/domain@") and k[2:] not in still) or k.startswith("s/")]
+    own = [k[2:] for k in row["metrics"] if (k.startswith("c/domain@") and k[2:] not in still) or k.startswith(SHADOW)]
     for name in [row["name"], *own]:  # a component that is another version (global@vK) stays, of course
         pipe.store.delete(name)
     return {"deleted": version, "active": pipe.active}

@@ -37,9 +37,9 @@ from .archive import resize_images
 from .config import ServerConfig
 from .engine import build_task
 from .pipeline import crash_point, domain_file, save_domain
+from .versions import SHADOW
 
 BUILTIN = "builtin:"
-SHADOW = "s/"  # metrics key prefix naming a pam_adaptive version's shadow global LoRA (``s/pam@v<N>``)
 PREPARED_CACHE = 32  # prepared domains a worker keeps (a 1,000-question film_scenes domain: ~12 MB of features)
 
 

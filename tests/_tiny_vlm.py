@@ -42,6 +42,17 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
+#: the layer sizes every tiny tower here shares (vision and text)
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+def _text(tok: PreTrainedTokenizerFast, vocab_size: int) -> dict:
+    """A tiny decoder's keyword arguments besides its head layout."""
+    return {**TINY, "vocab_size": vocab_size, "max_position_embeddings": 128,
+            "initializer_range": 0.3,  # random lm_head rows large enough that LoRA can move the logits
+            "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+
+
 def tiny_llava() -> VlmTask:
     tok = _tokenizer()
     proc = LlavaProcessor(
@@ -53,27 +64,8 @@ def tiny_llava() -> VlmTask:
         image_token="<image>",
     )
     cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            initializer_range=0.3,  # random lm_head rows large enough that LoRA can move the logits
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-        ),
+        vision_config=CLIPVisionConfig(**TINY, image_size=32, patch_size=8),
+        text_config=LlamaConfig(**_text(tok, len(tok)), num_key_value_heads=2),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
@@ -86,23 +78,8 @@ def tiny_paligemma() -> VlmTask:
     proc = PaliGemmaProcessor(
         image_processor=SiglipImageProcessor(size={"height": 32, "width": 32}, image_seq_length=16), tokenizer=tok
     )  # adds <image> and PaliGemma's <loc…>/<seg…> tokens to the tokenizer
-    text = GemmaConfig(
-        vocab_size=len(proc.tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=128,
-        initializer_range=0.3,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
-    )
+    text = GemmaConfig(**_text(tok, len(proc.tokenizer)), num_key_value_heads=1, head_dim=16)
+    vision = SiglipVisionConfig(**TINY, image_size=32, patch_size=8)
     vision.projection_dim = 32
     cfg = PaliGemmaConfig(
         vision_config=vision,
