@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from benchmarks.serve.harness import free_port, json_body, png_b64, private_ray_env, wait_http
+from benchmarks.serve.harness import DIRECT_PORTS, free_port, json_body, png_b64, private_ray_env, wait_http
 
 
 def classify_body(tmp: str, images: int) -> str:
@@ -35,7 +35,7 @@ def local_mergeserve(backbone: str, direct: bool = True,
     from serving.config import ServerConfig
 
     tmp = tempfile.mkdtemp(prefix="msab-")
-    private_ray_env(tmp, direct_port=free_port() if direct else None)
+    private_ray_env(tmp, direct_port=free_port(span=DIRECT_PORTS) if direct else None)
     cfg = ServerConfig.model_validate({"data_dir": f"{tmp}/data", "bootstrap": [], "backbone": backbone,
                                        "vqa": {"enabled": False}, **(config or {})})
     ray.init(namespace="mergeserve", include_dashboard=False, log_to_driver=False, num_cpus=4)

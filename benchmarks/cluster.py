@@ -54,7 +54,7 @@ import psutil
 import yaml
 from PIL import Image
 
-from serving.ports import free_port
+from serving.ports import DIRECT_PORTS, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -113,7 +113,7 @@ class Cluster:
             from serving.app import ray_env
 
             saved = dict(os.environ)
-            ray_env(free_port())
+            ray_env(free_port(span=DIRECT_PORTS))
             self.env.update({k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")})
             os.environ.clear()  # this process is a driver, not a node: it keeps Serve's defaults
             os.environ.update(saved)

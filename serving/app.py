@@ -16,10 +16,10 @@ from ray import serve
 
 from . import lifecycle
 from .api import Model, TaskModel
-from .config import DEFAULT_TASK, DIRECT_PORTS, ServerConfig, TaskServing, config_from_args
+from .config import DEFAULT_TASK, ServerConfig, TaskServing, config_from_args
 from .controller import get_or_create_controller
 from .pipeline import Submission, check_labels
-from .ports import free_port
+from .ports import DIRECT_PORTS, free_port
 
 
 def replica_env() -> dict[str, str]:

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from training.settings import LoraSettings, TrainSettings
 
+from .ports import DIRECT_PORTS
+
 #: the classes of the built-in ``digits5`` benchmark: the default labels, and the only ones ``bootstrap``
 #: (which learns digits5 domains) can serve
 BUILTIN_LABELS = [str(i) for i in range(10)]
@@ -18,8 +20,6 @@ BUILTIN_LABELS = [str(i) for i in range(10)]
 DEFAULT_TASK = "classify"
 #: where the default task's ``bootstrap`` domains come from
 DEFAULT_BOOTSTRAP_BENCHMARK = "digits5"
-#: ports reserved for direct ingress from ``--direct-port`` on: one per ``Model`` replica on a node
-DIRECT_PORTS = 64
 #: the most labels a classification head is built with (ImageNet-1k's size): every label is a column of
 #: the head, a row of every top-k ranking and an allowed upload folder name
 MAX_LABELS = 1000

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .accounting import process_tree
-from .harness import free_port, json_body, on_sigterm, png_b64, private_ray_env, stop, wait_http
+from .harness import DIRECT_PORTS, free_port, json_body, on_sigterm, png_b64, private_ray_env, stop, wait_http
 from .loadgen import run_cell
 from .peers import ServedModel, plain_serve_app, served_model_args
 
@@ -95,7 +95,8 @@ def running_peers(backbone: str, log: Callable[[str], None], tmp: str) -> Iterat
 
     from serving.config import ServerConfig
 
-    private_ray_env(tmp, direct_port=free_port())  # both Ray apps' replicas also listen on their own port
+    # both Ray apps' replicas also listen on their own port
+    private_ray_env(tmp, direct_port=free_port(span=DIRECT_PORTS))
     cfg = ServerConfig.model_validate({"data_dir": os.path.join(tmp, "data"), "bootstrap": [], "backbone": backbone})
     fast_proc = None
     try:

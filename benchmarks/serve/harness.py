@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from serving.ports import free_port  # noqa: F401  (re-exported: the benchmark scripts import it from here)
+from serving.ports import DIRECT_PORTS, free_port  # noqa: F401  (re-exported: the benchmark scripts import it from here)
 
 
 def private_ray_env(tmp: str, direct_port: int | None = None) -> None:

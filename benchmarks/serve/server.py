@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from .accounting import PeakSampler, command_line, process_tree, rss_table
-from .harness import free_port, json_body, png_b64, private_ray_env, stop, wait_http
+from .harness import DIRECT_PORTS, free_port, json_body, png_b64, private_ray_env, stop, wait_http
 
 IDLE_S = 45.0  # --rss: the server's worker_idle_s and VQA idle delay, so that "at rest" comes in minutes
 
@@ -36,7 +36,8 @@ def serve_process_bench(rss: bool, ready: bool, log: Callable[[str], None] = pri
     exe = os.path.join(os.path.dirname(sys.executable), "mergeserve")
     cmd = [exe] if os.path.exists(exe) else [sys.executable, "-c", "import sys; from mergeserve.cli import main; "
                                                                     "sys.exit(main())"]
-    cmd += ["serve", "--data-dir", os.path.join(tmp, "data"), "--port", str(port), "--direct-port", str(free_port()),
+    cmd += ["serve", "--data-dir", os.path.join(tmp, "data"), "--port", str(port),
+            "--direct-port", str(free_port(span=DIRECT_PORTS)),
             "--worker-idle-s", str(IDLE_S), "--vqa-idle-s", str(IDLE_S)]
     url = f"http://127.0.0.1:{port}"
     logf = open(os.path.join(tmp, "serve.log"), "wb")  # closed in finally

@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 from PIL import Image, ImageDraw
 
-from serving.ports import free_port
+from serving.ports import DIRECT_PORTS, free_port
 
 REPO = Path(__file__).parents[2]
 PRODUCT = REPO / ".venv"  # built by `make install` / `make serve` / `make test`: the product alone
@@ -38,7 +38,7 @@ class Served:
     def __init__(self, root: Path, *flags: str, name: str = "server") -> None:
         self.root, self.flags, self.name = root, flags, name
         self.data = root / f"{name}-data"
-        self.port, self.direct = free_port(), free_port()
+        self.port, self.direct = free_port(), free_port(span=DIRECT_PORTS)
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.starts = 0

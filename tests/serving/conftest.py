@@ -9,14 +9,15 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests import the helpers in _ut
 
 from _util import Server, start_app  # noqa: E402
 
-from serving.ports import free_port  # noqa: E402
+from serving.ports import DIRECT_PORTS, free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     from serving.app import ray_env
 
-    ray_env(direct_port=free_port())  # as `mergeserve serve` does: each replica also serves on its own port
+    # as `mergeserve serve` does: each replica also serves on its own port
+    ray_env(direct_port=free_port(span=DIRECT_PORTS))
     import ray
     from ray import serve
 
