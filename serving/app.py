@@ -150,9 +150,9 @@ def ray_env(direct_port: int | None = None) -> None:
         if os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1") == "1":
             # its side listeners (fallback proxy, HAProxy's exporter and stats page) default to fixed ports
             # (8500, 9101, 8404); free ones let two servers, or a server and the tests, share a host
-            for key in HAPROXY_SIDE_PORTS:
-                if key not in os.environ:
-                    os.environ[key] = str(free_port())
+            first = free_port(span=len(HAPROXY_SIDE_PORTS))  # consecutive, so distinct
+            for i, key in enumerate(HAPROXY_SIDE_PORTS):
+                os.environ.setdefault(key, str(first + i))
 
 
 def direct_ports(host: str = "127.0.0.1", app: str = "mergeserve", first: int | None = None) -> list[int]:
