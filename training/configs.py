@@ -130,7 +130,27 @@ Run: ``mergeserve bench dil --config scenes_vqa_new --out docs/scenes_vqa_new.js
 Expected (docs/results.md, 2 CPU cores): the committed table and its paired intervals.
 """
 
+SCENES_VQA_NEW_R32 = SCENES_VQA_NEW.model_copy(update={
+    # the recipe probe's (benchmarks/vqa_fit.py, docs/vqa.md "A recipe for the hard families"): r 8 / 400
+    # steps overfits rel_exist, shape_at and rel_shape at ~70 %; r 32 with LoRA dropout 0.2 at 800 steps
+    # reaches 97-100 % on each family alone
+    "lora": LoraSettings(rank=32, alpha=64.0, dropout=0.2),
+    "train": TrainSettings(steps=800, batch_size=64, lr=3e-3, eval_batch=200),
+    "methods": ["finetune", "average", "pam", "joint", "independent"],  # the issue's comparisons, ~35 min a run
+    "orders": 1,
+})
+"""``scenes_vqa_new`` with the recipe that learns every family (LoRA r 32, α 64, dropout 0.2, 800 steps of 64):
+whether merging still separates from fine-tuning once each temporary really learns its family. Costs
+about twice the server's recipe per domain (over the online 60 s budget, so the server keeps r 8 / 400).
+
+Run (one process per seed, one thread each, then pooled):
+``OMP_NUM_THREADS=1 mergeserve bench dil --config scenes_vqa_new_r32 --seed S --seeds 1 --out rS.json`` for S
+in 0 1 2, then ``mergeserve bench dil --config scenes_vqa_new_r32 --combine r0.json r1.json r2.json --out
+docs/scenes_vqa_new_r32.json``.
+Expected (docs/results.md, 2 CPU cores): the committed table.
+"""
+
 CONFIGS: dict[str, BenchConfig] = {
     "digits5": DIGITS5, "fast": FAST, "scenes_vqa": SCENES_VQA, "scenes_vqa_single": SCENES_VQA_SINGLE,
-    "scenes_vqa_new": SCENES_VQA_NEW,
+    "scenes_vqa_new": SCENES_VQA_NEW, "scenes_vqa_new_r32": SCENES_VQA_NEW_R32,
 }

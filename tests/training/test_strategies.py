@@ -308,7 +308,13 @@ def test_run_dil_with_a_task(tmp_path):
     assert res["results"]["pam"]["runs"][0]["order"] == ["shape", "exist"]
 
 
-@pytest.mark.parametrize("name", ["scenes_vqa", "scenes_vqa_single"])
+def _vqa_configs() -> list[str]:
+    from training.configs import CONFIGS
+
+    return [name for name, cfg in CONFIGS.items() if cfg.task == "vqa"]
+
+
+@pytest.mark.parametrize("name", _vqa_configs())
 def test_vqa_configs_ask_every_domain_they_name(name):
     """A preset's families must be askable at its scene size (``relation`` needs two objects)."""
     from training.configs import CONFIGS
