@@ -163,18 +163,19 @@ def summarize(config: dict, device: str, wall_s: float, results: dict) -> dict:
 
 
 def combine(parts: list[dict]) -> dict:
-    """Several ``bench dil`` outputs of one config (e.g. one process per seed) as one record: the runs
-    pooled per method, then :func:`summarize` (the config is the first part's, its seeds all of them).
+    """Several ``bench dil`` outputs of one config (e.g. one process per seed, or per seed and ``--domains``
+    order) as one record: the runs pooled per method, then :func:`summarize` (the config is the first
+    part's, its seeds all of them).
 
     Raises:
-        ValueError: the parts ran different methods or share a seed.
+        ValueError: the parts ran different methods or share a run (the same seed and domain order).
     """
     methods = [list(p["results"]) for p in parts]
     if any(m != methods[0] for m in methods):
         raise ValueError(f"the parts ran different methods: {methods}")
-    seeds = [s for p in parts for s in p.get("seeds", [p["config"]["seed"]])]
-    if len(set(seeds)) < len(seeds):
-        raise ValueError(f"the parts share seeds: {seeds}")
+    runs = [(r.get("seed", 0), tuple(r["order"])) for p in parts for r in p["results"][methods[0][0]]["runs"]]
+    if len(set(runs)) < len(runs):
+        raise ValueError(f"the parts share runs (seed, order): {sorted(runs)}")
     results = {m: {"runs": [run for p in parts for run in p["results"][m]["runs"]]} for m in methods[0]}
     return summarize(parts[0]["config"], parts[0]["device"], sum(p["wall_s"] for p in parts), results)
 
@@ -306,7 +307,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", default="results.json", help="JSON output path (default results.json)")
     p.add_argument("--combine", nargs="+", metavar="JSON", help="pool earlier outputs of one config (one per "
-                   "seed) into one table and --out file instead of running")
+                   "seed, or seed and --domains order) into one table and --out file instead of running")
     p.add_argument("--plot", help="write a PNG of accuracy per domain over time")
 
 

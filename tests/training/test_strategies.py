@@ -363,5 +363,10 @@ def test_run_dil_seeds_vary_the_data_and_pair_runs(tmp_path):
     both = combine(one)  # one process per seed, pooled: the same record as one run over both seeds
     assert both["seeds"] == [0, 1] and [r["seed"] for r in both["results"]["pam"]["runs"]] == [0, 1]
     assert both["results"]["pam"]["mean_std"] == res["results"]["pam"]["mean_std"]
-    with pytest.raises(ValueError, match="share seeds"):
+    with pytest.raises(ValueError, match="share runs"):
         combine([one[0], one[0]])
+    other = run_dil(cfg.model_copy(update={"seed": 0, "seeds": 1, "methods": ["finetune", "pam"], "benchmark_args": {
+        **cfg.benchmark_args, "domains": ["rel_shape", "where"]}}), progress=False)
+    three = combine([*one, other])  # seed 0 again, in another order (`--domains`): a run of its own
+    assert [(r["seed"], r["order"][0]) for r in three["results"]["pam"]["runs"]] == [
+        (0, "where"), (1, "where"), (0, "rel_shape")]
