@@ -14,7 +14,7 @@ like the benchmark's ``independent`` (``--seed``), so a run with the defaults re
     .venv/bin/python benchmarks/vqa_fit.py --family where,color_at,rel_exist,shape_at,rel_shape --steps 1600
     .venv/bin/python benchmarks/vqa_fit.py --family where,color_at,rel_exist,shape_at,rel_shape --joint
     # issue 26's probe (docs/vqa.md, "A recipe for the hard families"): r = 32, LoRA dropout 0.2, 800 steps;
-    # --seed 1: the bench's seed 1. The scenes_vqa_new preset still runs the server's recipe (r = 8, 400 steps)
+    # --seed 1: the bench's seed 1. scenes_vqa_new runs the server's recipe (r = 8, 400 steps), _r32 this one
     .venv/bin/python benchmarks/vqa_fit.py --family where,color_at,rel_exist,shape_at,rel_shape \
         --rank 32 --dropout 0.2 --steps 800
     # the ViLT (docs/vqa.md's older tables): 1-object scenes
