@@ -18,8 +18,15 @@ from training.store import AdapterManifest
 
 from .errors import Problem
 
-#: a version's metrics key prefix naming its pam_adaptive shadow global LoRA (``s/pam@v<N>``): its own file
-SHADOW = "s/"
+#: metrics key prefixes that name a version's adapter files: an adaptive merge's components (``c/<adapter>``,
+#: valued by its coefficient) and a pam_adaptive version's shadow global LoRA (``s/pam@v<N>``: its own file)
+COMPONENT, SHADOW = "c/", "s/"
+
+
+def named(metrics: dict, prefix: str) -> list[str]:
+    """The adapter names behind the ``metrics`` keys that start with ``prefix``, in key order."""
+    return [k[len(prefix):] for k in metrics if k.startswith(prefix)]
+
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -51,9 +58,10 @@ def delete(pipe: Pipeline, version: int) -> dict:
     others = [v for v in pipe.db.versions() if v["version"] != version]  # what stays
     held = {d for v in others for d in v["domains"]}
     pipe.db.delete_version(version, [d for d in row["domains"] if d not in held])
-    still = {k[2:] for v in others for k in v["metrics"] if k.startswith("c/")}
-    # its own files: per-domain components no kept version lists, and a pam_adaptive version's shadow (s/)
-    own = [k[2:] for k in row["metrics"] if (k.startswith("c/domain@") and k[2:] not in still) or k.startswith(SHADOW)]
+    still = {n for v in others for n in named(v["metrics"], COMPONENT)}
+    # its own files: per-domain components no kept version lists, and a pam_adaptive version's shadow
+    own = [n for n in named(row["metrics"], COMPONENT) if n.startswith("domain@") and n not in still]
+    own += named(row["metrics"], SHADOW)
     for name in [row["name"], *own]:  # a component that is another version (global@vK) stays, of course
         pipe.store.delete(name)
     return {"deleted": version, "active": pipe.active}

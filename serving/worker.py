@@ -37,7 +37,7 @@ from .archive import resize_images
 from .config import ServerConfig
 from .engine import build_task
 from .pipeline import crash_point, domain_file, save_domain
-from .versions import SHADOW
+from .versions import COMPONENT, SHADOW, named
 
 BUILTIN = "builtin:"
 PREPARED_CACHE = 32  # prepared domains a worker keeps (a 1,000-question film_scenes domain: ~12 MB of features)
@@ -216,7 +216,7 @@ class IngestWorker:
         ``pam_adaptive``) that the next temporary is cloned from and aligned with, and the domains it holds:
         the parent's own (named in its metrics as ``s/<adapter>``), else the parent's global LoRA when it is
         one, else none (a dense adaptive parent: the temporary starts from the initial adapter)."""
-        names = [k[len(SHADOW):] for k in parent["metrics"] if k.startswith(SHADOW)]
+        names = named(parent["metrics"], SHADOW)
         if names:
             return self.store.load(names[0], backbone=self.cfg.backbone)[0], len(parent["domains"])
         return global_, n_seen if global_ is not None else 0
@@ -239,8 +239,8 @@ class IngestWorker:
         Returns:
             ``(merged delta, {"metrics": {"c/<adapter>": c}, "coefficients": {domain: α}})``.
         """
-        comps = [k[2:] for k in parent["metrics"] if k.startswith("c/")]
-        c_init = torch.tensor([parent["metrics"]["c/" + n] for n in comps]) if comps else None
+        comps = named(parent["metrics"], COMPONENT)
+        c_init = torch.tensor([parent["metrics"][COMPONENT + n] for n in comps]) if comps else None
         if not comps and parent["domains"]:
             comps = [parent["name"]]
         own = self.store.save(temp, AdapterManifest(
@@ -253,4 +253,4 @@ class IngestWorker:
         merged, alpha, c = fit_adaptive(self.ctx, adapters, buf.subset(domains, hyper.spc), hyper, c_init)
         covered = {n: self.store.manifest(n).domains for n in comps}
         coefficients = {d: float(a) for n, a in zip(comps, alpha) for d in covered[n]}
-        return merged, {"metrics": {f"c/{n}": float(v) for n, v in zip(comps, c)}, "coefficients": coefficients}
+        return merged, {"metrics": {COMPONENT + n: float(v) for n, v in zip(comps, c)}, "coefficients": coefficients}
