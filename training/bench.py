@@ -162,22 +162,53 @@ def summarize(config: dict, device: str, wall_s: float, results: dict) -> dict:
     }
 
 
-def combine(parts: list[dict]) -> dict:
-    """Several ``bench dil`` outputs of one config (e.g. one process per seed, or per seed and ``--domains``
-    order) as one record: the runs pooled per method, then :func:`summarize` (the config is the first
-    part's, its seeds all of them).
+def _run_key(run: dict) -> tuple[int, tuple[str, ...]]:
+    """What identifies a run across methods and parts: its seed and its domain order."""
+    return run.get("seed", 0), tuple(run["order"])
+
+
+def combine(parts: list[dict], keep: list[list[str] | None] | None = None) -> dict:
+    """Several ``bench dil`` outputs of one config as one record: the runs pooled per method, then
+    :func:`summarize`. Parts may split the runs (one process per seed, or per seed and ``--domains`` order)
+    or the methods (one method rerun under new hyper-parameters over the same runs).
+
+    Args:
+        parts: The outputs; the config is the first part's, with every part's methods and their hyper.
+        keep: Per part, the methods to take from it (None: all); e.g. every method of an old record but the
+            one a later part reran.
+
+    Returns:
+        The pooled record; each method's runs in one (seed, order) sequence, so paired differences pair
+        the same runs.
 
     Raises:
-        ValueError: the parts ran different methods or share a run (the same seed and domain order).
+        ValueError: a part lacks a kept method, one method has a run twice (the same seed and domain order)
+            or two hyper-parameter sets, or the methods did not all make the same runs.
     """
-    methods = [list(p["results"]) for p in parts]
-    if any(m != methods[0] for m in methods):
-        raise ValueError(f"the parts ran different methods: {methods}")
-    runs = [(r.get("seed", 0), tuple(r["order"])) for p in parts for r in p["results"][methods[0][0]]["runs"]]
-    if len(set(runs)) < len(runs):
-        raise ValueError(f"the parts share runs (seed, order): {sorted(runs)}")
-    results = {m: {"runs": [run for p in parts for run in p["results"][m]["runs"]]} for m in methods[0]}
-    return summarize(parts[0]["config"], parts[0]["device"], sum(p["wall_s"] for p in parts), results)
+    keep = keep or [None] * len(parts)
+    runs: dict[str, list[dict]] = {}
+    hyper: dict[str, dict] = {}
+    for part, names in zip(parts, keep):
+        missing = sorted(set(names or ()) - set(part["results"]))
+        if missing:
+            raise ValueError(f"a part has no runs of {missing}; it ran {list(part['results'])}")
+        for m in names or part["results"]:
+            h = part["config"].get("hyper", {}).get(m, {})
+            if hyper.setdefault(m, h) != h:
+                raise ValueError(f"the parts ran {m} with different hyper-parameters: {hyper[m]} and {h}")
+            runs.setdefault(m, []).extend(part["results"][m]["runs"])
+    seq = list(dict.fromkeys(_run_key(r) for rs in runs.values() for r in rs))  # first appearance across parts
+    for m, rs in runs.items():
+        if len({_run_key(r) for r in rs}) < len(rs):
+            raise ValueError(f"the parts share runs (seed, order) of {m}: {sorted(map(_run_key, rs))}")
+        if len(rs) != len(seq):
+            raise ValueError(f"{m} made {len(rs)} of the {len(seq)} runs (seed, order) the parts hold")
+        rs.sort(key=lambda r: seq.index(_run_key(r)))
+    first = parts[0]["config"].get("methods", [])
+    order = [m for m in first if m in runs] + [m for m in runs if m not in first]
+    config = {**parts[0]["config"], "methods": order, "hyper": {m: h for m, h in hyper.items() if h}}
+    results = {m: {"runs": runs[m]} for m in order}
+    return summarize(config, parts[0]["device"], sum(p["wall_s"] for p in parts), results)
 
 
 def per_domain(res: dict) -> dict[str, dict[str, float]]:
@@ -306,19 +337,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "with --methods pam,pam@p30 one run compares settings (--hyper pam@p30.percent=30)",
     )
     p.add_argument("--out", default="results.json", help="JSON output path (default results.json)")
-    p.add_argument("--combine", nargs="+", metavar="JSON", help="pool earlier outputs of one config (one per "
-                   "seed, or seed and --domains order) into one table and --out file instead of running")
+    p.add_argument("--combine", nargs="+", metavar="JSON[:METHODS]", help="pool earlier outputs of one config "
+                   "(one per seed, or seed and --domains order, or method) into one table and --out file instead "
+                   "of running; JSON:m1,m2 takes only those methods from that file")
     p.add_argument("--plot", help="write a PNG of accuracy per domain over time")
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``mergeserve bench``."""
     if args.combine:
-        parts = []
-        for path in args.combine:
-            with open(path) as f:
-                parts.append(json.load(f))
-        res = combine(parts)
+        parts, keep = [], []
+        for spec in args.combine:
+            head, sep, tail = spec.rpartition(":")  # FILE.json:m1,m2 keeps only those methods of FILE.json
+            path, names = (head, tail) if sep and head.endswith(".json") else (spec, "")
+            keep.append([m.strip() for m in names.split(",") if m.strip()] or None)
+            try:
+                with open(path) as f:
+                    parts.append(json.load(f))
+            except (OSError, ValueError) as e:  # missing, unreadable or not JSON
+                print(f"mergeserve bench --combine: {path}: {e}", file=sys.stderr)
+                return 2
+        try:
+            res = combine(parts, keep)
+        except ValueError as e:
+            print(f"mergeserve bench --combine: {e}", file=sys.stderr)
+            return 2
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
         print(format_table(res))

@@ -185,6 +185,20 @@ def test_variant_labels_run_one_method_under_several_settings(tiny_ctx, tiny_ben
     assert runs["pam"]["n_reset"] > 0 and runs["pam@p0"]["n_reset"] == 0
 
 
+@pytest.mark.parametrize("pool_batch", ["fixed", "per_domain"])
+def test_joint_draws_its_batches_from_the_pool_of_domains_seen(pool_batch, tiny_ctx, tiny_bench, monkeypatch):
+    s = create_strategy("joint", tiny_ctx, pool_batch=pool_batch)
+    drawn: list[torch.Tensor] = []
+    monkeypatch.setattr(s.learner, "train_step", lambda x, y: drawn.append(y) or torch.tensor(0.0))
+    for t, d in enumerate(tiny_bench.domains, 1):
+        s.begin_domain(d)
+        s.train_step(*d.batch(torch.arange(4)))
+        s.end_domain()
+        per_domain = pool_batch == "per_domain"
+        assert len(drawn[-1]) == 4 * (t if per_domain else 1)  # a sequential method's batch per pooled domain
+        assert len(s.pool.y_train) == sum(len(x.y_train) for x in tiny_bench.domains[:t])
+
+
 def test_orders_and_table(tiny_ctx, tiny_bench):
     orders = domain_orders(["a", "b", "c"], 3, 0)
     assert orders[0] == ["a", "b", "c"] and len({tuple(o) for o in orders}) == 3
@@ -370,3 +384,29 @@ def test_run_dil_seeds_vary_the_data_and_pair_runs(tmp_path):
     three = combine([*one, other])  # seed 0 again, in another order (`--domains`): a run of its own
     assert [(r["seed"], r["order"][0]) for r in three["results"]["pam"]["runs"]] == [
         (0, "where"), (1, "where"), (0, "rel_shape")]
+    # one method rerun over the same runs (its own part) replaces that method of an earlier record
+    rerun = combine([{**p, "config": {**p["config"], "methods": ["pam"], "hyper": {"pam": {"percent": 30.0}}},
+                      "results": {"pam": p["results"]["pam"]}} for p in reversed(one)])
+    mixed = combine([both, rerun], keep=[["finetune"], None])
+    assert list(mixed["results"]) == ["finetune", "pam"] and mixed["config"]["hyper"] == {"pam": {"percent": 30.0}}
+    assert [r["seed"] for r in mixed["results"]["pam"]["runs"]] == [0, 1]  # paired with finetune's runs
+    assert mixed["results"]["pam"]["mean_std"] == both["results"]["pam"]["mean_std"]
+    with pytest.raises(ValueError, match="different hyper-parameters"):
+        combine([both, rerun])
+    with pytest.raises(ValueError, match="made 2 of the 3 runs"):
+        combine([three, rerun], keep=[["finetune"], None])
+    with pytest.raises(ValueError, match="no runs of"):
+        combine([rerun], keep=[["finetune"]])
+    import json
+
+    from mergeserve.cli import main
+
+    (tmp_path / "old.json").write_text(json.dumps(both))
+    (tmp_path / "new.json").write_text(json.dumps(rerun))
+    out = tmp_path / "pooled.json"
+    assert main(["bench", "dil", "--combine", f"{tmp_path / 'old.json'}:finetune", str(tmp_path / "new.json"),
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["config"]["hyper"] == {"pam": {"percent": 30.0}}
+    assert main(["bench", "dil", "--combine", str(tmp_path / "old.json"), str(tmp_path / "new.json"),
+                 "--out", str(out)]) == 2  # pam twice, under two settings: a one-line error, no file change
+    assert json.loads(out.read_text())["config"]["hyper"] == {"pam": {"percent": 30.0}}

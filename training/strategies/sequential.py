@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from ..data import Domain
-from ..hyper import BENCH_HYPER, TrainHyper, parse_bench_hyper
+from ..hyper import BENCH_HYPER, JointHyper, TrainHyper, parse_bench_hyper
 from ..lora import get_adapter, set_adapter
 from .base import LearnerContext, LoraLearner
 from .protocol import Strategy, register_strategy
@@ -89,15 +89,17 @@ class Joint(FineTune):
 
     Incremental form, so the accuracy matrix is complete: on domain t the batches are drawn uniformly
     from the pooled training data of domains 1..t (full rehearsal). The final row is the multitask
-    ("one LoRA on all domains at once") result the papers report.
+    ("one LoRA on all domains at once") result the papers report. ``pool_batch="per_domain"`` scales the
+    batch with t so that each pooled domain gets a sequential method's batch per step.
     """
 
     shares_first_domain = False  # its batches come from its own pool generator
 
-    def __init__(self, ctx: LearnerContext, hyper: TrainHyper | None = None) -> None:
+    def __init__(self, ctx: LearnerContext, hyper: JointHyper | None = None) -> None:
         super().__init__(ctx, hyper)
         self.seen: list[Domain] = []
         self.gen = torch.Generator().manual_seed(ctx.seed + 7)
+        self.per_domain = hyper is not None and hyper.pool_batch == "per_domain"
 
     def begin_domain(self, domain: Domain) -> int:
         self.seen.append(domain)
@@ -105,7 +107,8 @@ class Joint(FineTune):
         return super().begin_domain(domain)
 
     def train_step(self, x: object, y: torch.Tensor) -> torch.Tensor:
-        idx = torch.randint(len(self.pool.y_train), (len(y),), generator=self.gen)  # a pooled batch instead
+        n = len(y) * (len(self.seen) if self.per_domain else 1)
+        idx = torch.randint(len(self.pool.y_train), (n,), generator=self.gen)  # a pooled batch instead
         return self.learner.train_step(*self.pool.batch(idx))
 
 
