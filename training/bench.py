@@ -197,13 +197,14 @@ def combine(parts: list[dict], keep: list[list[str] | None] | None = None) -> di
             if hyper.setdefault(m, h) != h:
                 raise ValueError(f"the parts ran {m} with different hyper-parameters: {hyper[m]} and {h}")
             runs.setdefault(m, []).extend(part["results"][m]["runs"])
-    seq = list(dict.fromkeys(_run_key(r) for rs in runs.values() for r in rs))  # first appearance across parts
+    # every run's position: the order of first appearance across parts, one sequence for every method
+    pos = {k: i for i, k in enumerate(dict.fromkeys(_run_key(r) for rs in runs.values() for r in rs))}
     for m, rs in runs.items():
         if len({_run_key(r) for r in rs}) < len(rs):
             raise ValueError(f"the parts share runs (seed, order) of {m}: {sorted(map(_run_key, rs))}")
-        if len(rs) != len(seq):
-            raise ValueError(f"{m} made {len(rs)} of the {len(seq)} runs (seed, order) the parts hold")
-        rs.sort(key=lambda r: seq.index(_run_key(r)))
+        if len(rs) != len(pos):
+            raise ValueError(f"{m} made {len(rs)} of the {len(pos)} runs (seed, order) the parts hold")
+        rs.sort(key=lambda r: pos[_run_key(r)])
     first = parts[0]["config"].get("methods", [])
     order = [m for m in first if m in runs] + [m for m in runs if m not in first]
     config = {**parts[0]["config"], "methods": order, "hyper": {m: h for m, h in hyper.items() if h}}

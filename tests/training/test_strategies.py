@@ -190,11 +190,11 @@ def test_joint_draws_its_batches_from_the_pool_of_domains_seen(pool_batch, tiny_
     s = create_strategy("joint", tiny_ctx, pool_batch=pool_batch)
     drawn: list[torch.Tensor] = []
     monkeypatch.setattr(s.learner, "train_step", lambda x, y: drawn.append(y) or torch.tensor(0.0))
+    per_domain = pool_batch == "per_domain"
     for t, d in enumerate(tiny_bench.domains, 1):
         s.begin_domain(d)
         s.train_step(*d.batch(torch.arange(4)))
         s.end_domain()
-        per_domain = pool_batch == "per_domain"
         assert len(drawn[-1]) == 4 * (t if per_domain else 1)  # a sequential method's batch per pooled domain
         assert len(s.pool.y_train) == sum(len(x.y_train) for x in tiny_bench.domains[:t])
 
