@@ -448,8 +448,7 @@ class Model:
         """A version's files: ``peft`` (load with ``PeftModel.from_pretrained`` on the same base; README inside)
         or ``mergeserve`` (the store's weights and manifest, checksum included)."""
         task = self._task(task)
-        row = next((v for v in (await _call(self.controller.adapters.remote(task)))["versions"]
-                    if v["version"] == version), None)
+        row = await _call(self.controller.adapter.remote(version, task))
         if row is None:
             raise Problem(404, "unknown-version", f"no {task} adapter version {version}")
         from .transfer import store_zip  # torch: replicas import it, never the driver

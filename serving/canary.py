@@ -49,12 +49,13 @@ def start(pipe: Pipeline, version: int, traffic: float, promote_when: dict | Non
     return state
 
 
-def end(pipe: Pipeline, outcome: str, numbers: dict | None = None) -> dict | None:
-    """End the running canary (``promoted``, ``rolled-back``, ``stopped`` or ``replaced``) and record how."""
+def end(pipe: Pipeline, outcome: str, numbers: dict | None = None, **extra: int) -> dict | None:
+    """End the running canary (``promoted``, ``rolled-back``, ``stopped``, ``replaced`` or ``superseded``) and
+    record how (``extra``: e.g. ``superseded_by``, the version a job activated meanwhile)."""
     state = current(pipe)
     if state is None:
         return None
-    done = {**state, "outcome": outcome, "ended": time.time(), "numbers": numbers or {}}
+    done = {**state, "outcome": outcome, "ended": time.time(), "numbers": numbers or {}, **extra}
     pipe.db.put("canary_history", [*pipe.db.get("canary_history", []), done])
     pipe.db.put("canary", None)
     return done

@@ -188,6 +188,10 @@ class Controller:
         versions, nxt = page(view["versions"], limit, lambda v: (v["version"],))
         return {**view, "versions": versions, "next_cursor": nxt}  # the canary and its history too
 
+    def adapter(self, version: int, task: str = DEFAULT_TASK) -> dict | None:
+        """One stored version's row (name, method, domains, ...); None when there is none."""
+        return self._line(task).pipe.db.version(version)
+
     async def labels(self, task: str = DEFAULT_TASK) -> list[str]:
         """The task's class names or answer vocabulary (recorded with its v0)."""
         return (await self._start(task)).pipe.labels
@@ -232,7 +236,7 @@ class Controller:
                 continue
             job = pending[0]
             t0 = time.time()
-            activate = functools.partial(self._activate, task)
+            activate = functools.partial(self._activate_learned, task)
             done = await line.pipe.run(job, line.worker, activate, functools.partial(report, job["id"]),
                                        functools.partial(phase, job["id"]))
             self.metrics.jobs.labels(task, done["status"]).inc()
@@ -302,6 +306,16 @@ class Controller:
         dt = await self._publish(task, lambda served: served[0] == version)
         self.metrics.swap.labels(task).observe(dt)
         return dt
+
+    async def _activate_learned(self, task: str, version: int) -> float:
+        """A job's new version becomes the active one. A running canary ends ``superseded``: it was judged against
+        the version this one replaces, and promoting it later would drop the domain the job just learned."""
+        line = self.lines[task]
+        if (running := canary.current(line.pipe)) is not None:
+            judged = canary.judge(line.pipe)
+            canary.end(line.pipe, "superseded", judged[1] if judged else None, superseded_by=version)
+            log.info("mergeserve: %s canary v%s superseded by v%s", task, running["version"], version)
+        return await self._activate(task, version)
 
     async def _publish(self, task: str, done: Callable[[tuple], bool]) -> float:
         """Wake every replica's long-poll and wait (``swap_timeout_s`` at most) until each live one serves what

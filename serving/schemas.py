@@ -243,7 +243,10 @@ class Canary(BaseModel):
     promote_when: dict[str, Any] | None
     started: float
     against: int = Field(description="the active version when it started")
-    outcome: str | None = Field(None, description="promoted, rolled-back, stopped or replaced (history only)")
+    outcome: str | None = Field(None, description="promoted, rolled-back, stopped, replaced or superseded "
+                                "(history only)")
+    superseded_by: int | None = Field(None, description="superseded: the version a learning job activated while "
+                                      "it ran")
     ended: float | None = None
     numbers: dict[str, Any] = Field(default_factory=dict, description="the live accuracies that decided it")
 

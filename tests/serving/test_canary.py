@@ -1,4 +1,5 @@
-"""Canary activation (issue 27): routing, the live split on the test server, pinning, stop and promote."""
+"""Canary activation (issue 27): routing, the live split on the test server, pinning, stop and promote, and a
+learning job's version superseding it."""
 
 import base64
 import collections
@@ -136,3 +137,21 @@ def test_a_refused_canary_leaves_the_running_one_as_it_was(server):
     assert not a["canary_history"] or a["canary_history"][-1]["outcome"] != "replaced"
     assert {_ask(server, uuid.uuid4().hex)["adapter_version"] for _ in range(60)} == {active, candidate}
     server.http.delete("/v1/canary", headers=server.auth).raise_for_status()
+
+
+def test_a_learning_job_supersedes_the_running_canary(server):
+    """The candidate was judged against the version a job replaces; left running, a later promotion would drop the
+    domain the job just learned: the job's activation ends it (``superseded``) and every request goes to the new
+    version."""
+    active, candidate = _two_versions(server)
+    rule = {"traffic": 0.5, "promote_when": {"min_feedback": 1000, "max_drop": 0.2}}
+    server.http.post(f"/v1/adapters/{candidate}/activate", json=rule, headers=server.auth).raise_for_status()
+    n = len(server.http.get("/v1/adapters").json()["versions"])
+    job = server.wait(server.ingest(f"canary-new-{n}", make_archive(shift=n)).json()["job_id"])
+    a = server.http.get("/v1/adapters").json()
+    assert job["status"] == "succeeded" and a["active"] == job["adapter_version"] != active
+    done = a["canary_history"][-1]
+    assert a["canary"] is None and done["outcome"] == "superseded" and done["version"] == candidate
+    assert done["superseded_by"] == a["active"] and done["against"] == active
+    assert {_ask(server, uuid.uuid4().hex)["adapter_version"] for _ in range(30)} == {a["active"]}
+    server.http.post(f"/v1/adapters/{active}/activate", headers=server.auth).raise_for_status()
