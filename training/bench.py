@@ -86,14 +86,17 @@ def run_one(
     return out
 
 
-def _setup(cfg: BenchConfig, seed: int, task: Task | None) -> tuple[Benchmark, LearnerContext]:
+def _setup(cfg: BenchConfig, seed: int, task: Task | None,
+           bench: Benchmark | None = None) -> tuple[Benchmark, LearnerContext]:
     """Seed ``seed``'s benchmark (its data seeded too when ``cfg.vary_data``, and prepared by the task: e.g.
     frozen-trunk features cached once per domain) and learner context. ``task`` None: ``classify`` on
-    ``cfg.backbone`` over the benchmark's classes."""
-    bargs = {**cfg.benchmark_args, **({"seed": seed} if cfg.vary_data else {})}
-    bench = load_benchmark(cfg.benchmark, **bargs)
+    ``cfg.backbone`` over the benchmark's classes. ``bench``: an earlier seed's prepared benchmark, reused
+    as it is (the data does not depend on the seed without ``vary_data``, and the prepared features come
+    from the frozen pretrained trunk)."""
+    if bench is None:
+        bench = load_benchmark(cfg.benchmark, **{**cfg.benchmark_args, **({"seed": seed} if cfg.vary_data else {})})
     task = task or get_task("classify", backbone=cfg.backbone, class_names=bench.classes)
-    bench = dataclasses.replace(bench, domains=[prepare(task, d) for d in bench.domains])
+    bench = dataclasses.replace(bench, domains=[prepare(task, d) for d in bench.domains])  # idempotent
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     return bench, LearnerContext(task, task.build_base(seed).to(device), cfg.lora, cfg.train, seed, device)
 
@@ -126,9 +129,9 @@ def run_dil(cfg: BenchConfig, progress: bool = True) -> dict:
     task = None if cfg.task is None else get_task(cfg.task, **cfg.task_args)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     results: dict[str, dict] = {m: {"runs": []} for m in cfg.methods}
-    bar = None
+    bar = bench = None
     for seed in seeds:
-        bench, ctx = _setup(cfg, seed, task)
+        bench, ctx = _setup(cfg, seed, task, None if cfg.vary_data else bench)
         orders = domain_orders([d.name for d in bench.domains], cfg.orders, seed)
         if bar is None:
             total = len(seeds) * len(cfg.methods) * len(orders) * len(bench.domains)

@@ -301,8 +301,10 @@ def test_each_method_runs_on_the_vqa_task(method, vqa_task):
     assert fmt == "lora" and tensors and all(".encoder." in k for k in tensors)  # the answer head is not adapted
 
 
-def test_run_dil_with_a_task(tmp_path):
-    """``bench dil`` builds the task's model when the config names a task (the scenes_vqa preset, shrunk)."""
+def test_run_dil_with_a_task(tmp_path, monkeypatch):
+    """``bench dil`` builds the task's model when the config names a task (the scenes_vqa preset, shrunk);
+    without ``vary_data`` every seed trains on the same data, generated and prepared once."""
+    import training.bench as bench_mod
     from training.bench import run_dil
     from training.configs import CONFIGS
     from training.recipes.vilt_scenes import VqaPretrainConfig, pretrain_vqa
@@ -314,12 +316,17 @@ def test_run_dil_with_a_task(tmp_path):
                                       threads=1), progress=False)
     cfg = CONFIGS["scenes_vqa"].model_copy(update={
         "task_args": {"model_name": "vilt_scenes", "weights": w}, "methods": ["pam", "joint"], "orders": 1,
-        "benchmark_args": {"domains": ["shape", "exist"], "n_train": 16, "n_test": 8},
+        "seeds": 2, "benchmark_args": {"domains": ["shape", "exist"], "n_train": 16, "n_test": 8},
         "train": TrainSettings(steps=2, batch_size=8, lr=1e-3),
     })
+    assert not cfg.vary_data
+    loads, load = [], bench_mod.load_benchmark
+    monkeypatch.setattr(bench_mod, "load_benchmark", lambda *a, **k: loads.append(k) or load(*a, **k))
     res = run_dil(cfg, progress=False)
     assert set(res["results"]) == {"pam", "joint"}
-    assert res["results"]["pam"]["runs"][0]["order"] == ["shape", "exist"]
+    assert [(r["seed"], r["order"]) for r in res["results"]["pam"]["runs"]] == [
+        (0, ["shape", "exist"]), (1, ["shape", "exist"])]
+    assert len(loads) == 1 and "seed" not in loads[0]
 
 
 def _vqa_configs() -> list[str]:
