@@ -154,7 +154,8 @@ docs/scenes_vqa_new_r32.json``. The committed record adds each seed's second and
 way draws its minibatches by the family's position in it, so ``--orders 3`` would give other, equally valid,
 draws). ~55 minutes a run on one thread (joint ~20 of them: its batch grows with the pool).
 Expected (docs/results.md, 2 CPU cores, 9 runs): ACC finetune 13.9, average 25.3, pam 26.1, joint 94.2,
-independent 97.1; average - finetune +11.4 [+7.1, +15.7]; pam - average +0.8 [-1.8, +3.4].
+independent 97.1; average - finetune +11.4 [+7.1, +15.7]; pam - average +0.8 [-1.8, +3.4] (over 19 runs of
+average and pam alone, docs/scenes_vqa_new_r32_pam_average.json: +0.5 [-0.8, +1.7]).
 """
 
 CONFIGS: dict[str, BenchConfig] = {
