@@ -58,13 +58,15 @@ def test_a_problem_type_resolves_to_its_documentation_on_the_server(server):
 
 
 def test_job_events_stream_progress_until_the_job_ends_and_the_cli_follows_them(server, tmp_path, monkeypatch):
-    acc = server.ingest("sse-a", make_archive(shift=1), hyper=json.dumps({"steps": 60}))
+    # enough steps that training outlasts several of the stream's 0.25 s polls on a fast, idle machine (60
+    # steps could finish between two polls: the steps then arrive only inside status events)
+    acc = server.ingest("sse-a", make_archive(shift=1), hyper=json.dumps({"steps": 400}))
     assert acc.status_code == 202, acc.text
     events = _events(server, acc.json()["job_id"])
     statuses = [d["status"] for k, d in events if k == "status"]
     steps = [d["progress"]["step"] for k, d in events if k == "progress"]
     assert statuses[-1] == "succeeded" and "training" in statuses and events[-1][0] == "status", events
-    assert steps and steps == sorted(steps) and events[-1][1]["progress"]["step"] == 60, events
+    assert steps and steps == sorted(steps) and events[-1][1]["progress"]["step"] == 400, events
     assert [k for k, _ in events if k not in ("status", "progress")] == []
     done = _events(server, acc.json()["job_id"])  # an ended job: one event, then the stream closes
     assert [(k, d["status"]) for k, d in done] == [("status", "succeeded")]
